@@ -1,0 +1,77 @@
+"""Input conventions shared by the model, the predictor and the data pipelines.
+
+Two conventions exist among the supported checkpoints:
+
+* ``"sam"`` (official SAM, MobileSAM): 0-255 RGB, resize the longest side to ``img_size``, subtract
+  ``PIXEL_MEAN`` and divide by ``PIXEL_STD``, pad bottom/right with zeros to ``img_size`` x ``img_size``.
+* ``"minmax"`` (LiteMedSAM): resize the longest side to ``img_size`` (256), min-max scale the resized image
+  to [0, 1] (no mean/std), pad bottom/right with zeros.
+
+Geometry is identical for both: only the intensity normalisation differs.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+
+Normalization = Literal["sam", "minmax"]
+
+PIXEL_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
+PIXEL_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
+
+
+def get_preprocess_shape(old_h: int, old_w: int, long_side: int) -> tuple[int, int]:
+    """Size (h, w) of an image of size (old_h, old_w) once its longest side is resized to ``long_side``.
+
+    Rounds like the official ``ResizeLongestSide`` (``int(x + 0.5)``), so masks, boxes and points land on
+    the same pixels as in the official predictor.
+    """
+    scale = long_side * 1.0 / max(old_h, old_w)
+    return int(old_h * scale + 0.5), int(old_w * scale + 0.5)
+
+
+def normalize_image(
+    image: torch.Tensor, normalization: Normalization, valid_hw: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Normalise resized, not yet padded images.
+
+    Args:
+        image: ``[..., 3, H, W]`` float pixels on the 0-255 scale (any range for ``"minmax"``).
+        normalization: ``"sam"`` (mean/std) or ``"minmax"`` (per image to [0, 1]).
+        valid_hw: when the image is already padded, the (h, w) of its content; min/max are taken there.
+
+    Returns:
+        ``[..., 3, H, W]`` float32.
+    """
+    image = image.float()
+    if normalization == "sam":
+        mean = torch.tensor(PIXEL_MEAN, device=image.device).view(3, 1, 1)
+        std = torch.tensor(PIXEL_STD, device=image.device).view(3, 1, 1)
+        return (image - mean) / std
+    if normalization == "minmax":
+        content = image if valid_hw is None else image[..., : valid_hw[0], : valid_hw[1]]
+        flat = content.flatten(-3)
+        lo = flat.amin(-1)[..., None, None, None]
+        hi = flat.amax(-1)[..., None, None, None]
+        return (image - lo) / (hi - lo).clamp_min(1e-8)
+    raise ValueError(f"normalization must be 'sam' or 'minmax', got {normalization!r}")
+
+
+def to_rgb_uint8_range(image: np.ndarray) -> np.ndarray:
+    """Turn an ``[H, W]`` or ``[H, W, C]`` array into ``[H, W, 3]``: grey is repeated, extra bands dropped.
+
+    The dtype is kept; intensity scaling is the data layer's business (see ``samtune.data``).
+    """
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3:
+        raise ValueError(f"expected an image of shape [H, W] or [H, W, C], got {tuple(image.shape)}")
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    elif image.shape[2] == 4:
+        image = image[:, :, :3]
+    elif image.shape[2] != 3:
+        raise ValueError(f"expected 1, 3 or 4 channels, got {image.shape[2]}; select bands first")
+    return image
