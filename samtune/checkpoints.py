@@ -1,0 +1,294 @@
+"""Reading and writing SAM weights.
+
+* Reads official SAM ``.pth`` files, MobileSAM and LiteMedSAM files, safetensors, samtune exports, and
+  Lightning checkpoints of samtune tasks (``state_dict`` with a ``model.`` prefix), always with
+  ``torch.load(weights_only=True)``: an untrusted file cannot execute code.
+* Writes the official key layout (``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``), so that
+  ``segment_anything.sam_model_registry[...](checkpoint=path)`` loads a samtune-written file strictly.
+* Initialises the ViT image encoder from an MAE-pretrained ViT (timm ``vit_*_patch16_224.mae`` state dicts or
+  the MAE repository's ``mae_pretrain_vit_*.pth``), as the SAM paper does.
+* Downloads official checkpoints (URL + sha256 from the registry) for users with internet.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = [
+    "CheckpointError",
+    "read_state_dict",
+    "load_checkpoint",
+    "load_into",
+    "save_checkpoint",
+    "init_encoder_from_mae",
+    "MaeInitReport",
+    "download_checkpoint",
+]
+
+_CONTAINER_KEYS = ("model", "state_dict", "module", "model_state_dict")
+_SAM_PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+
+
+class CheckpointError(ValueError):
+    """A weights file cannot be read or does not fit the model. The message names the file and the problem."""
+
+
+def _list(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a tensor dict from ``.pth``/``.pt``/``.bin``/``.ckpt`` or ``.safetensors`` without executing code.
+
+    Containers are unwrapped: ``{"model": ...}`` (MAE), ``{"state_dict": ...}`` (Lightning). A Lightning
+    checkpoint of a samtune task keeps its ``model.`` prefix; :func:`load_into` strips it.
+
+    Raises:
+        CheckpointError: missing file, not a checkpoint, truncated/corrupt file, or no tensors inside.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: file not found")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"checkpoint {path}: not a readable safetensors file ({err})") from err
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"checkpoint {path}: refused to unpickle non-tensor objects (weights_only=True): {str(err).splitlines()[0]}"
+        ) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(
+            f"checkpoint {path}: not a valid PyTorch checkpoint or truncated ({str(err).splitlines()[0]})"
+        ) from err
+    for key in _CONTAINER_KEYS:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"checkpoint {path}: contains no state dict of tensors (got {type(obj).__name__})")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _strip_prefix(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """Drop wrapper prefixes (``model.``, ``module.``, ``_orig_mod.``) when that makes keys match the model."""
+    for prefix in ("model.", "module.", "_orig_mod.", "sam.", "model._orig_mod."):
+        if not any(k in expected for k in state) and any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    return state
+
+
+def _resize_position_tables(model_state: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Resample ``pos_embed`` and ``rel_pos_*`` tables trained at another input size to the model's shapes."""
+    out = dict(state)
+    for key, value in state.items():
+        target = model_state.get(key)
+        if target is None or target.shape == value.shape:
+            continue
+        if key.endswith("pos_embed") and value.dim() == 4:  # [1, H, W, C]
+            out[key] = F.interpolate(
+                value.permute(0, 3, 1, 2).float(), size=target.shape[1:3], mode="bicubic", align_corners=False
+            ).permute(0, 2, 3, 1).to(value.dtype)
+        elif (key.endswith("rel_pos_h") or key.endswith("rel_pos_w")) and value.dim() == 2:
+            out[key] = F.interpolate(value.t()[None].float(), size=target.shape[0], mode="linear")[0].t().to(value.dtype)
+    return out
+
+
+def load_into(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    *,
+    strict: bool = True,
+    source: str = "state dict",
+    resize_positions: bool = False,
+) -> tuple[list[str], list[str]]:
+    """Load ``state`` into ``model`` with a readable report of what does not fit.
+
+    Args:
+        model: the target module.
+        state: tensors by key.
+        strict: raise when any key is missing, unexpected or mis-shaped.
+        source: name used in error messages (the file path).
+        resize_positions: resample position tables of a checkpoint trained at another input size.
+
+    Returns:
+        ``(missing, unexpected)`` keys (both empty when ``strict``).
+
+    Raises:
+        CheckpointError: listing missing, unexpected and mis-shaped keys.
+    """
+    model_state = model.state_dict()
+    state = _strip_prefix(state, set(model_state))
+    if resize_positions:
+        state = _resize_position_tables(model_state, state)
+    missing = sorted(set(model_state) - set(state))
+    unexpected = sorted(set(state) - set(model_state))
+    misshaped = sorted(
+        f"{k} (file {tuple(state[k].shape)} vs model {tuple(model_state[k].shape)})"
+        for k in set(state) & set(model_state)
+        if state[k].shape != model_state[k].shape
+    )
+    if misshaped or (strict and (missing or unexpected)):
+        parts = [f"checkpoint {source} does not fit {type(model).__name__}:"]
+        if missing:
+            parts.append(f"{len(missing)} missing keys: {_list(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys: {_list(unexpected)}")
+        if misshaped:
+            parts.append(f"{len(misshaped)} mis-shaped keys: {_list(misshaped)}")
+        hint = ""
+        if unexpected and missing and any(k.startswith(_SAM_PREFIXES) for k in unexpected):
+            hint = " (is it a checkpoint of another model? check the model name)"
+        raise CheckpointError("; ".join(parts) + hint)
+    model.load_state_dict(state, strict=False)
+    return missing, unexpected
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True, resize_positions: bool = False) -> None:
+    """Read a weights file (any supported format) and load it into ``model``. See :func:`load_into`."""
+    load_into(model, read_state_dict(path), strict=strict, source=str(path), resize_positions=resize_positions)
+
+
+def save_checkpoint(model: nn.Module, path: str | Path) -> Path:
+    """Write ``model``'s weights in the official SAM key layout (``.pth``) or as safetensors.
+
+    The file is written to a temporary name and renamed, so an interrupted save never leaves a corrupt file.
+
+    Args:
+        model: a :class:`samtune.modeling.Sam` (or any module; keys are written as they are).
+        path: destination; the suffix ``.safetensors`` selects safetensors, anything else ``torch.save``.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(tmp))
+    else:
+        torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+@dataclass
+class MaeInitReport:
+    """What :func:`init_encoder_from_mae` did: loaded keys, keys left at their SAM initialisation, ignored keys."""
+
+    loaded: list[str] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (
+            f"MAE init: {len(self.loaded)} tensors loaded, {len(self.new)} new ({_list(self.new, 6)}), "
+            f"{len(self.ignored)} ignored ({_list(self.ignored, 6)})"
+        )
+
+
+def init_encoder_from_mae(encoder: nn.Module, source: str | Path | dict[str, torch.Tensor]) -> MaeInitReport:
+    """Initialise a SAM ViT image encoder from MAE-pretrained ViT weights, as the SAM paper does.
+
+    The class token is dropped, the 14x14 absolute position embedding is interpolated (bicubic) to the
+    encoder's grid, ``mlp.fc1/fc2`` become ``mlp.lin1/lin2``; relative-position tables are zero-initialised and
+    the neck keeps its fresh initialisation. Keys without a SAM counterpart (final norm, head, MAE decoder,
+    mask token) are ignored.
+
+    Args:
+        encoder: a :class:`samtune.modeling.ImageEncoderViT`.
+        source: a timm ``vit_*_patch16_224.mae`` state dict, or a path to one, or to the MAE repository's
+            ``mae_pretrain_vit_*.pth`` (with its ``model`` key).
+
+    Returns:
+        A report of loaded, new and ignored keys.
+
+    Raises:
+        CheckpointError: a mis-shaped tensor (e.g. ViT-L weights for a ViT-B encoder).
+    """
+    state = read_state_dict(source) if not isinstance(source, dict) else dict(source)
+    name = str(source) if not isinstance(source, dict) else "MAE state dict"
+    target = encoder.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    report = MaeInitReport()
+    for key, value in state.items():
+        new_key = key.replace("mlp.fc1.", "mlp.lin1.").replace("mlp.fc2.", "mlp.lin2.")
+        if key == "pos_embed":
+            tokens = value[:, 1:] if value.shape[1] == int(value.shape[1] ** 0.5) ** 2 + 1 else value
+            side = int(tokens.shape[1] ** 0.5)
+            grid = tokens.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+            size = target["pos_embed"].shape[1:3]
+            value = F.interpolate(grid, size=size, mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+        if new_key not in target:
+            report.ignored.append(key)
+            continue
+        if value.shape != target[new_key].shape:
+            raise CheckpointError(
+                f"MAE weights {name}: {key} has shape {tuple(value.shape)}, the encoder expects "
+                f"{tuple(target[new_key].shape)} (is it the right ViT size?)"
+            )
+        mapped[new_key] = value.to(target[new_key].dtype)
+        report.loaded.append(new_key)
+    if not mapped:
+        raise CheckpointError(f"MAE weights {name}: no ViT tensor matched the encoder (keys like {_list(sorted(state), 5)})")
+    for key, value in target.items():
+        if key in mapped:
+            continue
+        report.new.append(key)
+        if "rel_pos" in key:
+            mapped[key] = torch.zeros_like(value)
+    encoder.load_state_dict(mapped, strict=False)
+    report.ignored.sort()
+    return report
+
+
+def sha256sum(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_checkpoint(name: str, directory: str | Path | None = None) -> Path:
+    """Download the official weights of a registered model, verify their sha256, return the local path.
+
+    Files go to ``directory`` or ``$SAMTUNE_CACHE`` or ``~/.cache/samtune``; an existing file with the right
+    checksum is reused. Tests never call this.
+    """
+    from samtune.build import get_config
+
+    cfg = get_config(name)
+    if cfg.url is None:
+        raise CheckpointError(f"model {name!r} has no download URL: {cfg.notes or 'pass a local checkpoint path'}")
+    directory = Path(directory or os.environ.get("SAMTUNE_CACHE", Path.home() / ".cache" / "samtune"))
+    directory.mkdir(parents=True, exist_ok=True)
+    dest = directory / cfg.url.rsplit("/", 1)[-1]
+    if dest.is_file() and (cfg.sha256 is None or sha256sum(dest) == cfg.sha256):
+        return dest
+    tmp = dest.with_name(dest.name + ".part")
+    torch.hub.download_url_to_file(cfg.url, str(tmp), progress=True)
+    if cfg.sha256 is not None and (digest := sha256sum(tmp)) != cfg.sha256:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"download of {cfg.url}: sha256 {digest} does not match the expected {cfg.sha256}")
+    os.replace(tmp, dest)
+    return dest

@@ -1,0 +1,202 @@
+"""Embed an image once, then predict masks for many prompts: a drop-in for ``segment_anything.SamPredictor``.
+
+Same methods, arguments and return types (``set_image``, ``set_torch_image``, ``predict``, ``predict_torch``,
+``get_image_embedding``, ``reset_image``, the ``transform`` attribute), so code written for segment_anything
+works by changing the import. Differences, all of them errors where the official code silently computes
+something meaningless:
+
+* ``predict`` / ``predict_torch`` with no prompt at all raise ``ValueError`` (the official predictor returns a
+  mask decoded from the output tokens alone).
+* Points or boxes outside the image raise ``ValueError`` naming them (usually swapped x/y).
+* Images must be ``uint8`` ``[H, W, 3]`` (``[H, W]`` greyscale is repeated to 3 channels).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from samtune.inference.transforms import ResizeLongestSide
+from samtune.modeling.sam import Sam
+
+__all__ = ["Predictor"]
+
+
+class Predictor:
+    """Predict masks for prompts on one image at a time.
+
+    Args:
+        sam_model: the model (put it on the device you want first).
+    """
+
+    def __init__(self, sam_model: Sam) -> None:
+        self.model = sam_model
+        self.transform = ResizeLongestSide(sam_model.image_size)
+        self.reset_image()
+
+    @classmethod
+    def from_pretrained(cls, name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu") -> "Predictor":
+        """Build a registered model (``samtune.build_sam``) and wrap it."""
+        from samtune.build import build_sam
+
+        return cls(build_sam(name, checkpoint).to(device))
+
+    # ----------------------------------------------------------------- image
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """Compute the embedding of an ``[H, W, 3]`` uint8 image (``image_format`` ``"RGB"`` or ``"BGR"``)."""
+        if image_format not in ("RGB", "BGR"):
+            raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        image = np.asarray(image)
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image must have shape [H, W, 3] (or [H, W]), got {image.shape}")
+        if image.dtype != np.uint8:
+            raise ValueError(
+                f"image must be uint8 with values 0-255, got {image.dtype}; scale 16-bit or float data first "
+                "(samtune.data has normalisation presets)"
+            )
+        if image_format != self.model.image_format:
+            image = image[..., ::-1]
+        input_image = self.transform.apply_image(np.ascontiguousarray(image))
+        tensor = torch.as_tensor(input_image, device=self.device).permute(2, 0, 1).contiguous()[None]
+        self.set_torch_image(tensor, image.shape[:2])
+
+    @torch.no_grad()
+    def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]) -> None:
+        """Compute the embedding of an already resized ``[1, 3, h, w]`` image (longest side = model input)."""
+        size = self.model.image_size
+        if transformed_image.dim() != 4 or transformed_image.shape[1] != 3 or max(transformed_image.shape[2:]) != size:
+            raise ValueError(
+                f"set_torch_image expects [1, 3, h, w] with longest side {size}, got {tuple(transformed_image.shape)}"
+            )
+        self.reset_image()
+        self.original_size = tuple(int(s) for s in original_image_size)
+        self.input_size = tuple(int(s) for s in transformed_image.shape[-2:])
+        self.features = self.model.encode_image(self.model.preprocess(transformed_image.float()))
+        self.is_image_set = True
+
+    # ----------------------------------------------------------------- prompts
+    def _check_inside(self, coords: np.ndarray, what: str) -> None:
+        h, w = self.original_size
+        coords = coords.reshape(-1, 2)
+        bad = (coords[:, 0] < 0) | (coords[:, 0] > w) | (coords[:, 1] < 0) | (coords[:, 1] > h)
+        if bad.any():
+            raise ValueError(
+                f"{what} outside the {w}x{h} (width x height) image: {coords[bad][:5].tolist()}; "
+                "coordinates are (x, y) in pixels of the original image"
+            )
+
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Predict masks for prompts in original-image pixels.
+
+        Args:
+            point_coords: ``[N, 2]`` (x, y).
+            point_labels: ``[N]``, 1 foreground, 0 background.
+            box: ``[4]`` xyxy.
+            mask_input: ``[1, 256, 256]`` low-res logits from a previous call.
+            multimask_output: 3 masks (for ambiguous prompts) instead of 1.
+            return_logits: return logits instead of boolean masks.
+
+        Returns:
+            masks ``[C, H, W]``, IoU predictions ``[C]``, low-res logits ``[C, 256, 256]``.
+        """
+        if not self.is_image_set:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        coords_t = labels_t = box_t = mask_t = None
+        if point_coords is not None:
+            if point_labels is None:
+                raise ValueError("point_labels must be supplied with point_coords")
+            point_coords = np.asarray(point_coords, dtype=float)
+            point_labels = np.asarray(point_labels)
+            if point_coords.ndim != 2 or point_coords.shape[1] != 2 or point_labels.shape != (point_coords.shape[0],):
+                raise ValueError(
+                    f"point_coords must be [N, 2] and point_labels [N], got {point_coords.shape} and {point_labels.shape}"
+                )
+            self._check_inside(point_coords, "point_coords")
+            coords_t = torch.as_tensor(self.transform.apply_coords(point_coords, self.original_size), dtype=torch.float, device=self.device)[None]
+            labels_t = torch.as_tensor(point_labels, dtype=torch.int, device=self.device)[None]
+        if box is not None:
+            box = np.asarray(box, dtype=float)
+            if box.size != 4:
+                raise ValueError(f"box must be [4] xyxy, got shape {box.shape}")
+            self._check_inside(box, "box")
+            box_t = torch.as_tensor(self.transform.apply_boxes(box, self.original_size), dtype=torch.float, device=self.device)
+        if mask_input is not None:
+            mask_t = torch.as_tensor(mask_input, dtype=torch.float, device=self.device)[None]
+        masks, iou, low_res = self.predict_torch(coords_t, labels_t, box_t, mask_t, multimask_output, return_logits)
+        return masks[0].cpu().numpy(), iou[0].float().cpu().numpy(), low_res[0].float().cpu().numpy()
+
+    @torch.no_grad()
+    def predict_torch(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Predict masks for ``B`` prompts already in model-input pixels (see ``transform``).
+
+        Args:
+            point_coords: ``[B, N, 2]``.
+            point_labels: ``[B, N]``.
+            boxes: ``[B, 4]``.
+            mask_input: ``[B, 1, 256, 256]``.
+            multimask_output: 3 masks per prompt instead of 1.
+            return_logits: logits instead of boolean masks.
+
+        Returns:
+            masks ``[B, C, H, W]``, IoU predictions ``[B, C]``, low-res logits ``[B, C, 256, 256]``.
+        """
+        if not self.is_image_set:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        if point_coords is None and boxes is None and mask_input is None:
+            raise ValueError("no prompt given: pass point_coords/point_labels, a box or a mask_input")
+        if point_coords is not None and point_labels is None:
+            raise ValueError("point_labels must be supplied with point_coords")
+        size = self.model.image_size
+        for value, what in ((point_coords, "point_coords"), (boxes, "boxes")):
+            if value is not None and ((value < 0) | (value > size)).any():
+                raise ValueError(f"{what} outside the model input frame [0, {size}]; transform them with predictor.transform first")
+        low_res, iou = self.model.decode(
+            self.features,
+            point_coords=point_coords,
+            point_labels=point_labels,
+            boxes=boxes,
+            mask_inputs=mask_input,
+            multimask_output=multimask_output,
+        )
+        masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
+        if not return_logits:
+            masks = masks > self.model.mask_threshold
+        return masks, iou, low_res
+
+    # ----------------------------------------------------------------- state
+    def get_image_embedding(self) -> torch.Tensor:
+        """The embedding ``[1, 256, 64, 64]`` of the current image."""
+        if not self.is_image_set:
+            raise RuntimeError("An image must be set with .set_image(...) to generate an embedding.")
+        return self.features
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def reset_image(self) -> None:
+        """Forget the current image."""
+        self.is_image_set = False
+        self.features = None
+        self.original_size = None
+        self.input_size = None
+        self.orig_h = self.orig_w = self.input_h = self.input_w = None
