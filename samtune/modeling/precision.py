@@ -1,0 +1,52 @@
+"""Inference precision: ``"fp32"``, ``"bf16"`` or ``"auto"`` (bf16 where the hardware runs it natively).
+
+bf16 is native on CUDA GPUs of compute capability 8.0+ (``torch.cuda.is_bf16_supported``) and on x86 CPUs with
+AVX512-BF16 or AMX-BF16; elsewhere bf16 is emulated and slower than fp32, so ``"auto"`` picks fp32 there.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Literal
+
+import torch
+
+__all__ = ["Precision", "cpu_has_native_bf16", "resolve_precision", "autocast"]
+
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU advertises AVX512-BF16 or AMX-BF16 (Linux ``/proc/cpuinfo``)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(precision: Precision, device: torch.device | str) -> Literal["fp32", "bf16"]:
+    """Turn ``"auto"`` into ``"bf16"`` or ``"fp32"`` for ``device``; check the other values."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "fp32"
+
+
+def autocast(device: torch.device | str, precision: Precision) -> contextlib.AbstractContextManager:
+    """An autocast context for ``precision`` on ``device`` (a no-op for fp32)."""
+    device = torch.device(device)
+    if resolve_precision(precision, device) == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
