@@ -54,13 +54,15 @@ def sigmoid_focal_loss(
     Returns:
         ``[...]`` per-mask mean focal loss.
     """
-    targets = targets.to(logits.dtype).expand_as(logits)
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    prob = torch.sigmoid(logits)
-    p_t = prob * targets + (1 - prob) * (1 - targets)
-    loss = ce * (1 - p_t) ** gamma
+    targets = targets.to(logits.dtype)
+    # With z = logits for foreground pixels and -logits for background: p_t = sigmoid(z),
+    # -log(p_t) = softplus(-z) and 1 - p_t = sigmoid(-z). Fewer passes over the pixels than the textbook form.
+    z = logits * (2 * targets - 1)
+    one_minus_pt = torch.sigmoid(-z)
+    modulator = one_minus_pt * one_minus_pt if gamma == 2.0 else one_minus_pt.pow(gamma)
+    loss = F.softplus(-z) * modulator
     if alpha is not None:
-        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
+        loss = loss * ((1 - alpha) + (2 * alpha - 1) * targets)
     return loss.mean(dim=(-2, -1))
 
 
