@@ -142,7 +142,9 @@ class SamLoss(nn.Module):
         self.resolution: Resolution = resolution
 
     @staticmethod
-    def candidates(num_outputs: int, multimask: bool | torch.Tensor, num_masks: int, device: torch.device) -> torch.Tensor:
+    def candidates(
+        num_outputs: int, multimask: bool | torch.Tensor, num_masks: int, device: torch.device
+    ) -> torch.Tensor:
         """Which outputs of each mask compete in the min.
 
         Args:

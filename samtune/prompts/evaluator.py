@@ -90,7 +90,9 @@ class InteractiveEvaluator:
         check_masks(gt_masks, "gt_masks")
         m = gt_masks.shape[0]
         if image_index.shape != (m,) or image_index.dtype != torch.long:
-            raise ValueError(f"image_index must be a long tensor [M]={m}, got {image_index.dtype} {tuple(image_index.shape)}")
+            raise ValueError(
+                f"image_index must be a long tensor [M]={m}, got {image_index.dtype} {tuple(image_index.shape)}"
+            )
         size = gt_masks.shape[-2:]
         scale = mask_scale(gt_masks, int(model.image_size), "gt_masks")
 

@@ -229,7 +229,9 @@ class InteractiveSimulator:
         check_masks(gt_masks, "gt_masks")
         m = gt_masks.shape[0]
         if image_index.shape != (m,) or image_index.dtype != torch.long:
-            raise ValueError(f"image_index must be a long tensor [M]={m}, got {image_index.dtype} {tuple(image_index.shape)}")
+            raise ValueError(
+                f"image_index must be a long tensor [M]={m}, got {image_index.dtype} {tuple(image_index.shape)}"
+            )
         schedule = make_schedule(cfg, generator) if schedule is None else schedule
         if len(schedule) != cfg.num_iterations or schedule[0] != "first" or "first" in schedule[1:]:
             raise ValueError(f"schedule must have {cfg.num_iterations} rounds starting with 'first', got {schedule}")

@@ -39,7 +39,8 @@ def test_config_validation() -> None:
         SimulationConfig(box_probability=1.5)
     with pytest.raises(ValueError, match="sample_resolution"):
         SimulationConfig(sample_resolution="high")  # type: ignore[arg-type]
-    assert SimulationConfig(num_iterations=5, num_point_iterations=3, random_mask_only_iteration=False).num_prompt_tokens == 5
+    short = SimulationConfig(num_iterations=5, num_point_iterations=3, random_mask_only_iteration=False)
+    assert short.num_prompt_tokens == 5
 
 
 def test_schedule_positions() -> None:
