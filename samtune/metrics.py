@@ -1,0 +1,148 @@
+"""Interactive-segmentation metrics (torchmetrics): IoU per click round, IoU after the box, NoC, IoU-head error.
+
+* ``iou_click_{i}``: mean IoU after i clicks (i = 1..k).
+* ``iou_box``: mean IoU after the ground-truth box alone (when box IoUs were given).
+* ``noc_{t}``: mean number of clicks to reach IoU >= t/100 (e.g. ``noc_85``, ``noc_90``); a mask that never
+  reaches it within the k clicks counts k (the cap), as in the interactive-segmentation literature.
+* ``nof_{t}``: fraction of masks that never reach IoU >= t/100 within the k clicks.
+* ``iou_pred_mae``: mean absolute error between the IoU head's prediction and the actual IoU, over every
+  round given (clicks and box).
+
+States are sums with ``dist_reduce_fx="sum"``, so the metric is exact under DDP and works on any device.
+Feed it the :class:`samtune.prompts.EvaluationResult` of :class:`samtune.prompts.InteractiveEvaluator`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torchmetrics import Metric
+
+from samtune.prompts.evaluator import EvaluationResult
+
+__all__ = ["ClickIoU", "number_of_clicks"]
+
+
+def number_of_clicks(click_ious: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Clicks needed to reach an IoU threshold, capped at the number of rounds.
+
+    Args:
+        click_ious: ``[M, k]`` IoU after clicks 1..k.
+        threshold: IoU to reach (inclusive).
+
+    Returns:
+        ``[M]`` long in 1..k (k also when never reached).
+    """
+    reached = click_ious >= threshold
+    first = reached.long().argmax(dim=1) + 1
+    return torch.where(reached.any(dim=1), first, torch.full_like(first, click_ious.shape[1]))
+
+
+class ClickIoU(Metric):
+    """IoU per click round, IoU after the box, NoC@thresholds and the IoU head's mean absolute error.
+
+    Args:
+        num_clicks: k, the number of click rounds of every update.
+        noc_thresholds: IoU thresholds of the NoC / NoF metrics.
+        **kwargs: passed to :class:`torchmetrics.Metric` (e.g. ``sync_on_compute``).
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, num_clicks: int, noc_thresholds: Sequence[float] = (0.85, 0.90), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if num_clicks < 1:
+            raise ValueError(f"num_clicks must be >= 1, got {num_clicks}")
+        if any(not 0.0 < t <= 1.0 for t in noc_thresholds):
+            raise ValueError(f"noc_thresholds must be in (0, 1], got {list(noc_thresholds)}")
+        self.num_clicks = num_clicks
+        self.noc_thresholds = tuple(float(t) for t in noc_thresholds)
+        n_thr = len(self.noc_thresholds)
+        self.add_state("click_iou_sum", torch.zeros(num_clicks), dist_reduce_fx="sum")
+        self.add_state("num_masks", torch.zeros(()), dist_reduce_fx="sum")
+        self.add_state("noc_sum", torch.zeros(n_thr), dist_reduce_fx="sum")
+        self.add_state("failures", torch.zeros(n_thr), dist_reduce_fx="sum")
+        self.add_state("box_iou_sum", torch.zeros(()), dist_reduce_fx="sum")
+        self.add_state("num_box", torch.zeros(()), dist_reduce_fx="sum")
+        self.add_state("iou_abs_err_sum", torch.zeros(()), dist_reduce_fx="sum")
+        self.add_state("num_iou_pred", torch.zeros(()), dist_reduce_fx="sum")
+
+    def update(
+        self,
+        click_ious: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        click_iou_pred: torch.Tensor | None = None,
+        box_ious: torch.Tensor | None = None,
+        box_iou_pred: torch.Tensor | None = None,
+    ) -> None:
+        """Accumulate one batch.
+
+        Args:
+            click_ious: ``[M, k]`` IoU after clicks 1..k.
+            valid: ``[M]`` bool, False for padding masks (ignored); default all valid.
+            click_iou_pred: ``[M, k]`` predicted IoUs of the click rounds.
+            box_ious: ``[M]`` IoU after the box round.
+            box_iou_pred: ``[M]`` predicted IoU of the box round.
+        """
+        if click_ious.ndim != 2 or click_ious.shape[1] != self.num_clicks:
+            raise ValueError(f"click_ious must be [M, num_clicks={self.num_clicks}], got {tuple(click_ious.shape)}")
+        m = click_ious.shape[0]
+        if valid is None:
+            valid = torch.ones(m, dtype=torch.bool, device=click_ious.device)
+        if valid.shape != (m,):
+            raise ValueError(f"valid must be [M]={m}, got {tuple(valid.shape)}")
+        for name, value, shape in (
+            ("click_iou_pred", click_iou_pred, (m, self.num_clicks)),
+            ("box_ious", box_ious, (m,)),
+            ("box_iou_pred", box_iou_pred, (m,)),
+        ):
+            if value is not None and value.shape != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
+        if (box_iou_pred is not None) and box_ious is None:
+            raise ValueError("box_iou_pred needs box_ious")
+        w = valid.float()
+        ious = click_ious.float()
+        self.click_iou_sum += (ious * w[:, None]).sum(dim=0)
+        self.num_masks += w.sum()
+        for i, threshold in enumerate(self.noc_thresholds):
+            noc = number_of_clicks(ious, threshold).float()
+            self.noc_sum[i] += (noc * w).sum()
+            self.failures[i] += (~(ious >= threshold).any(dim=1)).float().mul(w).sum()
+        if box_ious is not None:
+            self.box_iou_sum += (box_ious.float() * w).sum()
+            self.num_box += w.sum()
+        if click_iou_pred is not None:
+            self.iou_abs_err_sum += ((click_iou_pred.float() - ious).abs() * w[:, None]).sum()
+            self.num_iou_pred += w.sum() * self.num_clicks
+        if box_iou_pred is not None:
+            self.iou_abs_err_sum += ((box_iou_pred.float() - box_ious.float()).abs() * w).sum()
+            self.num_iou_pred += w.sum()
+
+    def update_from_result(self, result: EvaluationResult, valid: torch.Tensor | None = None) -> None:
+        """Accumulate an :class:`~samtune.prompts.EvaluationResult`.
+
+        Args:
+            result: the evaluator's output.
+            valid: ``[M]`` bool, False for padding masks.
+        """
+        self.update(result.click_ious, valid, result.click_iou_pred, result.box_ious, result.box_iou_pred)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """The metrics (see the module docstring); box and IoU-head entries only when such data was given."""
+        n = self.num_masks.clamp_min(1.0)
+        out: dict[str, torch.Tensor] = {}
+        per_click = self.click_iou_sum / n
+        for i in range(self.num_clicks):
+            out[f"iou_click_{i + 1}"] = per_click[i]
+        for i, threshold in enumerate(self.noc_thresholds):
+            tag = f"{round(threshold * 100):d}"
+            out[f"noc_{tag}"] = self.noc_sum[i] / n
+            out[f"nof_{tag}"] = self.failures[i] / n
+        if self.num_box > 0:
+            out["iou_box"] = self.box_iou_sum / self.num_box
+        if self.num_iou_pred > 0:
+            out["iou_pred_mae"] = self.iou_abs_err_sum / self.num_iou_pred
+        return out

@@ -1,0 +1,91 @@
+"""Deterministic clicks for evaluation: the point of a region farthest from its boundary.
+
+The first click of an evaluation is the centre of the ground-truth mask; every next click is the centre of
+the largest error region (false negatives or false positives, whichever reaches farther from its boundary),
+as in the interactive-segmentation literature. "Centre" is the pixel with the largest Euclidean distance to
+the nearest pixel outside the region, the image border counting as outside; ties go to the first pixel in
+raster order.
+
+These run on the host (OpenCV's exact distance transform) since they are evaluation-only. All masks are
+processed in ONE ``cv2.distanceTransform`` call: the masks, each framed by a one-pixel zero border, are stacked
+into one tall image; the frame guarantees that no distance crosses from one mask into another.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+
+from samtune.prompts.geometry import check_masks, flat_index_to_coords
+from samtune.prompts.sampling import NEGATIVE_LABEL, PAD_LABEL, POSITIVE_LABEL
+
+
+def distance_to_boundary(regions: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance of every region pixel to the nearest non-region pixel (or the image border).
+
+    Args:
+        regions: ``[M, H, W]`` bool (any device).
+
+    Returns:
+        ``[M, H, W]`` float32 on the host; 0 outside the regions, 1 on a region pixel that touches the outside.
+    """
+    check_masks(regions, "regions")
+    m, h, w = regions.shape
+    if m == 0:
+        return torch.zeros((0, h, w), dtype=torch.float32)
+    framed = np.zeros((m, h + 2, w + 2), dtype=np.uint8)
+    framed[:, 1:-1, 1:-1] = regions.detach().cpu().numpy()
+    dist = cv2.distanceTransform(framed.reshape(m * (h + 2), w + 2), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return torch.from_numpy(dist.reshape(m, h + 2, w + 2)[:, 1:-1, 1:-1].copy())
+
+
+def region_centers(regions: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The point of each region farthest from its boundary.
+
+    Args:
+        regions: ``[M, H, W]`` bool.
+        scale: model-input pixels per mask pixel.
+
+    Returns:
+        ``(coords, labels)`` on ``regions.device``: ``[M, 2]`` float ``(x, y)`` in model-input pixels and
+        ``[M]`` long (1, or -1 with (0, 0) for an empty region).
+    """
+    dist = distance_to_boundary(regions).flatten(1)
+    best, index = dist.max(dim=1)
+    found = best > 0
+    coords = torch.where(found[:, None], flat_index_to_coords(index, regions.shape[-1], scale), 0.0)
+    labels = torch.where(found, POSITIVE_LABEL, PAD_LABEL).long()
+    return coords.to(regions.device), labels.to(regions.device)
+
+
+def largest_error_points(
+    pred: torch.Tensor, gt: torch.Tensor, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next deterministic click: the centre of the largest error region.
+
+    False negatives and false positives are separate regions; the click goes to the one whose centre is
+    farther from its boundary (false negatives win ties) and is positive on a false negative, negative on a
+    false positive.
+
+    Args:
+        pred: ``[M, H, W]`` bool predicted masks.
+        gt: ``[M, H, W]`` bool ground truth.
+        scale: model-input pixels per mask pixel.
+
+    Returns:
+        ``(coords, labels)`` on ``gt.device``: ``[M, 2]`` float and ``[M]`` long (1, 0, or -1 with (0, 0) when
+        the prediction is exact).
+    """
+    check_masks(pred, "pred")
+    check_masks(gt, "gt")
+    if pred.shape != gt.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and gt {tuple(gt.shape)} must have the same shape")
+    m = gt.shape[0]
+    dist = distance_to_boundary(torch.cat((gt & ~pred, pred & ~gt))).flatten(1)  # [2M, HW]
+    best, index = dist.max(dim=1)
+    positive = best[:m] >= best[m:]
+    index = torch.where(positive, index[:m], index[m:])
+    found = torch.maximum(best[:m], best[m:]) > 0
+    coords = torch.where(found[:, None], flat_index_to_coords(index, gt.shape[-1], scale), 0.0)
+    labels = torch.where(found, torch.where(positive, POSITIVE_LABEL, NEGATIVE_LABEL), PAD_LABEL).long()
+    return coords.to(gt.device), labels.to(gt.device)

@@ -1,0 +1,96 @@
+"""InteractiveEvaluator: deterministic clicks, feedback, IoU per round at the GT resolution."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from samtune.prompts import InteractiveEvaluator
+
+
+class ScriptedSam(torch.nn.Module):
+    """Returns pre-scripted outputs call after call and records the prompts it received."""
+
+    def __init__(self, outputs: list[tuple[torch.Tensor, torch.Tensor]], image_size: int, low_res_size: int) -> None:
+        super().__init__()
+        self.outputs = list(outputs)
+        self.image_size = image_size
+        self.low_res_size = low_res_size
+        self.calls: list[dict] = []
+
+    def decode(self, image_embeddings, image_index, point_coords=None, point_labels=None, boxes=None,
+               mask_inputs=None, multimask_output=True, return_all_tokens=False):
+        self.calls.append({"coords": point_coords.clone(), "labels": point_labels.clone(),
+                           "mask_inputs": mask_inputs, "multimask_output": multimask_output})
+        logits, iou = self.outputs.pop(0)
+        assert logits.shape[1] == (3 if multimask_output else 1)
+        return logits, iou
+
+
+def _logits(region: torch.Tensor) -> torch.Tensor:
+    return torch.where(region, 5.0, -5.0)
+
+
+def test_scripted_rounds_hand_values() -> None:
+    gt = torch.zeros(1, 8, 8, dtype=torch.bool)
+    gt[0, 2:6, 2:6] = True
+    half = torch.zeros(8, 8, dtype=torch.bool)
+    half[2:6, 2:4] = True
+    perfect = _logits(gt[0])
+    outputs = [
+        (torch.stack((_logits(half), perfect, -perfect))[None], torch.tensor([[0.9, 0.1, 0.2]])),  # keeps token 0
+        (perfect[None, None], torch.tensor([[0.8]])),
+        (perfect[None, None], torch.tensor([[0.95]])),
+        (_logits(half)[None, None], torch.tensor([[0.7]])),  # box round
+    ]
+    model = ScriptedSam(outputs, image_size=8, low_res_size=8)
+    result = InteractiveEvaluator(num_clicks=3)(model, torch.zeros(1, 4, 2, 2), torch.tensor([0]), gt)
+    assert result.click_ious.tolist() == [[0.5, 1.0, 1.0]]
+    assert result.click_iou_pred.tolist() == [[pytest.approx(0.9), pytest.approx(0.8), pytest.approx(0.95)]]
+    assert result.box_ious.tolist() == [0.5] and result.box_iou_pred.tolist() == [pytest.approx(0.7)]
+    c = model.calls
+    # Click 1: centre of the 4x4 block (first of the four pixels at distance 2), plus a padding token.
+    assert c[0]["coords"].tolist() == [[[3.0, 3.0], [0.0, 0.0]]] and c[0]["labels"].tolist() == [[1, -1]]
+    assert c[0]["multimask_output"] and c[0]["mask_inputs"] is None
+    # Click 2: the false-negative columns 4..5 -> first pixel of maximal distance (row 2, col 4), positive.
+    assert c[1]["coords"][0, -1].tolist() == [4.0, 2.0] and c[1]["labels"].tolist() == [[1, -1, 1]]
+    assert not c[1]["multimask_output"] and torch.equal(c[1]["mask_inputs"][0, 0], _logits(half))
+    # Click 3: the prediction is exact -> padding click.
+    assert c[2]["labels"].tolist() == [[1, -1, 1, -1]] and c[2]["coords"][0, -1].tolist() == [0.0, 0.0]
+    assert torch.equal(c[2]["mask_inputs"][0, 0], perfect)
+    # Box round: the exact GT box as two corner tokens.
+    assert c[3]["coords"].tolist() == [[[2.0, 2.0], [5.0, 5.0]]] and c[3]["labels"].tolist() == [[2, 3]]
+    assert not c[3]["multimask_output"] and c[3]["mask_inputs"] is None
+
+
+def test_iou_at_gt_resolution_with_upsampled_logits() -> None:
+    gt = torch.zeros(1, 16, 16, dtype=torch.bool)
+    gt[0, :, :10] = True
+    left = torch.zeros(8, 8, dtype=torch.bool)
+    left[:, :4] = True  # upsampled bilinearly: exactly columns 0..7 of 16
+    out = [(_logits(left)[None, None], torch.tensor([[0.5]]))]
+    model = ScriptedSam(out, image_size=32, low_res_size=8)
+    result = InteractiveEvaluator(num_clicks=1, evaluate_box=False, multimask_first_click=False)(
+        model, torch.zeros(1, 4, 2, 2), torch.tensor([0]), gt
+    )
+    assert result.click_ious.tolist() == [[pytest.approx(8 / 10)]]
+    assert result.box_ious is None
+    # The first click is in model-input pixels (scale 2): centre of the 16x10 block.
+    x, y = model.calls[0]["coords"][0, 0].tolist()
+    assert gt[0, int((y + 0.5) / 2), int((x + 0.5) / 2)]
+
+
+def test_with_fake_model_shapes_and_no_grad(fake_sam, embeddings) -> None:
+    gt = torch.zeros(4, 64, 64, dtype=torch.bool)
+    gt[0, 5:40, 10:30] = True
+    gt[1, 50:64, 0:64] = True
+    gt[2, 30, 30] = True  # one pixel; mask 3 empty
+    result = InteractiveEvaluator(num_clicks=4)(fake_sam, embeddings, torch.tensor([0, 0, 1, 1]), gt)
+    assert result.click_ious.shape == (4, 4) and result.click_iou_pred.shape == (4, 4)
+    assert torch.isfinite(result.click_ious).all() and (result.click_ious >= 0).all() and (result.click_ious <= 1).all()
+    assert not result.click_ious.requires_grad and not result.click_iou_pred.requires_grad
+    assert result.box_ious.shape == (4,)
+    assert [c["point_labels"].shape[1] for c in fake_sam.calls] == [2, 3, 4, 5, 2]
+    empty = InteractiveEvaluator(num_clicks=2)(fake_sam, embeddings, torch.zeros(0, dtype=torch.long), gt[:0])
+    assert empty.click_ious.shape == (0, 2)
+    with pytest.raises(ValueError, match="num_clicks"):
+        InteractiveEvaluator(num_clicks=0)

@@ -1,0 +1,105 @@
+"""ClickIoU on hand-made cases: per-click IoU, NoC@85/90 with the cap, box IoU, IoU-head error, DDP reduction."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from samtune.metrics import ClickIoU, number_of_clicks
+from samtune.prompts import EvaluationResult
+
+IOUS = torch.tensor(
+    [
+        [0.50, 0.86, 0.95],  # NoC@85 = 2, NoC@90 = 3
+        [0.90, 0.92, 0.93],  # 1, 1
+        [0.10, 0.20, 0.30],  # never: capped at 3, 3
+    ]
+)
+
+
+def test_number_of_clicks() -> None:
+    assert number_of_clicks(IOUS, 0.85).tolist() == [2, 1, 3]
+    assert number_of_clicks(IOUS, 0.90).tolist() == [3, 1, 3]
+    assert number_of_clicks(torch.tensor([[0.9, 0.1]]), 0.85).tolist() == [1]  # first time reached counts
+
+
+def test_click_iou_hand_values() -> None:
+    metric = ClickIoU(num_clicks=3)
+    pred = IOUS + torch.tensor([[0.1, -0.1, 0.0], [0.0, 0.0, 0.2], [0.0, 0.3, 0.0]])
+    metric.update(IOUS, click_iou_pred=pred, box_ious=torch.tensor([0.8, 0.7, 0.6]),
+                  box_iou_pred=torch.tensor([0.8, 0.9, 0.6]))
+    out = metric.compute()
+    assert out["iou_click_1"].item() == pytest.approx(0.5)
+    assert out["iou_click_2"].item() == pytest.approx((0.86 + 0.92 + 0.2) / 3)
+    assert out["iou_click_3"].item() == pytest.approx((0.95 + 0.93 + 0.3) / 3)
+    assert out["noc_85"].item() == pytest.approx(2.0)
+    assert out["noc_90"].item() == pytest.approx(7 / 3)
+    assert out["nof_85"].item() == pytest.approx(1 / 3) and out["nof_90"].item() == pytest.approx(1 / 3)
+    assert out["iou_box"].item() == pytest.approx(0.7)
+    assert out["iou_pred_mae"].item() == pytest.approx((0.1 + 0.1 + 0.2 + 0.3 + 0.2) / 12)
+
+
+def test_padding_masks_are_ignored_and_batches_accumulate() -> None:
+    metric = ClickIoU(num_clicks=3)
+    padded = torch.cat((IOUS, torch.zeros(2, 3)))
+    metric.update(padded[:2], valid=torch.tensor([True, True]))
+    metric.update(padded[2:], valid=torch.tensor([True, False, False]))
+    out = metric.compute()
+    assert out["noc_85"].item() == pytest.approx(2.0)
+    assert "iou_box" not in out and "iou_pred_mae" not in out  # never given
+    metric.reset()
+    metric.update_from_result(EvaluationResult(IOUS[:1], IOUS[:1]))
+    assert metric.compute()["iou_pred_mae"].item() == 0.0
+
+
+def test_states_merge_like_one_big_batch() -> None:
+    a, b, whole = ClickIoU(num_clicks=3), ClickIoU(num_clicks=3), ClickIoU(num_clicks=3)
+    a.update(IOUS[:1], box_ious=torch.tensor([0.3]))
+    b.update(IOUS[1:], box_ious=torch.tensor([0.5, 0.7]))
+    whole.update(IOUS, box_ious=torch.tensor([0.3, 0.5, 0.7]))
+    a.merge_state(b)
+    for key, value in whole.compute().items():
+        assert a.compute()[key].item() == pytest.approx(value.item()), key
+
+
+def test_bad_shapes_raise() -> None:
+    metric = ClickIoU(num_clicks=3)
+    with pytest.raises(ValueError, match="num_clicks=3"):
+        metric.update(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="box_ious"):
+        metric.update(torch.zeros(2, 3), box_ious=torch.zeros(3))
+    with pytest.raises(ValueError, match="noc_thresholds"):
+        ClickIoU(num_clicks=3, noc_thresholds=(85,))
+
+
+def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        metric = ClickIoU(num_clicks=3)
+        metric.update(IOUS[rank::world])
+        out = metric.compute()  # syncs the sum states across both processes
+        if rank == 0:
+            queue.put({k: v.item() for k, v in out.items()})
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes importing torch: ~15 s on 2 cores
+def test_ddp_sync_with_two_processes() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    mp.start_processes(_ddp_worker, args=(2, port, queue), nprocs=2, join=True, start_method="spawn")
+    got = queue.get(timeout=10)
+    whole = ClickIoU(num_clicks=3)
+    whole.update(IOUS)
+    for key, value in whole.compute().items():
+        assert got[key] == pytest.approx(value.item()), key
