@@ -201,7 +201,7 @@ def load_into(
         if state[k].shape != model_state[k].shape
     )
     if misshaped or (strict and (missing or unexpected)):
-        parts = [f"checkpoint {source} does not fit {type(model).__name__}:"]
+        parts: list[str] = []
         if missing:
             parts.append(f"{len(missing)} missing keys: {_list(missing)}")
         if unexpected:
@@ -213,7 +213,7 @@ def load_into(
             hint = " (is it a checkpoint of another model? check the model name)"
         elif misshaped and not (missing or unexpected) and all(_is_position_table(k.split(" ")[0]) for k in misshaped):
             hint = " (trained at another input size? pass resize_positions=True to resample the position tables)"
-        raise CheckpointError("; ".join(parts) + hint)
+        raise CheckpointError(f"checkpoint {source} does not fit {type(model).__name__}: " + "; ".join(parts) + hint)
     model.load_state_dict(state, strict=False)
     return missing, unexpected
 
