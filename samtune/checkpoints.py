@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import zipfile
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,35 +46,75 @@ def _list(keys: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = 0x80  # first byte of a pickle stream (protocol >= 2): legacy torch.save and plain pickles
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    """safetensors: 8-byte little-endian header length, then a JSON header starting with ``{``."""
+    return len(head) >= 9 and head[8:9] == b"{"
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: not a readable safetensors file ({err})") from err
+
+
+def _unpickling_problem(err: Exception) -> str:
+    """The informative line of torch's weights-only error (the refused Python object, or the bad opcode)."""
+    text = str(err)
+    refused = re.search(r"GLOBAL ([\w.]+)", text)
+    if refused:
+        return (
+            f"refused to load: it contains the Python object {refused.group(1)}, and checkpoints are read with "
+            "weights_only=True (tensors and plain containers only), so an untrusted file cannot execute code; "
+            "re-save the weights as a plain state_dict of tensors"
+        )
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", text) or re.search(r"Unsupported operand \d+", text)
+    reason = (detail.group(1) if detail.groups() else detail.group(0)).strip() if detail else text.splitlines()[0]
+    return f"not a readable PyTorch checkpoint: corrupt or unsupported pickle data ({reason})"
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a tensor dict from ``.pth``/``.pt``/``.bin``/``.ckpt`` or ``.safetensors`` without executing code.
 
+    The format is recognised from the file's content (a safetensors file named ``.pth`` reads too).
     Containers are unwrapped: ``{"model": ...}`` (MAE), ``{"state_dict": ...}`` (Lightning). A Lightning
     checkpoint of a samtune task keeps its ``model.`` prefix; :func:`load_into` strips it.
 
     Raises:
-        CheckpointError: missing file, not a checkpoint, truncated/corrupt file, or no tensors inside.
+        CheckpointError: missing file, empty file, not a checkpoint, truncated/corrupt file, a pickle of
+            arbitrary Python objects (refused by ``weights_only=True``), or no tensors inside.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint {path}: file not found")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"checkpoint {path}: not a readable safetensors file ({err})") from err
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: not a file (a directory?); pass the path of a weights file")
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if not head:
+        raise CheckpointError(f"checkpoint {path}: the file is empty (an interrupted download or save?)")
+    if path.suffix == ".safetensors" or _looks_like_safetensors(head):
+        return _read_safetensors(path)
+    if not head.startswith(_ZIP_MAGIC) and head[0] != _PICKLE_PROTO:
+        raise CheckpointError(
+            f"checkpoint {path}: not a PyTorch checkpoint or safetensors file (it starts with {head[:8]!r}; "
+            "expected a torch.save zip archive, a pickle or safetensors)"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        raise CheckpointError(f"checkpoint {path}: {_unpickling_problem(err)}") from err
+    except Exception as err:  # torch.load raises many types on corrupt input (RuntimeError, EOFError, KeyError, ...)
+        first = str(err).splitlines()[0].split(". ")[0] if str(err) else "no details"
         raise CheckpointError(
-            f"checkpoint {path}: refused to unpickle non-tensor objects (weights_only=True): {str(err).splitlines()[0]}"
-        ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise CheckpointError(
-            f"checkpoint {path}: not a valid PyTorch checkpoint or truncated ({str(err).splitlines()[0]})"
+            f"checkpoint {path}: not a valid PyTorch checkpoint, or truncated/corrupt ({type(err).__name__}: {first})"
         ) from err
     for key in _CONTAINER_KEYS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -85,11 +125,24 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
+_WRAPPER_PREFIXES = ("model.", "module.", "_orig_mod.", "sam.")
+
+
 def _strip_prefix(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
-    """Drop wrapper prefixes (``model.``, ``module.``, ``_orig_mod.``) when that makes keys match the model."""
-    for prefix in ("model.", "module.", "_orig_mod.", "sam.", "model._orig_mod."):
-        if not any(k in expected for k in state) and any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    """Drop wrapper prefixes (``model.``, ``module.``, ``_orig_mod.``, ``sam.``, nested) when that makes keys match.
+
+    Keys without the wrapper prefix belong to other parts of the wrapper (e.g. a Lightning task's loss or
+    metric buffers next to ``model.*``) and are dropped with it. When no stripping makes any key match the
+    model, ``state`` is returned unchanged (so that errors show the keys as they are in the file).
+    """
+    if any(k in expected for k in state):
+        return state
+    for prefix in _WRAPPER_PREFIXES:
+        stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if stripped:
+            candidate = _strip_prefix(stripped, expected)
+            if any(k in expected for k in candidate):
+                return candidate
     return state
 
 
@@ -107,6 +160,10 @@ def _resize_position_tables(model_state: dict[str, torch.Tensor], state: dict[st
         elif (key.endswith("rel_pos_h") or key.endswith("rel_pos_w")) and value.dim() == 2:
             out[key] = F.interpolate(value.t()[None].float(), size=target.shape[0], mode="linear")[0].t().to(value.dtype)
     return out
+
+
+def _is_position_table(key: str) -> bool:
+    return key.endswith(("pos_embed", "rel_pos_h", "rel_pos_w"))
 
 
 def load_into(
@@ -144,7 +201,7 @@ def load_into(
         if state[k].shape != model_state[k].shape
     )
     if misshaped or (strict and (missing or unexpected)):
-        parts = [f"checkpoint {source} does not fit {type(model).__name__}:"]
+        parts: list[str] = []
         if missing:
             parts.append(f"{len(missing)} missing keys: {_list(missing)}")
         if unexpected:
@@ -154,7 +211,9 @@ def load_into(
         hint = ""
         if unexpected and missing and any(k.startswith(_SAM_PREFIXES) for k in unexpected):
             hint = " (is it a checkpoint of another model? check the model name)"
-        raise CheckpointError("; ".join(parts) + hint)
+        elif misshaped and not (missing or unexpected) and all(_is_position_table(k.split(" ")[0]) for k in misshaped):
+            hint = " (trained at another input size? pass resize_positions=True to resample the position tables)"
+        raise CheckpointError(f"checkpoint {source} does not fit {type(model).__name__}: " + "; ".join(parts) + hint)
     model.load_state_dict(state, strict=False)
     return missing, unexpected
 
@@ -180,13 +239,16 @@ def save_checkpoint(model: nn.Module, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
 
-        save_file(state, str(tmp))
-    else:
-        torch.save(state, tmp)
-    os.replace(tmp, path)
+            save_file(state, str(tmp))
+        else:
+            torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -1,0 +1,214 @@
+"""samtune.Predictor: the documented behaviours of the drop-in SamPredictor (errors included)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from samtune import Predictor, Sam, build_sam
+from samtune.checkpoints import read_state_dict, save_checkpoint
+
+from ..modeling.reference import make_image
+
+H, W = 300, 220  # non-square image, so resizing and cropping matter
+
+
+@pytest.fixture(scope="module")
+def model() -> Sam:
+    """sam_tiny with non-trivial weights everywhere (fresh init zero-fills the position tables)."""
+    sam = build_sam("sam_tiny")
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in sam.named_parameters():
+            if "pos_embed" in name or "rel_pos" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return sam.eval()
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return make_image(H, W)
+
+
+@pytest.fixture(scope="module")
+def predictor(model, image) -> Predictor:
+    pred = Predictor(model)
+    pred.set_image(image)
+    return pred
+
+
+def test_predict_before_set_image(model):
+    pred = Predictor(model)
+    with pytest.raises(RuntimeError, match="set_image"):
+        pred.predict(point_coords=np.array([[10.0, 10.0]]), point_labels=np.array([1]))
+    with pytest.raises(RuntimeError, match="set_image"):
+        pred.predict_torch(torch.zeros(1, 1, 2), torch.ones(1, 1))
+    with pytest.raises(RuntimeError, match="set_image"):
+        pred.get_image_embedding()
+
+
+def test_no_prompt_is_an_error(predictor):
+    with pytest.raises(ValueError, match="no prompt"):
+        predictor.predict()
+    with pytest.raises(ValueError, match="no prompt"):
+        predictor.predict_torch(None, None)
+
+
+def test_points_and_boxes_outside_the_image(predictor):
+    # (y, x) swapped by mistake: x=290 is beyond the width 220.
+    with pytest.raises(ValueError, match=r"point_coords outside the 220x300 .*\[\[290\.0, 40\.0\]\]"):
+        predictor.predict(point_coords=np.array([[50.0, 60.0], [290.0, 40.0]]), point_labels=np.array([1, 1]))
+    with pytest.raises(ValueError, match=r"point_coords outside .*\[\[-3\.0, 10\.0\]\]"):
+        predictor.predict(point_coords=np.array([[-3.0, 10.0]]), point_labels=np.array([1]))
+    with pytest.raises(ValueError, match=r"box outside the 220x300 .*\[\[200\.0, 350\.0\]\]"):
+        predictor.predict(box=np.array([10.0, 20.0, 200.0, 350.0]))  # bottom-right corner below the image
+    with pytest.raises(ValueError, match=r"boxes outside the model input frame \[0, 256\]"):
+        predictor.predict_torch(None, None, boxes=torch.tensor([[0.0, 0.0, 300.0, 100.0]]))
+
+
+def test_box_outside_names_the_corner(predictor):
+    with pytest.raises(ValueError) as info:
+        predictor.predict(box=np.array([10.0, 20.0, 230.0, 100.0]))
+    assert "230.0" in str(info.value) and "(x, y)" in str(info.value)
+
+
+def test_points_and_labels_must_match(predictor):
+    with pytest.raises(ValueError, match="point_labels must be supplied"):
+        predictor.predict(point_coords=np.array([[10.0, 10.0]]))
+    with pytest.raises(ValueError, match=r"\[N, 2\]"):
+        predictor.predict(point_coords=np.array([[10.0, 10.0]]), point_labels=np.array([1, 0]))
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.zeros((H, W, 3), dtype=np.float32), "uint8"),
+        (np.zeros((H, W, 3), dtype=np.uint16), "uint8"),
+        (np.zeros((H, W, 4), dtype=np.uint8), r"\[H, W, 3\]"),
+        (np.zeros((3, H, W), dtype=np.uint8), r"\[H, W, 3\]"),
+        (np.zeros((1, H, W, 3), dtype=np.uint8), r"\[H, W, 3\]"),
+    ],
+    ids=["float32", "uint16", "rgba", "channels_first", "batched"],
+)
+def test_bad_images(model, bad, match):
+    pred = Predictor(model)
+    with pytest.raises(ValueError, match=match) as info:
+        pred.set_image(bad)
+    assert str(bad.shape) in str(info.value) or str(bad.dtype) in str(info.value)
+    assert not pred.is_image_set
+    with pytest.raises(ValueError, match="image_format"):
+        pred.set_image(np.zeros((H, W, 3), dtype=np.uint8), image_format="RGBA")
+
+
+def test_greyscale_image(model, image):
+    grey = image[..., 1].copy()
+    pred = Predictor(model)
+    pred.set_image(grey)
+    assert pred.original_size == (H, W)
+    ref = Predictor(model)
+    ref.set_image(np.repeat(grey[:, :, None], 3, axis=2))
+    assert torch.equal(pred.get_image_embedding(), ref.get_image_embedding())
+    masks, iou, low = pred.predict(point_coords=np.array([[100.0, 120.0]]), point_labels=np.array([1]))
+    assert masks.shape == (3, H, W) and masks.dtype == np.bool_ and iou.shape == (3,)
+
+
+def test_bgr_input_equals_rgb(model, image, predictor):
+    pred = Predictor(model)
+    pred.set_image(np.ascontiguousarray(image[..., ::-1]), image_format="BGR")
+    assert torch.equal(pred.get_image_embedding(), predictor.get_image_embedding())
+    # ... and the flip matters: the BGR array read as RGB is another image.
+    other = Predictor(model)
+    other.set_image(np.ascontiguousarray(image[..., ::-1]))
+    assert not torch.allclose(other.get_image_embedding(), predictor.get_image_embedding())
+
+
+def test_reset_image(model, image):
+    pred = Predictor(model)
+    pred.set_image(image)
+    assert pred.is_image_set and pred.features is not None
+    pred.reset_image()
+    assert not pred.is_image_set
+    assert pred.features is None and pred.original_size is None and pred.input_size is None
+    with pytest.raises(RuntimeError):
+        pred.predict(box=np.array([10.0, 10.0, 50.0, 50.0]))
+
+
+def test_image_embedding_and_sizes(model, predictor):
+    emb = predictor.get_image_embedding()
+    grid = model.prompt_encoder.image_embedding_size
+    assert emb.shape == (1, model.prompt_encoder.embed_dim, *grid) == (1, 64, 16, 16)
+    assert not emb.requires_grad
+    assert predictor.original_size == (H, W)
+    assert predictor.input_size == (256, round(W * 256 / H))  # longest side resized to the model input
+
+
+def test_predict_outputs(model, predictor):
+    masks, iou, low = predictor.predict(point_coords=np.array([[100.0, 120.0]]), point_labels=np.array([1]))
+    assert masks.shape == (3, H, W) and masks.dtype == np.bool_
+    assert iou.shape == (3,) and low.shape == (3, model.low_res_size, model.low_res_size)
+    logits, _, _ = predictor.predict(
+        point_coords=np.array([[100.0, 120.0]]), point_labels=np.array([1]), return_logits=True
+    )
+    assert logits.dtype == np.float32
+    np.testing.assert_array_equal(masks, logits > model.mask_threshold)
+    # Single-mask output, and the previous low-res logits fed back as the mask prompt (alone).
+    single, single_iou, _ = predictor.predict(box=np.array([40.0, 50.0, 180.0, 200.0]), multimask_output=False)
+    assert single.shape == (1, H, W) and single_iou.shape == (1,)
+    fed, _, _ = predictor.predict(mask_input=low[np.argmax(iou)][None], multimask_output=False)
+    assert fed.shape == (1, H, W)
+
+
+def test_batched_predict_torch_equals_single_calls(predictor):
+    boxes = np.array([[10.0, 20.0, 100.0, 120.0], [50.0, 50.0, 210.0, 290.0], [0.0, 0.0, 219.0, 299.0], [70.0, 80.0, 90.0, 95.0]])
+    boxes_t = predictor.transform.apply_boxes_torch(torch.as_tensor(boxes), predictor.original_size)
+    masks, iou, low = predictor.predict_torch(None, None, boxes=boxes_t, multimask_output=True, return_logits=True)
+    assert masks.shape == (4, 3, H, W) and iou.shape == (4, 3) and low.shape[:2] == (4, 3)
+    for i, box in enumerate(boxes):
+        m, q, lo = predictor.predict(box=box, multimask_output=True, return_logits=True)
+        np.testing.assert_allclose(masks[i].numpy(), m, atol=1e-5)
+        np.testing.assert_allclose(iou[i].numpy(), q, atol=1e-5)
+        np.testing.assert_allclose(low[i].numpy(), lo, atol=1e-5)
+    # The boxes give different masks (the batch is not one prompt repeated).
+    assert (masks[0] - masks[1]).abs().max() > 1e-3
+    bool_masks, _, _ = predictor.predict_torch(None, None, boxes=boxes_t)
+    assert bool_masks.dtype == torch.bool and torch.equal(bool_masks, masks > 0)
+
+
+def test_from_pretrained(model, image, tmp_path):
+    pred = Predictor.from_pretrained("sam_tiny")
+    assert isinstance(pred.model, Sam) and not pred.model.training
+    assert pred.transform.target_length == 256 and not pred.is_image_set
+    pred.set_image(image)
+    masks, _, _ = pred.predict(box=np.array([40.0, 50.0, 180.0, 200.0]), multimask_output=False)
+    assert masks.shape == (1, H, W)
+    # With a checkpoint: the same weights, hence the same embedding as the source model.
+    path = save_checkpoint(model, tmp_path / "tiny.pth")
+    loaded = Predictor.from_pretrained("sam_tiny", checkpoint=path)
+    loaded.set_image(image)
+    ref = Predictor(model)
+    ref.set_image(image)
+    assert torch.equal(loaded.get_image_embedding(), ref.get_image_embedding())
+    with pytest.raises(ValueError, match="unknown model 'sam_nope'"):
+        Predictor.from_pretrained("sam_nope")
+
+
+def test_lite_medsam_loads_strictly(assets):
+    """The real LiteMedSAM weights load into the registered ``lite_medsam`` model with every key matching."""
+    pytest.importorskip(
+        "samtune.modeling.tiny_vit", reason="the TinyViT encoder (samtune/modeling/tiny_vit.py) is not available yet"
+    )
+    path = assets / "weights" / "lite_medsam" / "lite_medsam.pth"
+    if not path.is_file():
+        pytest.skip(f"{path} not found in the assets folder")
+    model = build_sam("lite_medsam", checkpoint=path)  # strict=True by default
+    state = read_state_dict(path)
+    ours = model.state_dict()
+    assert set(ours) == set(state)
+    for key, value in state.items():
+        assert torch.equal(ours[key], value.to(ours[key].dtype)), key
+    assert model.image_size == 256 and model.normalization == "minmax"
+    pred = Predictor(model)
+    pred.set_image(make_image(180, 240))
+    assert pred.get_image_embedding().shape == (1, 256, 64, 64)
+    masks, iou, _ = pred.predict(box=np.array([60.0, 40.0, 160.0, 120.0]), multimask_output=False)
+    assert masks.shape == (1, 180, 240) and np.isfinite(iou).all()
