@@ -299,18 +299,18 @@ def masks_to_boxes(masks: np.ndarray | torch.Tensor) -> torch.Tensor:
     Returns:
         ``[K, 4]`` float32 ``(x1, y1, x2, y2)``.
     """
-    masks = torch.as_tensor(masks)
+    masks = masks.numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
     k, h, w = masks.shape
     if k == 0:
         return torch.zeros(0, 4, dtype=torch.float32)
-    masks = masks.bool()
-    rows = masks.any(2)  # [K, H]
-    cols = masks.any(1)  # [K, W]
-    y1 = rows.int().argmax(1)
-    y2 = h - 1 - rows.flip(1).int().argmax(1)
-    x1 = cols.int().argmax(1)
-    x2 = w - 1 - cols.flip(1).int().argmax(1)
-    return torch.stack([x1, y1, x2, y2], 1).float()
+    masks = masks.view(np.uint8) if masks.dtype == np.bool_ else masks
+    rows = masks.max(2) > 0  # [K, H]
+    cols = masks.max(1) > 0  # [K, W]
+    y1 = rows.argmax(1)
+    y2 = h - 1 - rows[:, ::-1].argmax(1)
+    x1 = cols.argmax(1)
+    x2 = w - 1 - cols[:, ::-1].argmax(1)
+    return torch.from_numpy(np.stack([x1, y1, x2, y2], 1).astype(np.float32))
 
 
 def resize_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
