@@ -1,0 +1,338 @@
+"""The dataset base class shared by every format: sampling, cropping/tiling, transforms, errors, the sample dict.
+
+Sample contract (``SegmentationDataset.__getitem__``), with ``S`` the model input size:
+
+* ``"image"``: float32 ``[3, S, S]``; longest side resized to S (``get_preprocess_shape`` rounding), normalised
+  per ``normalization`` on the un-padded content, then zero-padded bottom/right.
+* ``"masks"``: bool ``[K, S, S]`` aligned with the image, False in the padding; K >= 1 (samples without a usable
+  mask raise :class:`SampleError` or are skipped, see ``on_error``).
+* ``"boxes"``: float32 ``[K, 4]`` tight ``(x1, y1, x2, y2)`` in model-input pixels, *inclusive* pixel indices
+  (x2 = last column of the mask), the convention of ``segment_anything``'s ``batched_mask_to_box``.
+* ``"instance_ids"``: int64 ``[K]``.
+* ``"original_size"``: int64 ``[2]`` (H, W) of the image as read (of the crop/tile when cropping).
+* ``"input_size"``: int64 ``[2]`` (h, w) of the content after resizing (and augmentation), before padding.
+* ``"image_id"``: str (``"<id>@<top>,<left>"`` for a validation tile).
+* ``"original_masks"`` (only with ``return_original_masks``): bool ``[K, H, W]``, the same instances at the
+  image's own resolution (meaningful for evaluation; training augmentation is not applied to them).
+
+Randomness: validation samples are a fixed function of ``(seed, index)``; training draws from a generator per
+process seeded by ``(seed, torch.initial_seed())``, which DataLoader makes distinct per worker and per epoch
+(and reproducible under ``seed_everything``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from abc import abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from samtune.data.errors import OnError, SampleError, SkipCounter
+from samtune.data.io import Intensity, image_shape, prepare_image
+from samtune.data.masks import MaskSource, masks_to_boxes
+from samtune.data.transforms import Augmenter, AugmentationPreset, resize_longest, to_model_input
+from samtune.modeling.preprocessing import Normalization
+
+logger = logging.getLogger("samtune.data")
+
+MAX_CROP_ATTEMPTS = 10
+MAX_AUGMENT_ATTEMPTS = 3
+
+
+@dataclass
+class RawSample:
+    """One image as loaded by a format, before any transform.
+
+    Attributes:
+        image: ``[H, W]`` or ``[H, W, C]`` array as stored.
+        masks: its candidate instance masks.
+        path: the image file (named in errors).
+        mask_path: the file holding the masks (annotation JSON, label image), named in errors.
+        image_id: identifier returned in the sample.
+    """
+
+    image: np.ndarray
+    masks: MaskSource
+    path: Path
+    mask_path: Path
+    image_id: str
+
+
+class SegmentationDataset(Dataset):
+    """Base class: a format implements ``_num_images``, ``_image_path``, ``_image_id`` and ``_load``.
+
+    Args:
+        image_size: S, the model's square input size (1024 for SAM, 256 for LiteMedSAM).
+        normalization: ``"sam"`` or ``"minmax"`` (see ``samtune.modeling.preprocessing``).
+        train: training mode (random mask sampling, augmentation, random crops) vs deterministic validation.
+        augmentation: preset applied in training (see ``samtune.data.transforms.preset_transforms``).
+        augmentation_pipeline: extra albumentations pipeline (dict or YAML/JSON file) applied in training.
+        max_masks_per_image: at most this many masks are sampled per image per step.
+        max_mask_area_fraction: masks covering more of the image than this are dropped (SAM: 0.9).
+        bands: bands making the 3-channel input (1 or 3 indices), None for grey/RGB.
+        intensity: intensity preset (see ``samtune.data.io``).
+        percentiles: (low, high) for ``intensity="percentile"``.
+        window: (low, high) raw values for ``intensity="window"``.
+        crop_size: when set, training takes a random ``crop_size`` square crop and validation tiles each image
+            into ``crop_size`` squares before resizing (large rasters).
+        return_original_masks: also return ``"original_masks"`` at the image's resolution.
+        on_error: ``"raise"`` a :class:`SampleError` naming the file, or ``"skip"`` to the next valid sample
+            (counted in :attr:`num_skipped` and logged).
+        seed: base seed of all sampling.
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int = 1024,
+        normalization: Normalization = "sam",
+        train: bool = False,
+        augmentation: AugmentationPreset = "none",
+        augmentation_pipeline: str | Path | dict[str, Any] | None = None,
+        max_masks_per_image: int = 64,
+        max_mask_area_fraction: float = 1.0,
+        bands: Sequence[int] | None = None,
+        intensity: Intensity = "auto",
+        percentiles: tuple[float, float] = (0.5, 99.5),
+        window: tuple[float, float] | None = None,
+        crop_size: int | None = None,
+        return_original_masks: bool = False,
+        on_error: OnError = "raise",
+        seed: int = 0,
+    ) -> None:
+        if image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        if normalization not in ("sam", "minmax"):
+            raise ValueError(f"normalization must be 'sam' or 'minmax', got {normalization!r}")
+        if max_masks_per_image <= 0:
+            raise ValueError(f"max_masks_per_image must be positive, got {max_masks_per_image}")
+        if not 0.0 < max_mask_area_fraction <= 1.0:
+            raise ValueError(f"max_mask_area_fraction must be in (0, 1], got {max_mask_area_fraction}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if crop_size is not None and crop_size <= 0:
+            raise ValueError(f"crop_size must be positive, got {crop_size}")
+        if intensity == "window" and window is None:
+            raise ValueError("intensity='window' needs window=(low, high)")
+        self.image_size = image_size
+        self.normalization = normalization
+        self.train = train
+        self.augmenter = Augmenter(augmentation, augmentation_pipeline, image_size) if train else None
+        self.max_masks_per_image = max_masks_per_image
+        self.max_mask_area_fraction = max_mask_area_fraction
+        self.bands = list(bands) if bands is not None else None
+        self.intensity = intensity
+        self.percentiles = tuple(percentiles)
+        self.window = tuple(window) if window is not None else None
+        self.crop_size = crop_size
+        self.return_original_masks = return_original_masks
+        self.on_error = on_error
+        self.seed = seed
+        self.skips = SkipCounter()
+        self._index: list[tuple[int, tuple[int, int] | None]] = []
+        self._rng_state: tuple[int, np.random.Generator] | None = None
+
+    # ---------------------------------------------------------------------------------------- format hooks
+    @abstractmethod
+    def _num_images(self) -> int:
+        """Number of images in the dataset."""
+
+    @abstractmethod
+    def _image_path(self, i: int) -> Path:
+        """Path of image ``i`` (read for tiling, named in errors)."""
+
+    @abstractmethod
+    def _image_id(self, i: int) -> str:
+        """Identifier of image ``i``."""
+
+    @abstractmethod
+    def _load(self, i: int) -> RawSample:
+        """Read image ``i`` and its candidate masks; raise :class:`SampleError` on bad input."""
+
+    # ---------------------------------------------------------------------------------------- indexing
+    def _build_index(self) -> None:
+        """Index samples: one per image, or one per tile when validating with ``crop_size``. Subclasses call it."""
+        if self.crop_size is None or self.train:
+            self._index = [(i, None) for i in range(self._num_images())]
+            return
+        index: list[tuple[int, tuple[int, int] | None]] = []
+        for i in range(self._num_images()):
+            try:
+                height, width = image_shape(self._image_path(i))
+            except SampleError as err:
+                self._handle(err)
+                continue
+            for top in _tile_starts(height, self.crop_size):
+                for left in _tile_starts(width, self.crop_size):
+                    index.append((i, (top, left)))
+        self._index = index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @property
+    def num_skipped(self) -> int:
+        """Samples skipped so far because of bad input (all worker processes together)."""
+        return self.skips.total
+
+    # ---------------------------------------------------------------------------------------- access
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} samples")
+        current = index
+        for _ in range(len(self)):
+            try:
+                return self._get(current)
+            except Exception as exc:  # noqa: BLE001 - every failure is turned into a SampleError naming the file
+                self._handle(self._as_sample_error(exc, current))
+            current = (current + 1) % len(self)
+        raise SampleError(self._image_path(self._index[index][0]).parent, "no valid sample in the whole dataset")
+
+    def _as_sample_error(self, exc: Exception, index: int) -> SampleError:
+        if isinstance(exc, SampleError):
+            return exc
+        path = self._image_path(self._index[index][0])
+        return SampleError(path, f"unexpected {type(exc).__name__} while loading the sample: {exc}")
+
+    def _handle(self, err: SampleError) -> None:
+        if self.on_error == "raise":
+            raise err
+        total = self.skips.increment()
+        logger.warning("skipping bad sample (%d skipped so far): %s", total, err)
+
+    def _rng(self, index: int) -> np.random.Generator:
+        if not self.train:
+            return np.random.default_rng([self.seed, index])
+        pid = os.getpid()
+        if self._rng_state is None or self._rng_state[0] != pid:
+            self._rng_state = (pid, np.random.default_rng([self.seed, torch.initial_seed()]))
+        return self._rng_state[1]
+
+    def _get(self, index: int) -> dict[str, Any]:
+        image_index, tile = self._index[index]
+        rng = self._rng(index)
+        raw = self._load(image_index)
+        image = prepare_image(raw.image, self.bands, self.intensity, self.percentiles, self.window, raw.path)
+        height, width = image.shape[:2]
+        source = raw.masks
+        if (source.height, source.width) != (height, width):
+            raise SampleError(
+                raw.mask_path,
+                f"mask size {source.height}x{source.width} differs from the image size {height}x{width} "
+                f"of {raw.path}",
+            )
+        if len(source) == 0:
+            raise SampleError(raw.mask_path, f"no masks for image {raw.path}")
+        areas = source.areas()
+        candidates = np.flatnonzero((areas > 0) & (areas <= self.max_mask_area_fraction * height * width))
+        if candidates.size == 0:
+            raise SampleError(
+                raw.mask_path,
+                f"no usable masks for {raw.path}: {len(source)} masks, all empty or covering more than "
+                f"{self.max_mask_area_fraction:.0%} of the image",
+            )
+        image_id = raw.image_id
+        if self.crop_size is not None:
+            image, masks, ids, top_left = self._crop(image, source, candidates, tile, rng, raw)
+            if tile is not None:
+                image_id = f"{image_id}@{top_left[0]},{top_left[1]}"
+        else:
+            chosen = self._sample(candidates, rng)
+            masks, ids = source.decode(chosen), source.ids[chosen]
+        original_size = image.shape[:2]
+
+        resized_image, resized_masks = resize_longest(image, masks, self.image_size)
+        out_image, out_masks = resized_image, resized_masks
+        keep = resized_masks.reshape(len(resized_masks), -1).any(1)
+        if self.augmenter is not None and self.augmenter.active:
+            for _ in range(MAX_AUGMENT_ATTEMPTS):
+                aug_image, aug_masks = self.augmenter(resized_image, resized_masks, rng)
+                aug_keep = aug_masks.reshape(len(aug_masks), -1).any(1)
+                if aug_keep.any():  # otherwise retry; after the last failure keep the un-augmented sample
+                    out_image, out_masks, keep = aug_image, aug_masks, aug_keep
+                    break
+        if not keep.any():
+            raise SampleError(raw.mask_path, f"all masks of {raw.path} vanish at input size {self.image_size}")
+        out_masks = out_masks[keep]
+        input_size = out_image.shape[:2]
+        boxes = masks_to_boxes(out_masks)
+        image_tensor, mask_tensor = to_model_input(out_image, out_masks, self.image_size, self.normalization)
+        sample: dict[str, Any] = {
+            "image": image_tensor,
+            "masks": mask_tensor,
+            "boxes": boxes,
+            "instance_ids": torch.from_numpy(np.asarray(ids, dtype=np.int64)[keep]),
+            "original_size": torch.tensor(original_size, dtype=torch.int64),
+            "input_size": torch.tensor(input_size, dtype=torch.int64),
+            "image_id": image_id,
+        }
+        if self.return_original_masks:
+            sample["original_masks"] = torch.from_numpy(np.ascontiguousarray(masks[keep])).bool()
+        return sample
+
+    def _sample(self, candidates: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if candidates.size <= self.max_masks_per_image:
+            return candidates
+        return np.sort(rng.choice(candidates, self.max_masks_per_image, replace=False))
+
+    def _crop(
+        self,
+        image: np.ndarray,
+        source: MaskSource,
+        candidates: np.ndarray,
+        tile: tuple[int, int] | None,
+        rng: np.random.Generator,
+        raw: RawSample,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
+        """Cut a crop (training: random, retried until it holds a mask) or the given tile; sample its masks."""
+        assert self.crop_size is not None
+        height, width = image.shape[:2]
+        size = self.crop_size
+        all_masks = source.decode(candidates)  # [N, H, W]
+        attempts = 1 if tile is not None else MAX_CROP_ATTEMPTS
+        for _ in range(attempts):
+            if tile is not None:
+                top, left = tile
+            else:
+                top = int(rng.integers(0, max(height - size, 0) + 1))
+                left = int(rng.integers(0, max(width - size, 0) + 1))
+            window = (slice(top, top + size), slice(left, left + size))
+            cropped = all_masks[(slice(None), *window)]
+            present = np.flatnonzero(cropped.reshape(len(cropped), -1).any(1))
+            if present.size:
+                chosen = self._sample(present, rng)
+                masks = np.ascontiguousarray(cropped[chosen])
+                return np.ascontiguousarray(image[window]), masks, source.ids[candidates[chosen]], (top, left)
+        where = f"tile at ({tile[0]}, {tile[1]})" if tile is not None else f"{attempts} random crops"
+        raise SampleError(raw.mask_path, f"no mask of {raw.path} inside the {where} of size {size}")
+
+
+def _tile_starts(length: int, size: int) -> list[int]:
+    """Start offsets of tiles of ``size`` covering ``length`` (the last one flush with the end)."""
+    if length <= size:
+        return [0]
+    starts = list(range(0, length - size, size))
+    starts.append(length - size)
+    return starts
+
+
+def read_name_list(path: str | Path) -> list[str]:
+    """Names (one per line; blank lines and ``#`` comments ignored) from a split file.
+
+    Raises:
+        ValueError: the file is missing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"split list not found: {path}")
+    names = []
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.append(line)
+    return names

@@ -1,0 +1,121 @@
+"""COCO instance annotations: one JSON with ``images``, ``annotations`` and ``categories``.
+
+Segmentations may be polygons (nested, or a flat ``[x, y, ...]`` list), uncompressed RLE (``counts`` a list, the
+``iscrowd`` form) or compressed RLE (``counts`` a string). Crowd annotations are left out unless
+``include_crowd``; ``category_ids`` keeps only those categories. Images left without annotations by these
+filters are not indexed (they are counted in :attr:`COCODataset.num_unannotated`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from samtune.data.base import RawSample, SegmentationDataset
+from samtune.data.errors import SampleError
+from samtune.data.io import read_image
+from samtune.data.masks import RLEMaskSource, file_label, segmentation_to_rle
+
+logger = logging.getLogger("samtune.data")
+
+
+def load_coco_index(annotation_file: str | Path) -> dict[str, Any]:
+    """Read a COCO JSON and check its top-level structure.
+
+    Raises:
+        ValueError: missing file, invalid JSON, or missing ``images`` / ``annotations``.
+    """
+    path = Path(annotation_file)
+    if not path.is_file():
+        raise ValueError(f"COCO annotation file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON ({exc})") from exc
+    for key in ("images", "annotations"):
+        if not isinstance(data.get(key), list):
+            raise ValueError(f"{path}: expected a list under '{key}' (COCO instances format)")
+    return data
+
+
+class COCODataset(SegmentationDataset):
+    """COCO instances dataset.
+
+    Args:
+        annotation_file: the COCO JSON.
+        image_dir: folder that ``file_name`` entries are relative to (default: the JSON's folder).
+        image_ids: COCO image ids to use (a split); None for all.
+        category_ids: keep only annotations of these categories; None for all.
+        include_crowd: also use ``iscrowd=1`` annotations as instances.
+        **base: the common options of :class:`SegmentationDataset`.
+    """
+
+    def __init__(
+        self,
+        annotation_file: str | Path,
+        image_dir: str | Path | None = None,
+        image_ids: Sequence[int] | None = None,
+        category_ids: Sequence[int] | None = None,
+        include_crowd: bool = False,
+        **base: Any,
+    ) -> None:
+        super().__init__(**base)
+        self.annotation_file = Path(annotation_file)
+        self.image_dir = Path(image_dir) if image_dir is not None else self.annotation_file.parent
+        data = load_coco_index(self.annotation_file)
+        images = {int(img["id"]): img for img in data["images"]}
+        wanted_categories = set(int(c) for c in category_ids) if category_ids is not None else None
+        by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for ann in data["annotations"]:
+            if not include_crowd and int(ann.get("iscrowd", 0)):
+                continue
+            if wanted_categories is not None and int(ann.get("category_id", -1)) not in wanted_categories:
+                continue
+            by_image[int(ann["image_id"])].append(ann)
+        if image_ids is None:
+            ids = sorted(images)
+        else:
+            ids = [int(i) for i in image_ids]
+            unknown = [i for i in ids if i not in images]
+            if unknown:
+                raise ValueError(f"{self.annotation_file}: image ids not in the file: {unknown[:10]}")
+        self.image_ids = [i for i in ids if by_image.get(i)]
+        self.num_unannotated = len(ids) - len(self.image_ids)
+        if self.num_unannotated:
+            logger.info("%s: %d images without matching annotations left out", self.annotation_file,
+                        self.num_unannotated)
+        self.images = images
+        self.annotations = by_image
+        self._build_index()
+
+    def _num_images(self) -> int:
+        return len(self.image_ids)
+
+    def _image_path(self, i: int) -> Path:
+        return self.image_dir / self.images[self.image_ids[i]]["file_name"]
+
+    def _image_id(self, i: int) -> str:
+        return str(self.image_ids[i])
+
+    def _load(self, i: int) -> RawSample:
+        image_id = self.image_ids[i]
+        info = self.images[image_id]
+        image_path = self._image_path(i)
+        image = read_image(image_path)
+        height, width = image.shape[:2]
+        if "height" in info and "width" in info and (int(info["height"]), int(info["width"])) != (height, width):
+            raise SampleError(
+                file_label(self.annotation_file, f"image {image_id}"),
+                f"annotated size {info['height']}x{info['width']} differs from {image_path} ({height}x{width})",
+            )
+        rles, ids = [], []
+        for ann in self.annotations[image_id]:
+            where = file_label(self.annotation_file, f"annotation {ann.get('id')} of image {image_id}")
+            if "segmentation" not in ann:
+                raise SampleError(where, "annotation has no 'segmentation'")
+            rles.append(segmentation_to_rle(ann["segmentation"], height, width, where))
+            ids.append(int(ann.get("id", len(ids))))
+        return RawSample(image, RLEMaskSource(rles, ids, height, width), image_path, self.annotation_file,
+                         str(image_id))

@@ -1,0 +1,217 @@
+"""Reading images and label maps as users have them, and turning them into the model's 3-channel uint8 input.
+
+Images may be 8/16-bit or float, greyscale, RGB(A) or multi-band (TIFF, channel-first or channel-last).
+``prepare_image`` selects bands and applies an intensity preset; the result is ``[H, W, 3]`` uint8 on the
+0-255 scale that SAM was trained on (16-bit data is quantised after windowing, as in MedSAM's preprocessing).
+
+Intensity presets:
+
+* ``"auto"``: uint8 unchanged, bool scaled to {0, 255}, anything else ``"percentile"``.
+* ``"none"``: values used as they are, clipped to [0, 255].
+* ``"minmax"``: ``(x - min) / (max - min)`` over the selected bands.
+* ``"percentile"``: clip to the ``percentiles`` (default 0.5 / 99.5) then scale: 16-bit satellite and microscopy.
+* ``"window"``: clip to a fixed ``window=(low, high)`` in raw units then scale: CT-like data (e.g. (-160, 240)).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Sequence
+
+import cv2
+import numpy as np
+import tifffile
+from PIL import Image
+
+from samtune.data.errors import SampleError
+
+Intensity = Literal["auto", "none", "minmax", "percentile", "window"]
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _channel_last(array: np.ndarray, path: Path) -> np.ndarray:
+    """Squeeze singleton axes and move a leading band axis (``[C, H, W]`` with C <= 16 < H, W) to the end."""
+    array = np.squeeze(array)
+    if array.ndim == 3 and array.shape[0] <= 16 and array.shape[2] > 16:
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim not in (2, 3):
+        raise SampleError(path, f"expected a 2-D image with optional bands, got an array of shape {array.shape}")
+    return array
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as it is stored.
+
+    Args:
+        path: PNG/JPEG/BMP/WebP (via OpenCV, converted to RGB order) or TIFF (via tifffile).
+
+    Returns:
+        ``[H, W]`` or ``[H, W, C]`` array in the file's dtype, channels in RGB order.
+
+    Raises:
+        SampleError: the file is missing or cannot be decoded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SampleError(path, "image file not found")
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        try:
+            array = tifffile.imread(path)
+        except Exception as exc:  # tifffile raises several types for corrupt files
+            raise SampleError(path, f"cannot decode TIFF image ({type(exc).__name__}: {exc})") from exc
+        return _channel_last(np.asarray(array), path)
+    array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if array is None:
+        raise SampleError(path, "cannot decode image (corrupt or unsupported format)")
+    if array.ndim == 3 and array.shape[2] == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+    elif array.ndim == 3 and array.shape[2] == 4:
+        array = cv2.cvtColor(array, cv2.COLOR_BGRA2RGBA)
+    return array
+
+
+def read_label_map(path: str | Path) -> np.ndarray:
+    """Read a mask / label image keeping its integer values (palette PNGs give their indices).
+
+    Args:
+        path: PNG/BMP (via Pillow, so palette indices survive) or TIFF (via tifffile).
+
+    Returns:
+        ``[H, W]`` integer or bool array.
+
+    Raises:
+        SampleError: missing, undecodable, or a colour image whose channels differ.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SampleError(path, "mask file not found")
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            array = np.asarray(tifffile.imread(path))
+        else:
+            with Image.open(path) as img:
+                array = np.asarray(img)
+    except Exception as exc:
+        raise SampleError(path, f"cannot decode mask image ({type(exc).__name__}: {exc})") from exc
+    array = np.squeeze(array)
+    if array.ndim == 3:
+        if array.shape[2] in (3, 4) and np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(
+            array[..., 0], array[..., 2]
+        ):
+            array = array[..., 0]
+        else:
+            raise SampleError(path, f"expected a single-channel label image, got shape {array.shape}")
+    if array.ndim != 2:
+        raise SampleError(path, f"expected a 2-D label image, got shape {array.shape}")
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            raise SampleError(path, "float label image holds non-integer values")
+        array = array.astype(np.int64)
+    return array
+
+
+def image_shape(path: str | Path) -> tuple[int, int]:
+    """(H, W) of an image file read from its header only (used to plan tiles).
+
+    Raises:
+        SampleError: missing or unreadable file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SampleError(path, "image file not found")
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            with tifffile.TiffFile(path) as tif:
+                shape = tuple(int(s) for s in tif.series[0].shape if s != 1)
+            if len(shape) == 3 and shape[0] <= 16 and shape[2] > 16:
+                shape = shape[1:] + shape[:1]
+            return shape[0], shape[1]
+        with Image.open(path) as img:
+            width, height = img.size
+        return height, width
+    except Exception as exc:
+        raise SampleError(path, f"cannot read image header ({type(exc).__name__}: {exc})") from exc
+
+
+def select_bands(image: np.ndarray, bands: Sequence[int] | None, path: str | Path = "<image>") -> np.ndarray:
+    """Pick the bands that make the 3-channel input.
+
+    Args:
+        image: ``[H, W]`` or ``[H, W, C]``.
+        bands: indices into C (1 or 3 of them); None keeps grey / RGB and drops alpha.
+        path: named in errors.
+
+    Returns:
+        ``[H, W, 3]`` array of the input dtype (a single band is repeated).
+    """
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if bands is not None:
+        bands = list(bands)
+        if len(bands) not in (1, 3):
+            raise SampleError(path, f"bands must name 1 or 3 bands, got {bands}")
+        if max(bands) >= image.shape[2] or min(bands) < -image.shape[2]:
+            raise SampleError(path, f"bands {bands} out of range for an image with {image.shape[2]} bands")
+        image = image[:, :, bands]
+    channels = image.shape[2]
+    if channels == 1:
+        return np.repeat(image, 3, axis=2)
+    if channels == 4 and bands is None:
+        return image[:, :, :3]
+    if channels != 3:
+        raise SampleError(path, f"image has {channels} bands; choose 1 or 3 of them with `bands`")
+    return image
+
+
+def normalize_intensity(
+    image: np.ndarray,
+    intensity: Intensity = "auto",
+    percentiles: tuple[float, float] = (0.5, 99.5),
+    window: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """Map raw intensities to uint8 0-255 (see the module docstring for the presets).
+
+    Args:
+        image: ``[H, W, 3]`` any numeric dtype.
+        intensity: preset name.
+        percentiles: (low, high) percentiles for ``"percentile"``.
+        window: (low, high) raw values for ``"window"`` (required there).
+
+    Returns:
+        ``[H, W, 3]`` uint8.
+    """
+    if intensity == "auto":
+        if image.dtype == np.uint8:
+            return image
+        if image.dtype == np.bool_:
+            return image.astype(np.uint8) * 255
+        intensity = "percentile"
+    if intensity == "none":
+        return image if image.dtype == np.uint8 else np.clip(image, 0, 255).astype(np.uint8)
+    if intensity == "minmax":
+        low, high = float(image.min()), float(image.max())
+    elif intensity == "percentile":
+        low, high = (float(v) for v in np.percentile(image, percentiles))
+    elif intensity == "window":
+        if window is None:
+            raise ValueError("intensity='window' needs window=(low, high)")
+        low, high = float(window[0]), float(window[1])
+    else:
+        raise ValueError(f"intensity must be one of auto/none/minmax/percentile/window, got {intensity!r}")
+    scale = 255.0 / max(high - low, 1e-8)
+    out = (image.astype(np.float32) - low) * scale
+    return np.clip(out, 0, 255, out=out).round().astype(np.uint8)
+
+
+def prepare_image(
+    image: np.ndarray,
+    bands: Sequence[int] | None = None,
+    intensity: Intensity = "auto",
+    percentiles: tuple[float, float] = (0.5, 99.5),
+    window: tuple[float, float] | None = None,
+    path: str | Path = "<image>",
+) -> np.ndarray:
+    """``select_bands`` then ``normalize_intensity``: ``[H, W(, C)]`` raw -> ``[H, W, 3]`` uint8 (contiguous)."""
+    rgb = select_bands(image, bands, path)
+    return np.ascontiguousarray(normalize_intensity(rgb, intensity, percentiles, window))

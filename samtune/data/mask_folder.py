@@ -1,0 +1,110 @@
+"""Folders of images and mask images paired by name (medical, microscopy, satellite exports).
+
+``image_dir/<name>.<ext>`` pairs with ``mask_dir/<name><mask_suffix>.<ext>`` (any image extension, TIFF included).
+Mask images are read as label maps and turned into instances according to ``mask_type``:
+
+* ``"binary"``: all foreground (non-background, non-ignored) pixels form one instance;
+* ``"components"``: each connected component of the foreground is an instance (e.g. EM cells = components of 255);
+* ``"instance"``: each distinct non-zero label is an instance (uint16 instance maps, PNG or TIFF);
+* ``"semantic"``: each connected component of each class label is an instance.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from samtune.data.base import RawSample, SegmentationDataset, read_name_list
+from samtune.data.errors import SampleError
+from samtune.data.io import IMAGE_SUFFIXES, read_image, read_label_map
+from samtune.data.masks import Connectivity, MaskType, label_map_to_source
+
+
+def _files_by_stem(folder: Path) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            files.setdefault(path.stem, path)
+    return files
+
+
+class MaskFolderDataset(SegmentationDataset):
+    """Image folder + mask folder dataset.
+
+    Args:
+        image_dir: folder of images.
+        mask_dir: folder of mask images.
+        names: image stems to use (a split); None for all images in ``image_dir``.
+        split_file: text file of stems (alternative to ``names``).
+        mask_suffix: appended to the image stem to find its mask (e.g. ``"_mask"``).
+        mask_type: how label maps become instances (see the module docstring).
+        background: background label.
+        ignore_values: labels that are neither background nor object (e.g. 255 in VOC).
+        min_area: instances smaller than this many pixels (at the original resolution) are dropped.
+        connectivity: 4 or 8 for connected components.
+        **base: the common options of :class:`SegmentationDataset`.
+    """
+
+    def __init__(
+        self,
+        image_dir: str | Path,
+        mask_dir: str | Path,
+        names: Sequence[str] | None = None,
+        split_file: str | Path | None = None,
+        mask_suffix: str = "",
+        mask_type: MaskType = "instance",
+        background: int = 0,
+        ignore_values: Sequence[int] = (),
+        min_area: int = 0,
+        connectivity: Connectivity = 8,
+        **base: Any,
+    ) -> None:
+        super().__init__(**base)
+        self.image_dir, self.mask_dir = Path(image_dir), Path(mask_dir)
+        for folder in (self.image_dir, self.mask_dir):
+            if not folder.is_dir():
+                raise ValueError(f"not a folder: {folder}")
+        if mask_type not in ("binary", "components", "instance", "semantic"):
+            raise ValueError(f"mask_type must be binary/components/instance/semantic, got {mask_type!r}")
+        if connectivity not in (4, 8):
+            raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
+        if names is not None and split_file is not None:
+            raise ValueError("give either names or split_file, not both")
+        self.mask_suffix = mask_suffix
+        self.mask_type = mask_type
+        self.background = background
+        self.ignore_values = tuple(ignore_values)
+        self.min_area = min_area
+        self.connectivity = connectivity
+        self._images = _files_by_stem(self.image_dir)
+        self._masks = _files_by_stem(self.mask_dir)
+        if split_file is not None:
+            names = read_name_list(split_file)
+        self.names = list(names) if names is not None else sorted(self._images)
+        self._build_index()
+
+    def _num_images(self) -> int:
+        return len(self.names)
+
+    def _image_path(self, i: int) -> Path:
+        name = self.names[i]
+        return self._images.get(name, self.image_dir / f"{name}.png")
+
+    def _mask_path(self, i: int) -> Path:
+        stem = self.names[i] + self.mask_suffix
+        return self._masks.get(stem, self.mask_dir / f"{stem}.png")
+
+    def _image_id(self, i: int) -> str:
+        return self.names[i]
+
+    def _load(self, i: int) -> RawSample:
+        image_path, mask_path = self._image_path(i), self._mask_path(i)
+        if self.names[i] not in self._images:
+            raise SampleError(image_path, f"no image named {self.names[i]!r} in {self.image_dir}")
+        if self.names[i] + self.mask_suffix not in self._masks:
+            raise SampleError(mask_path, f"no mask for image {image_path} in {self.mask_dir}")
+        image = read_image(image_path)
+        labels = read_label_map(mask_path)
+        source = label_map_to_source(
+            labels, self.mask_type, self.background, self.ignore_values, self.min_area, self.connectivity
+        )
+        return RawSample(image, source, image_path, mask_path, self.names[i])

@@ -1,0 +1,88 @@
+"""SA-1B: a folder of ``<id>.jpg`` + ``<id>.json`` (the official per-image annotation files).
+
+Each JSON holds ``{"image": {"image_id", "width", "height", "file_name"}, "annotations": [{"id",
+"segmentation": {"size": [h, w], "counts": str}, "bbox", "area", ...}]}``. Masks are validated when the JSON is
+read and decoded with pycocotools only for the (at most ``max_masks_per_image``) sampled annotations; masks
+covering more than 90% of the image are dropped as in the SAM paper.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from samtune.data.base import RawSample, SegmentationDataset, read_name_list
+from samtune.data.errors import SampleError
+from samtune.data.io import read_image
+from samtune.data.masks import RLEMaskSource, file_label, validate_rle
+
+
+class SA1BDataset(SegmentationDataset):
+    """SA-1B folder dataset.
+
+    Args:
+        root: folder with ``<id>.jpg`` and ``<id>.json`` pairs.
+        names: ids (file stems) to use; None for every JSON in ``root``.
+        split_file: text file of ids, one per line (alternative to ``names``).
+        max_mask_area_fraction: masks larger than this fraction of the image are dropped (0.9 as in SAM).
+        **base: the common options of :class:`SegmentationDataset` (image size, normalisation, ...).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        names: Sequence[str] | None = None,
+        split_file: str | Path | None = None,
+        *,
+        max_mask_area_fraction: float = 0.9,
+        **base: Any,
+    ) -> None:
+        super().__init__(max_mask_area_fraction=max_mask_area_fraction, **base)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"SA-1B root is not a folder: {self.root}")
+        if names is not None and split_file is not None:
+            raise ValueError("give either names or split_file, not both")
+        if split_file is not None:
+            names = read_name_list(split_file)
+        if names is None:
+            names = sorted(p.stem for p in self.root.glob("*.json"))
+        self.names = list(names)
+        self._build_index()
+
+    def _num_images(self) -> int:
+        return len(self.names)
+
+    def _image_path(self, i: int) -> Path:
+        return self.root / f"{self.names[i]}.jpg"
+
+    def _image_id(self, i: int) -> str:
+        return self.names[i]
+
+    def _load(self, i: int) -> RawSample:
+        json_path = self.root / f"{self.names[i]}.json"
+        image_path = self._image_path(i)
+        if not json_path.is_file():
+            raise SampleError(json_path, "annotation file not found")
+        try:
+            record = json.loads(json_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SampleError(json_path, f"invalid JSON ({exc})") from exc
+        if not isinstance(record, dict) or not isinstance(record.get("annotations"), list):
+            raise SampleError(json_path, "expected an object with an 'annotations' list (SA-1B format)")
+        image = read_image(image_path)
+        height, width = image.shape[:2]
+        info = record.get("image", {})
+        if "height" in info and "width" in info and (int(info["height"]), int(info["width"])) != (height, width):
+            raise SampleError(
+                json_path, f"annotated image size {info['height']}x{info['width']} differs from {image_path} "
+                f"({height}x{width})"
+            )
+        rles, ids = [], []
+        for n, ann in enumerate(record["annotations"]):
+            where = file_label(json_path, f"annotation {ann.get('id', n)}")
+            if "segmentation" not in ann:
+                raise SampleError(where, "annotation has no 'segmentation'")
+            rles.append(validate_rle(ann["segmentation"], height, width, where))
+            ids.append(int(ann.get("id", n)))
+        return RawSample(image, RLEMaskSource(rles, ids, height, width), image_path, json_path, self.names[i])

@@ -1,0 +1,100 @@
+import json
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from samtune.data import COCODataset, SampleError
+
+
+def _reference(coco_file, ann_ids):
+    coco = COCO(str(coco_file))
+    out = {}
+    for ann in coco.loadAnns(ann_ids):
+        segmentation = ann["segmentation"]
+        if isinstance(segmentation, list) and not isinstance(segmentation[0], list):
+            ann = dict(ann, segmentation=[segmentation])  # pycocotools itself only takes nested polygons
+        out[ann["id"]] = coco.annToMask(ann).astype(bool)
+    return out
+
+
+def test_all_segmentation_forms_equal_pycocotools(coco_file):
+    ds = COCODataset(coco_file, image_size=80, return_original_masks=True, include_crowd=True)
+    assert len(ds) == 2 and ds.num_unannotated == 1  # image 3 has no annotations
+    reference = _reference(coco_file, [10, 11, 12, 13, 20])
+    seen = set()
+    for i in range(len(ds)):
+        sample = ds[i]
+        for mask, ident in zip(sample["original_masks"], sample["instance_ids"].tolist()):
+            np.testing.assert_array_equal(mask.numpy(), reference[ident])
+            seen.add(ident)
+    assert seen == {10, 11, 12, 13, 20}
+    # 80 px input: image 1 (60 x 80) is not resized, so model-input masks equal the originals
+    first = ds[0]
+    assert first["input_size"].tolist() == [60, 80]
+    np.testing.assert_array_equal(first["masks"][:, :60, :80].numpy(), first["original_masks"].numpy())
+
+
+def test_crowd_and_category_filters(coco_file):
+    assert sorted(COCODataset(coco_file, image_size=32)[0]["instance_ids"].tolist()) == [10, 11, 12]
+    only_two = COCODataset(coco_file, image_size=32, category_ids=[2])
+    assert [only_two[i]["instance_ids"].tolist() for i in range(len(only_two))] == [[11], [20]]
+    split = COCODataset(coco_file, image_size=32, image_ids=[2])
+    assert len(split) == 1 and split[0]["image_id"] == "2"
+    with pytest.raises(ValueError, match="not in the file"):
+        COCODataset(coco_file, image_ids=[99])
+
+
+def test_annotated_size_mismatch_is_an_error(coco_file):
+    data = json.loads(coco_file.read_text())
+    data["images"][1]["height"] = 51
+    coco_file.write_text(json.dumps(data))
+    with pytest.raises(SampleError, match="annotated size 51x50 differs"):
+        COCODataset(coco_file, image_size=32)[1]
+    assert COCODataset(coco_file, image_size=32, on_error="skip")[1]["image_id"] == "1"
+
+
+def test_bad_polygon_raises_with_annotation_id(coco_file):
+    data = json.loads(coco_file.read_text())
+    data["annotations"][0]["segmentation"] = [[1, 2, 3]]
+    coco_file.write_text(json.dumps(data))
+    with pytest.raises(SampleError, match=r"annotation 10 of image 1.*even number"):
+        COCODataset(coco_file, image_size=32)[0]
+
+
+@pytest.mark.parametrize(
+    "json_name, image_dir, count",
+    [
+        ("coco_panoptic_sample/panoptic_coco_detection_format.json", "coco_panoptic_sample/input_images", 50),
+        ("labelme_voc_coco/annotations.json", "labelme_voc_coco", 12),
+    ],
+)
+def test_real_coco_files_equal_pycocotools(assets, json_name, image_dir, count):
+    path = assets / "data" / json_name
+    ds = COCODataset(path, assets / "data" / image_dir, image_size=256, include_crowd=True,
+                     return_original_masks=True, max_masks_per_image=1000)
+    coco = COCO(str(path))
+    total = 0
+    for i in range(len(ds)):
+        sample = ds[i]
+        anns = coco.loadAnns(sample["instance_ids"].tolist())
+        reference = np.stack([coco.annToMask(a).astype(bool) for a in anns])
+        np.testing.assert_array_equal(sample["original_masks"].numpy(), reference)
+        assert sample["masks"].shape[0] == len(anns) and sample["masks"].any((1, 2)).all()
+        total += len(anns)
+    assert total == count
+
+
+def test_spacenet_uint16_with_rle_annotations(assets):
+    root = assets / "data" / "spacenet_buildings"
+    ds = COCODataset(root / "annotations.json", root, image_size=900, intensity="percentile",
+                     return_original_masks=True, max_masks_per_image=1000)
+    sample = ds[0]
+    coco = COCO(str(root / "annotations.json"))
+    anns = coco.loadAnns(sample["instance_ids"].tolist())
+    assert len(anns) == 33
+    reference = np.stack([coco.annToMask(a).astype(bool) for a in anns])
+    np.testing.assert_array_equal(sample["original_masks"].numpy(), reference)
+    assert sample["original_size"].tolist() == [600, 900] and sample["input_size"].tolist() == [600, 900]
+    assert sample["image"].shape == (3, 900, 900)

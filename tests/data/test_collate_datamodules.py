@@ -1,0 +1,65 @@
+import sys
+
+import pytest
+import torch
+
+from samtune.data import SA1BDataset, collate_samples
+from samtune.data.datamodules import COCODataModule, MaskFolderDataModule, SA1BDataModule, split_by_ratio
+from tests.data.conftest import write_mask_folder
+
+
+def test_collate_pads_variable_mask_counts(sa1b_dir):
+    ds = SA1BDataset(sa1b_dir, image_size=32, return_original_masks=True)
+    samples = [ds[0], ds[1]]
+    counts = [s["masks"].shape[0] for s in samples]
+    batch = collate_samples(samples)
+    kmax = max(counts)
+    assert batch["images"].shape == (2, 3, 32, 32)
+    assert batch["masks"].shape == (2, kmax, 32, 32) and batch["masks"].dtype == torch.bool
+    assert batch["boxes"].shape == (2, kmax, 4)
+    assert batch["mask_valid"].sum(1).tolist() == counts
+    assert (batch["instance_ids"][~batch["mask_valid"]] == -1).all()
+    assert not batch["masks"][~batch["mask_valid"]].any()
+    assert batch["original_size"].shape == (2, 2) and batch["input_size"].shape == (2, 2)
+    assert batch["image_id"] == ["sa_1", "sa_2"]
+    assert isinstance(batch["original_masks"], list) and batch["original_masks"][1].shape[0] == counts[1]
+
+
+def test_collate_keeps_a_mask_slot_when_empty(sa1b_dir):
+    sample = SA1BDataset(sa1b_dir, image_size=32)[0]
+    empty = dict(sample, masks=sample["masks"][:0], boxes=sample["boxes"][:0],
+                 instance_ids=sample["instance_ids"][:0])
+    batch = collate_samples([empty])
+    assert batch["masks"].shape[1] == 1 and not batch["mask_valid"].any()
+
+
+def test_split_by_ratio_is_seeded_and_disjoint():
+    train, val = split_by_ratio(list(range(20)), 0.25, seed=1)
+    assert len(val) == 5 and not set(train) & set(val) and split_by_ratio(list(range(20)), 0.25, 1) == (train, val)
+
+
+def test_datamodules_build_loaders(sa1b_dir, coco_file, tmp_path):
+    dm = SA1BDataModule(str(sa1b_dir), image_size=32, batch_size=2, num_workers=0, val_fraction=0.34,
+                        augmentation="natural_lsj", max_masks_per_image=3)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["images"].shape == (2, 3, 32, 32) and batch["masks"].shape[1] <= 3
+    assert len(dm.val_dataset) == 2 and len(dm.train_dataset) == 4
+    coco = COCODataModule(str(coco_file), image_size=32, num_workers=0, val_fraction=0.5, pin_memory=False)
+    coco.setup("fit")
+    assert len(coco.train_dataset) + len(coco.val_dataset) == 2
+    images, masks = write_mask_folder(tmp_path / "mf", n=5)
+    split = tmp_path / "val.txt"
+    split.write_text("img0\nimg3\n")
+    folder = MaskFolderDataModule(str(images), str(masks), val_split=str(split), image_size=32, num_workers=0,
+                                  return_original_masks=True, batch_size=2)
+    val = next(iter(folder.val_dataloader()))
+    assert val["image_id"] == ["img0", "img3"] and len(val["original_masks"]) == 2
+    assert folder.train_dataset.names == ["img1", "img2", "img4"] and folder.num_skipped == 0
+
+
+def test_datasets_do_not_import_lightning(tmp_path):
+    import subprocess
+
+    code = ("import sys; sys.modules['lightning'] = None; sys.modules['pytorch_lightning'] = None; "
+            "import samtune.data, samtune.data.synth")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,49 @@
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+from samtune.data import SampleError
+from samtune.data.io import image_shape, normalize_intensity, prepare_image, read_image, read_label_map
+
+
+def test_read_image_variants(tmp_path):
+    grey16 = (np.arange(20 * 30, dtype=np.uint16).reshape(20, 30) * 50)
+    cv2.imwrite(str(tmp_path / "g.png"), grey16)
+    assert read_image(tmp_path / "g.png").dtype == np.uint16
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[..., 0] = 200  # red
+    cv2.imwrite(str(tmp_path / "c.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    assert read_image(tmp_path / "c.png")[0, 0].tolist() == [200, 0, 0]
+    tifffile.imwrite(tmp_path / "m.tif", np.zeros((6, 20, 30), np.float32))
+    assert read_image(tmp_path / "m.tif").shape == (20, 30, 6) and image_shape(tmp_path / "m.tif") == (20, 30)
+    (tmp_path / "bad.tif").write_bytes(b"II*\x00garbage")
+    with pytest.raises(SampleError, match=r"bad.tif: (cannot decode TIFF|expected a 2-D image)"):
+        read_image(tmp_path / "bad.tif")
+    with pytest.raises(SampleError, match="none.png: image file not found"):
+        read_image(tmp_path / "none.png")
+
+
+def test_read_label_map_rejects_colour_masks(tmp_path):
+    colour = np.zeros((10, 10, 3), np.uint8)
+    colour[..., 2] = 5
+    cv2.imwrite(str(tmp_path / "c.png"), colour)
+    with pytest.raises(SampleError, match="single-channel"):
+        read_label_map(tmp_path / "c.png")
+
+
+def test_intensity_presets():
+    image = np.stack([np.linspace(-1000, 1000, 101)] * 3, -1).reshape(101, 1, 3)
+    window = normalize_intensity(image, "window", window=(-100, 100))
+    assert window.dtype == np.uint8 and window[0, 0, 0] == 0 and window[-1, 0, 0] == 255
+    assert window[50, 0, 0] == 128  # 0 HU at mid-window
+    minmax = normalize_intensity(image, "minmax")
+    assert minmax.min() == 0 and minmax.max() == 255
+    spiky = np.full((100, 100, 3), 1000, np.uint16)
+    spiky[:50] = 2000
+    spiky[0, 0] = 65535  # one hot pixel must not squash the range
+    pct = normalize_intensity(spiky, "percentile", percentiles=(1, 99))
+    assert pct[99, 99, 0] == 0 and pct[10, 10, 0] == 255
+    assert prepare_image(np.zeros((4, 4), bool) | True).max() == 255
+    with pytest.raises(SampleError, match="bands"):
+        prepare_image(np.zeros((4, 4, 5), np.uint16), bands=[0, 1])

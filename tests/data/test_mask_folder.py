@@ -1,0 +1,120 @@
+import numpy as np
+import pytest
+import tifffile
+import torch
+from skimage.measure import label as sk_label
+
+from samtune.data import MaskFolderDataset, SampleError
+from tests.data.conftest import write_mask_folder
+
+
+def test_instance_label_maps(tmp_path):
+    images, masks = write_mask_folder(tmp_path, n=3)
+    ds = MaskFolderDataset(images, masks, image_size=64, return_original_masks=True)
+    assert len(ds) == 3
+    sample = ds[0]
+    labels = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(masks / "img0.png"))
+    for mask, ident in zip(sample["original_masks"], sample["instance_ids"].tolist()):
+        np.testing.assert_array_equal(mask.numpy(), labels == ident)
+
+
+def test_missing_mask_and_size_mismatch(tmp_path):
+    images, masks = write_mask_folder(tmp_path, n=3)
+    (masks / "img1.png").unlink()
+    tifffile.imwrite(masks / "img2.tif", np.ones((10, 10), np.uint16))
+    (masks / "img2.png").unlink()
+    ds = MaskFolderDataset(images, masks, image_size=32)
+    with pytest.raises(SampleError, match=r"img1.*no mask for image"):
+        ds[1]
+    with pytest.raises(SampleError, match=r"img2.tif: mask size 10x10 differs from the image size 48x64"):
+        ds[2]
+    skipping = MaskFolderDataset(images, masks, image_size=32, on_error="skip")
+    assert [skipping[i]["image_id"] for i in range(3)] == ["img0", "img0", "img0"]
+    assert skipping.num_skipped == 3
+
+
+def test_empty_mask_and_split_list(tmp_path):
+    images, masks = write_mask_folder(tmp_path, n=3)
+    import cv2
+
+    cv2.imwrite(str(masks / "img0.png"), np.zeros((48, 64), np.uint8))
+    with pytest.raises(SampleError, match="no masks"):
+        MaskFolderDataset(images, masks, image_size=32)[0]
+    split = tmp_path / "val.txt"
+    split.write_text("# validation\nimg2\nimg_missing\n")
+    ds = MaskFolderDataset(images, masks, split_file=split, image_size=32)
+    assert ds[0]["image_id"] == "img2"
+    with pytest.raises(SampleError, match="no image named 'img_missing'"):
+        ds[1]
+
+
+def test_multiband_16bit_tiff_band_selection(tmp_path):
+    (tmp_path / "im").mkdir()
+    (tmp_path / "lb").mkdir()
+    image = np.zeros((5, 40, 40), np.uint16)  # channel-first, 5 bands
+    image[3, 10:20, 10:20] = 4000
+    image[3] += 1000
+    labels = np.zeros((40, 40), np.uint16)
+    labels[10:20, 10:20] = 1
+    tifffile.imwrite(tmp_path / "im" / "a.tif", image)
+    tifffile.imwrite(tmp_path / "lb" / "a.tif", labels)
+    ds = MaskFolderDataset(tmp_path / "im", tmp_path / "lb", bands=[3], intensity="minmax", image_size=40,
+                           normalization="minmax")
+    sample = ds[0]
+    assert torch.equal(sample["image"][0] > 0.5, sample["masks"][0])
+    with pytest.raises(SampleError, match="choose 1 or 3"):
+        MaskFolderDataset(tmp_path / "im", tmp_path / "lb", image_size=40)[0]
+
+
+def test_em_membranes_components(assets):
+    root = assets / "data" / "em_membrane"
+    ds = MaskFolderDataset(root / "image", root / "label", names=["0", "1"], mask_type="components",
+                           connectivity=4, image_size=512, normalization="minmax", return_original_masks=True,
+                           max_masks_per_image=10_000)
+    sample = ds[0]
+    import cv2
+
+    label = cv2.imread(str(root / "label" / "0.png"), cv2.IMREAD_UNCHANGED)
+    reference = sk_label(label == 255, connectivity=1)
+    assert sample["original_masks"].shape[0] == reference.max()
+    union = sample["original_masks"].sum(0)
+    assert union.max() == 1 and torch.equal(union.bool(), torch.from_numpy(label == 255))
+    areas = sorted(np.bincount(reference.ravel())[1:].tolist())
+    assert sorted(sample["original_masks"].sum((1, 2)).tolist()) == areas
+
+
+def test_nuclei_uint16_instance_tiff(assets, tmp_path):
+    root = assets / "data" / "nuclei2d"
+    (tmp_path / "img").mkdir()
+    (tmp_path / "msk").mkdir()
+    (tmp_path / "img" / "n.tif").symlink_to(root / "img2d.tif")
+    (tmp_path / "msk" / "n.tif").symlink_to(root / "mask2d.tif")
+    ds = MaskFolderDataset(tmp_path / "img", tmp_path / "msk", image_size=512, normalization="minmax",
+                           max_masks_per_image=1000, return_original_masks=True)
+    sample = ds[0]
+    labels = tifffile.imread(root / "mask2d.tif")
+    assert sample["instance_ids"].tolist() == np.unique(labels)[1:].tolist()  # 125 labels, max 183
+    for mask, ident in zip(sample["original_masks"][::20], sample["instance_ids"][::20].tolist()):
+        np.testing.assert_array_equal(mask.numpy(), labels == ident)
+
+
+def test_spacenet_tiles_and_crops(assets, tmp_path):
+    root = assets / "data" / "spacenet_buildings"
+    (tmp_path / "img").mkdir()
+    (tmp_path / "msk").mkdir()
+    (tmp_path / "img" / "s.tif").symlink_to(root / "image.tif")
+    (tmp_path / "msk" / "s.tif").symlink_to(root / "instances.tif")
+    val = MaskFolderDataset(tmp_path / "img", tmp_path / "msk", image_size=128, crop_size=300,
+                            return_original_masks=True, max_masks_per_image=1000, on_error="skip")
+    assert len(val) == 2 * 3  # 600 x 900 in 300 px tiles
+    ids = {val[i]["image_id"] for i in range(len(val))}
+    assert "s@0,0" in ids and "s@300,600" in ids
+    tile = val[0]
+    labels = tifffile.imread(root / "instances.tif")[:300, :300]
+    assert tile["original_size"].tolist() == [300, 300]
+    for mask, ident in zip(tile["original_masks"], tile["instance_ids"].tolist()):
+        np.testing.assert_array_equal(mask.numpy(), labels == ident)
+    train = MaskFolderDataset(tmp_path / "img", tmp_path / "msk", image_size=128, crop_size=256, train=True,
+                              augmentation="overhead")
+    sample = train[0]
+    assert sample["original_size"].tolist() == [256, 256] and sample["masks"].shape[0] >= 1
