@@ -44,6 +44,8 @@ class TinyViTConfig:
     mlp_ratio: float = 4.0
     mbconv_expand_ratio: float = 4.0
     local_conv_size: int = 3
+    stem_stride: int = 4  # 4: MobileSAM (1024 -> 64x64); 1: LiteMedSAM (256 -> 64x64)
+    num_classes: int = 0  # MobileSAM's file keeps an unused 1000-class head
 
 
 @dataclass(frozen=True)
@@ -100,12 +102,12 @@ MODEL_REGISTRY: dict[str, SamConfig] = {
         sha256="a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
     ),
     "sam_vit_t": SamConfig(
-        TinyViTConfig(),
+        TinyViTConfig(num_classes=1000),
         url="https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
         sha256="6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f",
     ),
     "lite_medsam": SamConfig(
-        TinyViTConfig(),
+        TinyViTConfig(stem_stride=1),
         image_size=256,
         normalization="minmax",
         notes="weights: lite_medsam.pth from the MedSAM repository (LiteMedSAM branch); no direct URL",
@@ -121,7 +123,9 @@ MODEL_REGISTRY: dict[str, SamConfig] = {
         iou_head_hidden_dim=64,
     ),
     "sam_tiny_vit_t": SamConfig(
-        TinyViTConfig(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4), window_sizes=(7, 7, 7, 7)),
+        TinyViTConfig(
+            embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4), window_sizes=(7, 7, 7, 7), stem_stride=1
+        ),
         image_size=256,
         normalization="minmax",
         prompt_embed_dim=64,
@@ -184,6 +188,8 @@ def _build_image_encoder(cfg: SamConfig, drop_path_rate: float) -> nn.Module:
         drop_path_rate=drop_path_rate,
         mbconv_expand_ratio=enc.mbconv_expand_ratio,
         local_conv_size=enc.local_conv_size,
+        stem_stride=enc.stem_stride,
+        num_classes=enc.num_classes,
         out_chans=cfg.prompt_embed_dim,
     )
 
