@@ -13,7 +13,7 @@ from torch import nn
 
 from samtune.modeling.image_encoder import ImageEncoderViT
 from samtune.modeling.mask_decoder import MaskDecoder, TwoWayTransformer
-from samtune.modeling.preprocessing import Normalization
+from samtune.modeling.preprocessing import Interpolation, Normalization
 from samtune.modeling.prompt_encoder import PromptEncoder
 from samtune.modeling.sam import Sam
 
@@ -56,6 +56,7 @@ class SamConfig:
         encoder: image encoder config (:class:`ViTConfig` or :class:`TinyViTConfig`).
         image_size: side of the square model input.
         normalization: input convention (see :mod:`samtune.modeling.preprocessing`).
+        resize_interpolation: resize filter of the input convention (PIL bilinear for SAM, area for LiteMedSAM).
         prompt_embed_dim: token width of prompt encoder and decoder (256).
         embedding_grid: side of the image-embedding grid (64).
         mask_in_chans: hidden channels of the mask-prompt convs (16).
@@ -67,6 +68,7 @@ class SamConfig:
     encoder: ViTConfig | TinyViTConfig
     image_size: int = 1024
     normalization: Normalization = "sam"
+    resize_interpolation: Interpolation = "bilinear"
     prompt_embed_dim: int = 256
     embedding_grid: int = 64
     mask_in_chans: int = 16
@@ -110,6 +112,7 @@ MODEL_REGISTRY: dict[str, SamConfig] = {
         TinyViTConfig(stem_stride=1),
         image_size=256,
         normalization="minmax",
+        resize_interpolation="area",
         notes="weights: lite_medsam.pth from the MedSAM repository (LiteMedSAM branch); no direct URL",
     ),
     # Tiny variants for tests and CPU smoke runs (random init). 16x16 embedding grid, 64x64 low-res masks.
@@ -128,6 +131,7 @@ MODEL_REGISTRY: dict[str, SamConfig] = {
         ),
         image_size=256,
         normalization="minmax",
+        resize_interpolation="area",
         prompt_embed_dim=64,
         decoder_heads=4,
         decoder_mlp_dim=256,
@@ -219,6 +223,7 @@ def build_sam_from_config(cfg: SamConfig, drop_path_rate: float = 0.0, decoder_d
             iou_head_hidden_dim=cfg.iou_head_hidden_dim,
         ),
         normalization=cfg.normalization,
+        resize_interpolation=cfg.resize_interpolation,
     )
 
 

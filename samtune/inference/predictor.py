@@ -8,16 +8,24 @@ something meaningless:
 * ``predict`` / ``predict_torch`` with no prompt at all raise ``ValueError`` (the official predictor returns a
   mask decoded from the output tokens alone).
 * Points or boxes outside the image raise ``ValueError`` naming them (usually swapped x/y).
-* Images must be ``uint8`` ``[H, W, 3]`` (``[H, W]`` greyscale is repeated to 3 channels).
+* ``precision="auto"`` (the default) runs in bf16 where the hardware does so natively (CUDA GPUs with bf16,
+  CPUs with AVX512-BF16/AMX): about 2-3x faster, image embeddings within cosine 0.9999 of fp32. Pass
+  ``precision="fp32"`` to reproduce the official predictor's numbers (parity-tested to 1e-4).
+* Images must be ``uint8`` ``[H, W, 3]`` (``[H, W]`` greyscale is repeated to 3 channels). Models with the
+  min-max convention (LiteMedSAM) also take 16-bit and float images: the whole image is min-max scaled first.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import copy
+
 import numpy as np
 import torch
+from torch import nn
 
 from samtune.inference.transforms import ResizeLongestSide
+from samtune.modeling.precision import Precision, autocast, resolve_precision
 from samtune.modeling.sam import Sam
 
 __all__ = ["Predictor"]
@@ -28,23 +36,59 @@ class Predictor:
 
     Args:
         sam_model: the model (put it on the device you want first).
+        precision: ``"auto"`` (bf16 where native, else fp32), ``"fp32"`` or ``"bf16"``. In bf16 the image encoder
+            runs from a bf16 copy of its weights (half the encoder's fp32 size, re-made whenever the model's
+            weights change) and the prompt encoder and decoder under bf16 autocast; outputs are float32.
+        compile: ``torch.compile`` the image encoder (a one-off compilation of about a minute on CPU, then
+            10-20% faster).
     """
 
-    def __init__(self, sam_model: Sam) -> None:
+    def __init__(self, sam_model: Sam, precision: Precision = "auto", compile: bool = False) -> None:
         self.model = sam_model
-        self.transform = ResizeLongestSide(sam_model.image_size)
+        self.transform = ResizeLongestSide(sam_model.image_size, sam_model.resize_interpolation)
+        self.precision = resolve_precision(precision, sam_model.device)
+        self.compile = compile
+        self._encoder: nn.Module | None = None
+        self._encoder_key: tuple | None = None
         self.reset_image()
 
+    def _weights_key(self) -> tuple:
+        """Identity and in-place version of every encoder parameter: changes when the weights change."""
+        return tuple((id(p), p._version, p.device, p.dtype) for p in self.model.image_encoder.parameters())
+
+    def _image_encoder(self) -> nn.Module:
+        """The module that embeds images at the predictor's precision (cached bf16/compiled copy if needed)."""
+        encoder = self.model.image_encoder
+        if self.precision == "fp32" and not self.compile:
+            return encoder
+        key = self._weights_key()
+        if self._encoder is None or key != self._encoder_key:
+            fast = encoder
+            if self.precision == "bf16" and next(encoder.parameters()).dtype != torch.bfloat16:
+                fast = copy.deepcopy(encoder).to(torch.bfloat16)
+            self._encoder = torch.compile(fast) if self.compile else fast
+            self._encoder_key = key
+        return self._encoder
+
     @classmethod
-    def from_pretrained(cls, name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu") -> "Predictor":
+    def from_pretrained(
+        cls,
+        name: str,
+        checkpoint: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        precision: Precision = "auto",
+    ) -> "Predictor":
         """Build a registered model (``samtune.build_sam``) and wrap it."""
         from samtune.build import build_sam
 
-        return cls(build_sam(name, checkpoint).to(device))
+        return cls(build_sam(name, checkpoint).to(device), precision=precision)
 
     # ----------------------------------------------------------------- image
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
-        """Compute the embedding of an ``[H, W, 3]`` uint8 image (``image_format`` ``"RGB"`` or ``"BGR"``)."""
+        """Compute the embedding of an ``[H, W, 3]`` uint8 image (``image_format`` ``"RGB"`` or ``"BGR"``).
+
+        For min-max models (LiteMedSAM) any numeric dtype is accepted (e.g. uint16 microscopy).
+        """
         if image_format not in ("RGB", "BGR"):
             raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
         image = np.asarray(image)
@@ -52,7 +96,13 @@ class Predictor:
             image = np.repeat(image[:, :, None], 3, axis=2)
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image must have shape [H, W, 3] (or [H, W]), got {image.shape}")
-        if image.dtype != np.uint8:
+        if self.model.normalization == "minmax" and image.dtype != np.uint8:
+            if not np.issubdtype(image.dtype, np.number):
+                raise ValueError(f"image must be numeric, got {image.dtype}")
+            image = image.astype(np.float32)
+            lo, hi = float(image.min()), float(image.max())
+            image = (image - lo) * (255.0 / max(hi - lo, 1e-8))
+        elif image.dtype != np.uint8:
             raise ValueError(
                 f"image must be uint8 with values 0-255, got {image.dtype}; scale 16-bit or float data first "
                 "(samtune.data has normalisation presets)"
@@ -74,7 +124,11 @@ class Predictor:
         self.reset_image()
         self.original_size = tuple(int(s) for s in original_image_size)
         self.input_size = tuple(int(s) for s in transformed_image.shape[-2:])
-        self.features = self.model.encode_image(self.model.preprocess(transformed_image.float()))
+        images = self.model.preprocess(transformed_image.float())
+        encoder = self._image_encoder()
+        if self.precision == "bf16":
+            images = images.to(torch.bfloat16)
+        self.features = encoder(images).float()
         self.is_image_set = True
 
     # ----------------------------------------------------------------- prompts
@@ -169,14 +223,16 @@ class Predictor:
         for value, what in ((point_coords, "point_coords"), (boxes, "boxes")):
             if value is not None and ((value < 0) | (value > size)).any():
                 raise ValueError(f"{what} outside the model input frame [0, {size}]; transform them with predictor.transform first")
-        low_res, iou = self.model.decode(
-            self.features,
-            point_coords=point_coords,
-            point_labels=point_labels,
-            boxes=boxes,
-            mask_inputs=mask_input,
-            multimask_output=multimask_output,
-        )
+        with autocast(self.device, self.precision):
+            low_res, iou = self.model.decode(
+                self.features,
+                point_coords=point_coords,
+                point_labels=point_labels,
+                boxes=boxes,
+                mask_inputs=mask_input,
+                multimask_output=multimask_output,
+            )
+        low_res, iou = low_res.float(), iou.float()
         masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
         if not return_logits:
             masks = masks > self.model.mask_threshold

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.nn import functional as F
 
-from samtune.modeling.preprocessing import get_preprocess_shape
+from samtune.modeling.preprocessing import Interpolation, get_preprocess_shape, resize_longest_side
 
 __all__ = ["ResizeLongestSide"]
 
@@ -15,19 +14,20 @@ class ResizeLongestSide:
     """Resize images so their longest side is ``target_length``, and map coordinates accordingly.
 
     Same methods and results as ``segment_anything.utils.transforms.ResizeLongestSide``, so code that calls
-    ``predictor.transform.apply_boxes_torch(...)`` keeps working. Images are resized with PIL's bilinear
-    filter on uint8 data, exactly as the official predictor does.
+    ``predictor.transform.apply_boxes_torch(...)`` keeps working. With ``interpolation="bilinear"`` images are
+    resized with PIL's bilinear filter on uint8 data, exactly as the official predictor does; ``"area"`` is
+    OpenCV's ``INTER_AREA`` (LiteMedSAM's convention), which also takes 16-bit and float images.
     """
 
-    def __init__(self, target_length: int) -> None:
+    def __init__(self, target_length: int, interpolation: Interpolation = "bilinear") -> None:
         self.target_length = target_length
+        self.interpolation = interpolation
 
     get_preprocess_shape = staticmethod(get_preprocess_shape)
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
-        """``[H, W, C]`` uint8 -> ``[h, w, C]`` uint8 with ``max(h, w) == target_length``."""
-        h, w = get_preprocess_shape(image.shape[0], image.shape[1], self.target_length)
-        return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+        """``[H, W, C]`` -> ``[h, w, C]`` with ``max(h, w) == target_length`` (see the class docstring)."""
+        return resize_longest_side(image, self.target_length, self.interpolation)
 
     def apply_coords(self, coords: np.ndarray, original_size: tuple[int, ...]) -> np.ndarray:
         """``[..., 2]`` (x, y) in original pixels -> model-input pixels (float64)."""

@@ -93,16 +93,31 @@ class RelPosAttention(nn.Module):
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, self.head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, self.head_dim))
 
-    def _rel_pos_bias(self, q: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        """Bias ``[B, heads, N, N]`` from the unscaled queries ``q`` ``[B, heads, N, head_dim]``."""
+    def _rel_pos_terms(self, q: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decomposed terms from the unscaled queries ``q`` ``[B, heads, h*w, d]``.
+
+        Returns:
+            ``rel_h`` ``[B, heads, h, w, h]`` (query row/col x key row) and ``rel_w`` ``[B, heads, h, w, w]``.
+        """
         h, w = hw
         rh = get_rel_pos(h, h, self.rel_pos_h).to(q.dtype)  # [h, h, d]
         rw = get_rel_pos(w, w, self.rel_pos_w).to(q.dtype)  # [w, w, d]
         r_q = q.unflatten(2, (h, w))  # [B, nH, h, w, d]
-        # rel_h[b, n, i, j, k] = <q[i, j], Rh[i, k]> : contract over d with i batched.
-        rel_h = torch.einsum("bnijd,ikd->bnijk", r_q, rh)  # [B, nH, h, w, h]
-        rel_w = torch.einsum("bnijd,jkd->bnijk", r_q, rw)  # [B, nH, h, w, w]
-        return (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2).flatten(2, 3)
+        rel_h = torch.einsum("bnijd,ikd->bnijk", r_q, rh)
+        rel_w = torch.einsum("bnijd,jkd->bnijk", r_q, rw)
+        return rel_h, rel_w
+
+    @staticmethod
+    def _bias(rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
+        """``[B, nH, r, w, h] + [B, nH, r, w, w]`` -> bias ``[B, nH, r*w, h*w]`` without an extra copy.
+
+        ``einsum`` returns permuted layouts; a broadcast add of permuted inputs inherits their layout and the
+        flatten then copies the whole (large) bias once more. Making the two small terms contiguous first makes
+        the add write the bias directly in its final layout.
+        """
+        b, n, r, w, kh = rel_h.shape
+        bias = rel_h.contiguous().unsqueeze(-1) + rel_w.contiguous().unsqueeze(-2)
+        return bias.reshape(b, n, r * w, kh * rel_w.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, H, W, C] -> [B, H, W, C]``."""
@@ -113,22 +128,21 @@ class RelPosAttention(nn.Module):
         dropout_p = self.attn_drop if self.training else 0.0
         if not self.use_rel_pos:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        elif n <= self.bias_chunk or self.training:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._rel_pos_bias(q, (h, w)), dropout_p=dropout_p)
         else:
-            # Inference on a large grid: whole rows of queries at a time keep the bias cache-sized.
+            rel_h, rel_w = self._rel_pos_terms(q, (h, w))
             rows = max(1, self.bias_chunk // w)
-            rh = get_rel_pos(h, h, self.rel_pos_h).to(q.dtype)
-            rw = get_rel_pos(w, w, self.rel_pos_w).to(q.dtype)
-            r_q = q.unflatten(2, (h, w))
-            rel_w = torch.einsum("bnijd,jkd->bnijk", r_q, rw)  # [B, nH, h, w, w]
-            outs = []
-            for r0 in range(0, h, rows):
-                r1 = min(h, r0 + rows)
-                rel_h = torch.einsum("bnijd,ikd->bnijk", r_q[:, :, r0:r1], rh[r0:r1])
-                bias = (rel_h[..., :, None] + rel_w[:, :, r0:r1, :, None, :]).flatten(-2).flatten(2, 3)
-                outs.append(F.scaled_dot_product_attention(q[:, :, r0 * w : r1 * w], k, v, attn_mask=bias))
-            out = torch.cat(outs, dim=2)
+            if rows >= h:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._bias(rel_h, rel_w), dropout_p=dropout_p)
+            else:
+                # Large grids (the global blocks): whole rows of queries at a time keep the bias cache-sized.
+                outs = []
+                for r0 in range(0, h, rows):
+                    r1 = min(h, r0 + rows)
+                    bias = self._bias(rel_h[:, :, r0:r1], rel_w[:, :, r0:r1])
+                    outs.append(
+                        F.scaled_dot_product_attention(q[:, :, r0 * w : r1 * w], k, v, attn_mask=bias, dropout_p=dropout_p)
+                    )
+                out = torch.cat(outs, dim=2)
         out = out.transpose(1, 2).reshape(b, h, w, c)
         return self.proj_drop(self.proj(out))
 

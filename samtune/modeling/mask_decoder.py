@@ -13,6 +13,8 @@ Differences from the official implementation, none of which changes the numbers 
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -41,16 +43,52 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(self.internal_dim, embedding_dim)
         self.dropout = dropout
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``q [M, Nq, C]``, ``k, v [M or 1, Nk, C]`` -> ``[M, Nq, C]``."""
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        index: torch.Tensor | None = None,
+        per_image: Literal["q", "kv"] = "kv",
+    ) -> torch.Tensor:
+        """Attend from ``q`` to ``k``/``v``.
+
+        Args:
+            q: ``[Mq, Nq, C]``.
+            k: ``[Mk, Nk, C]``.
+            v: ``[Mk, Nk, C]``.
+            index: ``[M]`` rows of the per-image side (one row per image) used by each of the ``M`` prompts, so
+                that per-image projections are computed once and shared. None: batches match (or one of them is 1
+                and broadcasts).
+            per_image: which side ``index`` applies to.
+
+        Returns:
+            ``[M, Nq, C]``.
+        """
         q = self.q_proj(q).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
         k = self.k_proj(k).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
         v = self.v_proj(v).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-        if k.shape[0] != q.shape[0]:
-            k = k.expand(q.shape[0], -1, -1, -1)
-            v = v.expand(q.shape[0], -1, -1, -1)
+        if index is not None:
+            if per_image == "kv":
+                k, v = k.index_select(0, index), v.index_select(0, index)
+            else:
+                q = q.index_select(0, index)
+        q, k, v = _match_batch(q, k, v)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
+def _match_batch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Expand a batch of 1 (one image shared by all prompts) to the other side's batch (a view, no copy)."""
+    if q.shape[0] == k.shape[0]:
+        return q, k, v
+    if k.shape[0] == 1:
+        return q, k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
+    if q.shape[0] == 1:
+        return q.expand(k.shape[0], -1, -1, -1), k, v
+    raise ValueError(f"cannot match a batch of {q.shape[0]} queries with {k.shape[0]} keys without an index")
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -78,9 +116,25 @@ class TwoWayAttentionBlock(nn.Module):
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def forward(
-        self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        query_pe: torch.Tensor,
+        key_pe: torch.Tensor,
+        key_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``queries [M, T, C]``, ``keys [M, HW, C]``, ``query_pe [M, T, C]``, ``key_pe [1, HW, C]``."""
+        """One block.
+
+        Args:
+            queries: ``[M, T, C]`` prompt tokens.
+            keys: ``[M, HW, C]`` image tokens, or ``[B, HW, C]`` shared by the prompts of each image.
+            query_pe: ``[M, T, C]``.
+            key_pe: ``[1, HW, C]``.
+            key_index: ``[M]`` image of each prompt when ``keys`` is per image (B < M, B > 1).
+
+        Returns:
+            Queries ``[M, T, C]`` and keys ``[M, HW, C]``.
+        """
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
         else:
@@ -88,10 +142,15 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
         keys_pe = keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(queries + query_pe, keys_pe, keys))
+        queries = self.norm2(queries + self.cross_attn_token_to_image(queries + query_pe, keys_pe, keys, key_index))
         queries = self.norm3(queries + self.mlp(queries))
-        keys = self.norm4(keys + self.cross_attn_image_to_token(keys_pe, queries + query_pe, queries))
-        return queries, keys
+        attn = self.cross_attn_image_to_token(keys_pe, queries + query_pe, queries, key_index, per_image="q")
+        # Per-image keys become per-prompt here.
+        if key_index is not None:
+            keys = keys.index_select(0, key_index)
+        elif keys.shape[0] != attn.shape[0]:
+            keys = keys.expand(attn.shape[0], -1, -1)
+        return queries, self.norm4(keys + attn)
 
 
 class TwoWayTransformer(nn.Module):
@@ -122,23 +181,31 @@ class TwoWayTransformer(nn.Module):
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
     def forward(
-        self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
+        self,
+        image_embedding: torch.Tensor,
+        image_pe: torch.Tensor,
+        point_embedding: torch.Tensor,
+        key_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the transformer.
 
         Args:
-            image_embedding: ``[M, C, h, w]``.
-            image_pe: ``[1 or M, C, h, w]`` (broadcast over prompts).
+            image_embedding: ``[M, C, h, w]``, or ``[M, h*w, C]`` token-major; or per image (``[B, ...]``, with
+                ``key_index`` ``[M]`` when ``1 < B < M``), in which case the first layer's image-side
+                projections are computed once per image.
+            image_pe: ``[1, C, h, w]`` or ``[1, h*w, C]`` (broadcast over prompts).
             point_embedding: ``[M, T, C]`` tokens.
+            key_index: ``[M]`` image of each prompt for per-image ``image_embedding``.
 
         Returns:
             Tokens ``[M, T, C]`` and image tokens ``[M, h * w, C]``.
         """
-        keys = image_embedding.flatten(2).transpose(1, 2)
-        key_pe = image_pe.flatten(2).transpose(1, 2)
+        keys = image_embedding if image_embedding.dim() == 3 else image_embedding.flatten(2).transpose(1, 2)
+        key_pe = image_pe if image_pe.dim() == 3 else image_pe.flatten(2).transpose(1, 2)
         queries = point_embedding
         for layer in self.layers:
-            queries, keys = layer(queries, keys, point_embedding, key_pe)
+            queries, keys = layer(queries, keys, point_embedding, key_pe, key_index)
+            key_index = None  # keys are per prompt after the first layer
         attn = self.final_attn_token_to_image(queries + point_embedding, keys + key_pe, keys)
         return self.norm_final_attn(queries + attn), keys
 
@@ -223,19 +290,27 @@ class MaskDecoder(nn.Module):
         m = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.expand(m, -1, -1).to(sparse_prompt_embeddings.dtype), sparse_prompt_embeddings], 1)
-        if image_index is not None:
-            src = image_embeddings.index_select(0, image_index) + dense_prompt_embeddings
-        elif image_embeddings.shape[0] in (1, m):
-            src = image_embeddings + dense_prompt_embeddings
-        else:
+        b, c, h, w = image_embeddings.shape
+        if image_index is None and b not in (1, m):
             raise ValueError(
-                f"{image_embeddings.shape[0]} image embeddings for {m} prompts: pass image_index to say which "
-                "image each prompt belongs to"
+                f"{b} image embeddings for {m} prompts: pass image_index to say which image each prompt belongs to"
             )
-        if src.shape[0] != m:  # one image, "no mask" dense view of batch 1 and M prompts
-            src = src.expand(m, -1, -1, -1)
-        h, w = src.shape[-2:]
-        hs, keys = self.transformer(src, image_pe, tokens)
+        # Token-major image features [B, h*w, C], contiguous, so every projection below is one plain GEMM.
+        image_tokens = image_embeddings.flatten(2).transpose(1, 2)
+        dense = dense_prompt_embeddings
+        key_index = image_index
+        if dense.dim() == 4 and dense.stride(0) == 0 and dense.stride(2) == 0 and dense.stride(3) == 0:
+            # The "no mask" embedding: one vector for every prompt and position. Keep one copy of the image
+            # tokens per image; the transformer's first layer then projects them once per image, not per prompt.
+            src = (image_tokens + dense[:1, :, 0, 0].unsqueeze(1)).contiguous()
+        else:
+            per_prompt = image_tokens.index_select(0, image_index) if image_index is not None else image_tokens
+            src = (per_prompt + dense.flatten(2).transpose(1, 2)).contiguous()
+            if src.shape[0] != m:
+                src = src.expand(m, -1, -1)
+            key_index = None
+        pos = image_pe.flatten(2).transpose(1, 2)
+        hs, keys = self.transformer(src, pos, tokens, key_index)
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]
         hyper_in = torch.stack(

@@ -7,7 +7,10 @@ Two conventions exist among the supported checkpoints:
 * ``"minmax"`` (LiteMedSAM): resize the longest side to ``img_size`` (256), min-max scale the resized image
   to [0, 1] (no mean/std), pad bottom/right with zeros.
 
-Geometry is identical for both: only the intensity normalisation differs.
+Geometry (longest side, rounding, bottom/right padding) is identical for both. The resize filter is part of each
+model's convention too (``Interpolation``): the official SAM predictor resizes uint8 images with PIL's bilinear
+filter, LiteMedSAM's reference code with OpenCV's ``INTER_AREA``. The filter changes the results measurably
+(LiteMedSAM box IoU on the EM asset: 0.595 with area, 0.669 with PIL bilinear), so each model keeps its own.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import numpy as np
 import torch
 
 Normalization = Literal["sam", "minmax"]
+Interpolation = Literal["bilinear", "area"]
 
 PIXEL_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
 PIXEL_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
@@ -75,3 +79,30 @@ def to_rgb_uint8_range(image: np.ndarray) -> np.ndarray:
     elif image.shape[2] != 3:
         raise ValueError(f"expected 1, 3 or 4 channels, got {image.shape[2]}; select bands first")
     return image
+
+
+def resize_longest_side(image: np.ndarray, long_side: int, interpolation: Interpolation = "bilinear") -> np.ndarray:
+    """Resize an ``[H, W, C]`` image so that its longest side is ``long_side``.
+
+    Args:
+        image: uint8 for ``"bilinear"`` (PIL, as the official predictor); any numeric dtype for ``"area"``
+            (OpenCV ``INTER_AREA`` in float32, as LiteMedSAM's reference).
+        long_side: target length of the longest side.
+        interpolation: ``"bilinear"`` or ``"area"``.
+
+    Returns:
+        ``[h, w, C]``: uint8 for ``"bilinear"``, float32 for ``"area"``.
+    """
+    h, w = get_preprocess_shape(image.shape[0], image.shape[1], long_side)
+    if interpolation == "bilinear":
+        from PIL import Image
+
+        if image.dtype != np.uint8:
+            raise ValueError(f"bilinear (PIL) resizing expects a uint8 image, got {image.dtype}")
+        return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    if interpolation == "area":
+        import cv2
+
+        out = cv2.resize(image.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
+        return out[:, :, None] if out.ndim == 2 else out
+    raise ValueError(f"interpolation must be 'bilinear' or 'area', got {interpolation!r}")

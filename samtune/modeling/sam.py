@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from samtune.modeling.mask_decoder import MaskDecoder
-from samtune.modeling.preprocessing import PIXEL_MEAN, PIXEL_STD, Normalization
+from samtune.modeling.preprocessing import PIXEL_MEAN, PIXEL_STD, Interpolation, Normalization
 from samtune.modeling.prompt_encoder import PromptEncoder
 
 __all__ = ["Sam"]
@@ -27,6 +27,8 @@ class Sam(nn.Module):
         mask_decoder: the mask decoder.
         normalization: ``"sam"`` (mean/std on 0-255) or ``"minmax"`` (LiteMedSAM).
         image_format: channel order the model was trained on, for :class:`samtune.Predictor`.
+        resize_interpolation: resize filter of the model's input convention (``"bilinear"``: PIL, official SAM;
+            ``"area"``: OpenCV INTER_AREA, LiteMedSAM).
     """
 
     mask_threshold: float = 0.0
@@ -38,6 +40,7 @@ class Sam(nn.Module):
         mask_decoder: MaskDecoder,
         normalization: Normalization = "sam",
         image_format: str = "RGB",
+        resize_interpolation: Interpolation = "bilinear",
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
@@ -45,6 +48,7 @@ class Sam(nn.Module):
         self.mask_decoder = mask_decoder
         self.normalization = normalization
         self.image_format = image_format
+        self.resize_interpolation = resize_interpolation
         # Not persistent: official checkpoints do not store them.
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), persistent=False)

@@ -32,13 +32,13 @@ def image() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def predictor(model, image) -> Predictor:
-    pred = Predictor(model)
+    pred = Predictor(model, precision="fp32")
     pred.set_image(image)
     return pred
 
 
 def test_predict_before_set_image(model):
-    pred = Predictor(model)
+    pred = Predictor(model, precision="fp32")
     with pytest.raises(RuntimeError, match="set_image"):
         pred.predict(point_coords=np.array([[10.0, 10.0]]), point_labels=np.array([1]))
     with pytest.raises(RuntimeError, match="set_image"):
@@ -91,7 +91,7 @@ def test_points_and_labels_must_match(predictor):
     ids=["float32", "uint16", "rgba", "channels_first", "batched"],
 )
 def test_bad_images(model, bad, match):
-    pred = Predictor(model)
+    pred = Predictor(model, precision="fp32")
     with pytest.raises(ValueError, match=match) as info:
         pred.set_image(bad)
     assert str(bad.shape) in str(info.value) or str(bad.dtype) in str(info.value)
@@ -102,10 +102,10 @@ def test_bad_images(model, bad, match):
 
 def test_greyscale_image(model, image):
     grey = image[..., 1].copy()
-    pred = Predictor(model)
+    pred = Predictor(model, precision="fp32")
     pred.set_image(grey)
     assert pred.original_size == (H, W)
-    ref = Predictor(model)
+    ref = Predictor(model, precision="fp32")
     ref.set_image(np.repeat(grey[:, :, None], 3, axis=2))
     assert torch.equal(pred.get_image_embedding(), ref.get_image_embedding())
     masks, iou, low = pred.predict(point_coords=np.array([[100.0, 120.0]]), point_labels=np.array([1]))
@@ -113,17 +113,17 @@ def test_greyscale_image(model, image):
 
 
 def test_bgr_input_equals_rgb(model, image, predictor):
-    pred = Predictor(model)
+    pred = Predictor(model, precision="fp32")
     pred.set_image(np.ascontiguousarray(image[..., ::-1]), image_format="BGR")
     assert torch.equal(pred.get_image_embedding(), predictor.get_image_embedding())
     # ... and the flip matters: the BGR array read as RGB is another image.
-    other = Predictor(model)
+    other = Predictor(model, precision="fp32")
     other.set_image(np.ascontiguousarray(image[..., ::-1]))
     assert not torch.allclose(other.get_image_embedding(), predictor.get_image_embedding())
 
 
 def test_reset_image(model, image):
-    pred = Predictor(model)
+    pred = Predictor(model, precision="fp32")
     pred.set_image(image)
     assert pred.is_image_set and pred.features is not None
     pred.reset_image()
@@ -183,9 +183,9 @@ def test_from_pretrained(model, image, tmp_path):
     assert masks.shape == (1, H, W)
     # With a checkpoint: the same weights, hence the same embedding as the source model.
     path = save_checkpoint(model, tmp_path / "tiny.pth")
-    loaded = Predictor.from_pretrained("sam_tiny", checkpoint=path)
+    loaded = Predictor.from_pretrained("sam_tiny", checkpoint=path, precision="fp32")
     loaded.set_image(image)
-    ref = Predictor(model)
+    ref = Predictor(model, precision="fp32")
     ref.set_image(image)
     assert torch.equal(loaded.get_image_embedding(), ref.get_image_embedding())
     with pytest.raises(ValueError, match="unknown model 'sam_nope'"):
@@ -207,8 +207,39 @@ def test_lite_medsam_loads_strictly(assets):
     for key, value in state.items():
         assert torch.equal(ours[key], value.to(ours[key].dtype)), key
     assert model.image_size == 256 and model.normalization == "minmax"
-    pred = Predictor(model)
+    pred = Predictor(model, precision="fp32")
     pred.set_image(make_image(180, 240))
     assert pred.get_image_embedding().shape == (1, 256, 64, 64)
     masks, iou, _ = pred.predict(box=np.array([60.0, 40.0, 160.0, 120.0]), multimask_output=False)
     assert masks.shape == (1, 180, 240) and np.isfinite(iou).all()
+
+
+def test_bf16_fast_path_matches_fp32():
+    """precision="bf16": embeddings within cosine 0.999 of fp32, masks nearly identical; weight changes are seen."""
+    from tests.modeling.reference import make_image, randomize_
+
+    model = randomize_(build_sam("sam_tiny"))
+    image = make_image(180, 240)
+    exact, fast = Predictor(model, precision="fp32"), Predictor(model, precision="bf16")
+    assert fast.precision == "bf16"
+    exact.set_image(image)
+    fast.set_image(image)
+    a, b = exact.get_image_embedding(), fast.get_image_embedding()
+    assert b.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) >= 0.999
+    box = np.array([40.0, 30.0, 200.0, 150.0])
+    m_exact, iou_exact, _ = exact.predict(box=box, multimask_output=False)
+    m_fast, iou_fast, _ = fast.predict(box=box, multimask_output=False)
+    agreement = (m_exact == m_fast).mean()
+    assert agreement >= 0.98, agreement
+    assert np.abs(iou_exact - iou_fast).max() < 0.05
+    # The bf16 copy of the encoder follows in-place weight updates (e.g. an optimiser step).
+    with torch.no_grad():
+        model.image_encoder.neck[0].weight.mul_(2.0)
+    fast.set_image(image)
+    assert not torch.allclose(fast.get_image_embedding(), b)
+
+
+def test_precision_argument_is_checked():
+    with pytest.raises(ValueError, match="precision"):
+        Predictor(build_sam("sam_tiny"), precision="fp16")

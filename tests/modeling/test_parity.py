@@ -21,7 +21,7 @@ def _pair(name: str, tmp_path):
     path = tmp_path / "official.pth"
     torch.save(ref.state_dict(), path)
     ours = build_sam(name, checkpoint=path)
-    return SamPredictor(ref), Predictor(ours)
+    return SamPredictor(ref), Predictor(ours, precision="fp32")
 
 
 def _max_diff(a, b) -> float:
