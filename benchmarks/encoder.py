@@ -10,6 +10,7 @@ fp32 output: max abs diff for fp32, cosine similarity for the fast path.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--skip-official-bf16", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also time samtune's fast path under torch.compile")
     args = parser.parse_args(argv)
 
     from modeling.reference import build_reference, randomize_
@@ -43,27 +45,40 @@ def main(argv: list[str] | None = None) -> None:
     x = torch.randn(args.batch, 3, size, size, device=args.device)
     fast = resolve_precision("auto", args.device)
 
-    def run(model, precision):
+    def run(model, precision, weights_dtype=torch.float32):
         def fn():
             with torch.inference_mode(), autocast(args.device, precision):
-                return model(x)
+                return model(x.to(weights_dtype))
         return fn
 
-    fns = {"official fp32": run(ref, "fp32"), "samtune fp32": run(ours, "fp32"), f"samtune fast ({fast})": run(ours, fast)}
+    # samtune's fast path is what samtune.Predictor(precision="auto") runs: a bf16 copy of the encoder.
+    dtype = torch.bfloat16 if fast == "bf16" else torch.float32
+    fast_encoder = copy.deepcopy(ours).to(dtype)
+    fns = {
+        "official fp32": run(ref, "fp32"),
+        "samtune fp32": run(ours, "fp32"),
+        f"samtune fast ({fast})": run(fast_encoder, "fp32", dtype),
+    }
+    if args.compile:
+        compiled = torch.compile(fast_encoder)
+        fns[f"samtune fast ({fast}) + torch.compile"] = run(compiled, "fp32", dtype)
     if not args.skip_official_bf16 and fast != "fp32":
         fns[f"official {fast} autocast"] = run(ref, fast)
     times = interleaved(fns, args.repeats, args.device)
 
     ref_out = fns["official fp32"]().float()
     fp32_diff = (fns["samtune fp32"]().float() - ref_out).abs().max().item()
-    cos = F.cosine_similarity(fns[f"samtune fast ({fast})"]().float().flatten(1), ref_out.flatten(1)).min().item()
+    cos = {
+        name: F.cosine_similarity(fn().float().flatten(1), ref_out.flatten(1)).min().item()
+        for name, fn in fns.items() if name.startswith("samtune fast")
+    }
 
     print(f"# image encoder {args.model}, batch {args.batch}, {size}x{size}, {args.device}: {machine()}")
     print("| run | s / forward | speed-up vs official fp32 | accuracy vs official fp32 |")
     print("|---|---|---|---|")
     base = times["official fp32"]
     for name, t in times.items():
-        acc = {"samtune fp32": f"max abs diff {fp32_diff:.2e}", f"samtune fast ({fast})": f"cosine {cos:.5f}"}.get(name, "")
+        acc = f"max abs diff {fp32_diff:.2e}" if name == "samtune fp32" else (f"cosine {cos[name]:.5f}" if name in cos else "")
         print(f"| {name} | {t:.3f} | {base / t:.2f}x | {acc} |")
 
 
