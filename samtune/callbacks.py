@@ -166,17 +166,21 @@ class ValidationOverlays(Callback):
             elif isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("val/overlays", picture, step, dataformats="HWC")
         if self.save_png:
-            folder = Path(trainer.log_dir or trainer.default_root_dir) / "overlays"
+            # not trainer.log_dir: it broadcasts, a collective that would deadlock in this rank-0-only hook
+            logger = trainer.loggers[0] if trainer.loggers else None
+            base = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None) or trainer.default_root_dir
+            folder = Path(base) / "overlays"
             folder.mkdir(parents=True, exist_ok=True)
             self.last_path = folder / f"epoch{epoch:04d}_step{step}.png"
             cv2.imwrite(str(self.last_path), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
 
 
 class SaveConfigToLoggers(SaveConfigCallback):
-    """Saves the resolved config to ``<log_dir>/config.yaml`` and sends it to W&B (``run.config``)."""
+    """Saves the resolved config to ``<log_dir>/config.yaml`` and sends it to W&B (``run.config["cli"]``)."""
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         config = self.config.as_dict()
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.experiment.config.update(config, allow_val_change=True)
+                # under "cli": the task's own hyperparameters (model, optimizer, ...) use the top-level names
+                logger.experiment.config.update({"cli": config}, allow_val_change=True)

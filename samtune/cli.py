@@ -307,7 +307,19 @@ def _dispatch(args: list[str]) -> int:
     raise UsageError(f"unknown command {command!r}; available: {', '.join([*TRAINER_COMMANDS, 'data', *LATER_COMMANDS])}")
 
 
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost chained exception (jsonargparse wraps errors raised while instantiating classes)."""
+    seen = {id(err)}
+    while True:
+        inner = err.__cause__ or err.__context__
+        if inner is None or id(inner) in seen:
+            return err
+        seen.add(id(inner))
+        err = inner
+
+
 def _one_line(err: BaseException) -> str:
+    err = _root_cause(err)
     text = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
     if len(text) > 600:
         text = text[:600] + " ..."
@@ -344,6 +356,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(2)
     except Exception as err:  # noqa: BLE001  (one clear line instead of a traceback)
         if show_traceback:
+            cause = _root_cause(err)
+            if cause is not err:
+                raise cause from err
             raise
         print(f"samtune: error: {_one_line(err)}", file=sys.stderr)
         print("samtune: run again with --traceback (or SAMTUNE_TRACEBACK=1) for the full traceback", file=sys.stderr)

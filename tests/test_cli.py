@@ -41,6 +41,7 @@ def quick_args(*extra: str, steps: int = 3) -> list[str]:
         "--trainer.val_check_interval", str(steps),
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
+        "--trainer.log_every_n_steps", "1",
         *extra,
     ]
 
@@ -161,3 +162,117 @@ def test_medical_recipe_instantiates_with_real_assets(assets, monkeypatch):
     batch = next(iter(cli.datamodule.train_dataloader()))
     assert batch["images"].shape == (4, 3, 256, 256)
     assert batch["mask_valid"].sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------- errors
+def test_unknown_key_is_one_line(capsys):
+    assert run_cli(["fit", "--config", str(QUICKSTART), "--model.init_args.no_such_key", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no_such_key" in err[0] and err[0].startswith("samtune fit: error:")
+
+
+def test_wrong_type_is_one_line(capsys):
+    assert run_cli(["fit", "--config", str(QUICKSTART), "--trainer.max_steps", "many"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trainer.max_steps" in err[0]
+
+
+def test_missing_data_path_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "no_such_folder"
+    code = run_cli(quick_args("--synthetic_data", "null", "--data.init_args.root", str(missing)))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[0] == f"samtune: error: ValueError: SA1BDataModule.root is not a folder: {missing}"
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_checkpoint_that_does_not_fit_is_one_line_and_traceback_on_request(tmp_path, monkeypatch, capsys):
+    from samtune.checkpoints import CheckpointError, save_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    other = save_checkpoint(build_sam("sam_tiny_vit_t"), tmp_path / "tiny_vit_t.pth")
+    args = quick_args("--model.init_args.checkpoint", str(other))
+    assert run_cli(args) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1
+    assert errors[0].startswith("samtune: error: CheckpointError:") and "does not fit" in errors[0]
+    with pytest.raises(CheckpointError):
+        main([*args, "--traceback"])
+
+
+# -------------------------------------------------------------------------------------- quickstart, logging
+def test_quickstart_trains_end_to_end(tmp_path, monkeypatch):
+    """Shortened quickstart: generates the data, trains 4 steps, validates, saves checkpoints, CSV metrics and an
+    overlay picture."""
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(quick_args(steps=4)) == 0
+    assert len(list((tmp_path / "data" / "quickstart").glob("*.json"))) == 8
+    checkpoints = tmp_path / "runs" / "quickstart" / "checkpoints"
+    last = torch.load(checkpoints / "last.ckpt", weights_only=False, map_location="cpu")
+    assert last["global_step"] == 4
+    assert len(list(checkpoints.glob("step*-iou*.ckpt"))) == 1  # best by val/iou_click_1
+    run_dir = tmp_path / "runs" / "quickstart" / "version_0"
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert any(r.get("val/iou_click_1") for r in rows) and any(r.get("train/loss") for r in rows)
+    assert (run_dir / "config.yaml").is_file()
+    hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
+    assert hparams["params/trainable"] == hparams["params/total"] > 0
+    assert len(list((run_dir / "overlays").glob("*.png"))) == 1
+
+
+def test_wandb_offline_run_logs_config_and_overlays(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert run_cli(quick_args("--config", str(REPO_ROOT / "configs" / "logger" / "wandb.yaml"), steps=2)) == 0
+    runs = list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    import wandb
+
+    try:  # the resolved config and the parameter counts are in the run's config
+        assert wandb.run is not None and wandb.run.offline
+        assert wandb.run.config["cli"]["model"]["init_args"]["model"] == "sam_tiny"
+        assert wandb.run.config["params/trainable"] > 0
+    finally:
+        wandb.finish()
+    files = runs[0] / "files"
+    assert list((files / "media" / "images" / "val").glob("overlays_*.png"))
+
+
+def test_wandb_goes_offline_without_credentials(tmp_path, monkeypatch):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    assert configure_wandb_mode() == "offline" and os.environ["WANDB_MODE"] == "offline"
+    monkeypatch.delenv("WANDB_MODE")
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "0" * 40 + "\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert configure_wandb_mode() == "online" and "WANDB_MODE" not in os.environ
+
+
+def test_render_overlays_draws_truth_prediction_and_clicks():
+    side = 32
+    image = torch.zeros(3, side, side)  # "minmax": black
+    gt = torch.zeros(2, side, side, dtype=torch.bool)
+    gt[:, 4:12, 4:12] = True
+    pred = torch.zeros_like(gt)
+    pred[:, 20:28, 20:28] = True
+    example = {"image": image, "gt": gt, "pred": pred, "points": torch.tensor([[[8.0, 8.0]], [[24.0, 24.0]]]),
+               "labels": torch.tensor([[1], [0]]), "normalization": "minmax"}
+    picture = render_overlays(example)
+    assert picture.shape == (2 * side, 2 * side, 3) and picture.dtype.name == "uint8"
+    assert picture[6, 6, 1] > 50 and picture[6, 6, 0] == 0           # ground truth tinted green (left)
+    assert picture[22, side + 22, 2] > 50                           # prediction tinted blue (right)
+    assert tuple(picture[8, side + 8]) == (0, 200, 0)               # positive click
+    assert tuple(picture[side + 24, side + 24]) == (230, 0, 0)      # negative click (second row)
+    assert picture[side // 2, 0].sum() == 0                         # background untouched
+
+
+def test_synthetic_data_is_generated_once(tmp_path):
+    root = tmp_path / "synthetic"
+    assert ensure_synthetic_data(root, SyntheticData(num_images=2, image_size=64))
+    assert not ensure_synthetic_data(root, SyntheticData(num_images=2, image_size=64))
+    assert len(list(root.glob("*.json"))) == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left

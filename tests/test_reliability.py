@@ -202,3 +202,21 @@ def test_nan_policy_raise_stops_with_one_line_error(tmp_path, monkeypatch, capsy
     assert code == 1
     assert err[-2].startswith("samtune: error: FloatingPointError: non-finite loss at step 1"), err
     assert "Traceback" not in "\n".join(err)
+
+
+def test_resumable_sampler_shards_like_one_process_and_skips():
+    from samtune.resumable import ResumableSampler
+
+    data = list(range(10))
+    single = list(ResumableSampler(data, 1, 0, seed=3))
+    ranks = [list(ResumableSampler(data, 2, r, seed=3)) for r in range(2)]
+    # step k of batch 2 per rank == step k of batch 4 in one process
+    for k in range(2):
+        assert sorted(ranks[0][2 * k:2 * k + 2] + ranks[1][2 * k:2 * k + 2]) == sorted(single[4 * k:4 * k + 4])
+    sampler = ResumableSampler(data, 1, 0, seed=3)
+    sampler.set_epoch(1)
+    epoch1 = list(sampler)
+    assert epoch1 != single and sorted(epoch1) == data
+    sampler.start_index = 4
+    assert list(sampler) == epoch1[4:]
+    assert list(sampler) == epoch1  # the skip applies once
