@@ -107,7 +107,7 @@ def test_every_trainable_parameter_gets_a_gradient(prompts, tmp_path, monkeypatc
     extra = DETERMINISTIC if prompts == "box_only" else ["--model.init_args.simulation.num_iterations", "11",
                                                         "--model.init_args.simulation.num_point_iterations", "8",
                                                         "--model.init_args.simulation.random_mask_only_iteration",
-                                                        "true"]
+                                                        "true", "--data.init_args.max_masks_per_image", "4"]
     recorder = {"class_path": "tests.test_distributed.RecordRank", "init_args": {"prefix": "rank"}}
     cli = run_lightning(quick_args(*extra, "--trainer.callbacks", json.dumps([recorder]), "--trainer.logger",
                                    "false", "--trainer.limit_val_batches", "0", steps=2), run=False)
