@@ -44,6 +44,20 @@ def _select(logits: torch.Tensor, iou_pred: torch.Tensor) -> tuple[torch.Tensor,
     return chosen, iou_pred.gather(1, best[:, None])[:, 0]
 
 
+def _content_region(
+    image_sizes: torch.Tensor | None, m: int, size: torch.Size, scale: float, device: torch.device
+) -> torch.Tensor:
+    """``[M, H, W]`` bool: pixels of the unpadded image (all True without ``image_sizes``; broadcastable)."""
+    if image_sizes is None:
+        return torch.ones((1, 1, 1), dtype=torch.bool, device=device)
+    if image_sizes.shape != (m, 2):
+        raise ValueError(f"image_sizes must be [M, 2]=({m}, 2) (h, w), got {tuple(image_sizes.shape)}")
+    hw = torch.ceil(image_sizes.to(device=device, dtype=torch.float32) / scale)  # model-input px -> mask px
+    rows = torch.arange(size[0], device=device)[None, :, None] < hw[:, 0, None, None]
+    cols = torch.arange(size[1], device=device)[None, None, :] < hw[:, 1, None, None]
+    return rows & cols
+
+
 class InteractiveEvaluator:
     """Runs deterministic click rounds (and optionally one box round) and reports IoU per round.
 
@@ -75,6 +89,7 @@ class InteractiveEvaluator:
         image_embeddings: torch.Tensor,
         image_index: torch.Tensor,
         gt_masks: torch.Tensor,
+        image_sizes: torch.Tensor | None = None,
     ) -> EvaluationResult:
         """Evaluate all masks of all images in batched decoder calls.
 
@@ -83,6 +98,9 @@ class InteractiveEvaluator:
             image_embeddings: ``[B, C, h, w]``.
             image_index: ``[M]`` long, the image of each mask.
             gt_masks: ``[M, S, S]`` bool masks on the padded model-input canvas; IoUs are computed at S x S.
+            image_sizes: optional ``[M, 2]`` ``(h, w)`` of each mask's unpadded image in model-input pixels;
+                predictions are cut to it, so the padding counts neither in the IoUs nor as an error region
+                (default: the whole canvas).
 
         Returns:
             The :class:`EvaluationResult`.
@@ -95,6 +113,7 @@ class InteractiveEvaluator:
             )
         size = gt_masks.shape[-2:]
         scale = mask_scale(gt_masks, int(model.image_size), "gt_masks")
+        region = _content_region(image_sizes, m, size, scale, gt_masks.device)
 
         xy, label = region_centers(gt_masks, scale)
         coords = torch.stack((xy, torch.zeros_like(xy)), dim=1)  # [M, 2, 2]: click 1, padding
@@ -103,7 +122,7 @@ class InteractiveEvaluator:
         ious, preds = [], []
         for click in range(self.num_clicks):
             if click > 0:
-                pred = resize_logits(selected, size)[:, 0] > 0
+                pred = (resize_logits(selected, size)[:, 0] > 0) & region
                 xy, label = largest_error_points(pred, gt_masks, scale)
                 coords = torch.cat((coords, xy[:, None]), dim=1)
                 labels = torch.cat((labels, label[:, None]), dim=1)
@@ -114,7 +133,7 @@ class InteractiveEvaluator:
                 mask_inputs=mask_inputs, multimask_output=multimask,
             )
             selected, predicted = _select(logits, iou_pred)
-            ious.append(mask_iou(resize_logits(selected, size)[:, 0] > 0, gt_masks))
+            ious.append(mask_iou((resize_logits(selected, size)[:, 0] > 0) & region, gt_masks))
             preds.append(predicted.float())
         result = EvaluationResult(torch.stack(ious, dim=1), torch.stack(preds, dim=1))
 
@@ -128,6 +147,6 @@ class InteractiveEvaluator:
                 image_embeddings, image_index, point_coords=boxes.view(m, 2, 2), point_labels=box_labels,
                 multimask_output=False,
             )
-            result.box_ious = mask_iou(resize_logits(logits[:, :1], size)[:, 0] > 0, gt_masks)
+            result.box_ious = mask_iou((resize_logits(logits[:, :1], size)[:, 0] > 0) & region, gt_masks)
             result.box_iou_pred = iou_pred[:, 0].float()
         return result

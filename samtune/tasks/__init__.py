@@ -1,1 +1,14 @@
-"""samtune.tasks"""
+"""LightningModules for training SAM: :class:`PromptableSegmentationTask` and its config groups."""
+from samtune.tasks.config import LossConfig, OptimizerConfig
+from samtune.tasks.optim import WarmupSchedule, encoder_lr_scales, no_weight_decay_names, param_groups
+from samtune.tasks.segmentation import PromptableSegmentationTask
+
+__all__ = [
+    "LossConfig",
+    "OptimizerConfig",
+    "PromptableSegmentationTask",
+    "WarmupSchedule",
+    "encoder_lr_scales",
+    "no_weight_decay_names",
+    "param_groups",
+]

@@ -94,3 +94,26 @@ def test_with_fake_model_shapes_and_no_grad(fake_sam, embeddings) -> None:
     assert empty.click_ious.shape == (0, 2)
     with pytest.raises(ValueError, match="num_clicks"):
         InteractiveEvaluator(num_clicks=0)
+
+
+def test_image_sizes_exclude_the_padding() -> None:
+    """A prediction spilling into the padding (right of column 6) neither lowers the IoU nor draws a click there."""
+    gt = torch.zeros(1, 8, 8, dtype=torch.bool)
+    gt[0, 2:6, 2:6] = True
+    spill = gt[0].clone()
+    spill[2:6, 6:8] = True  # columns 6..7 are padding for an image of width 6
+    outputs = [(_logits(spill)[None, None], torch.tensor([[0.9]])), (_logits(spill)[None, None], torch.tensor([[0.9]]))]
+    model = ScriptedSam(list(outputs), image_size=8, low_res_size=8)
+    result = InteractiveEvaluator(num_clicks=2, evaluate_box=False, multimask_first_click=False)(
+        model, torch.zeros(1, 4, 2, 2), torch.tensor([0]), gt, image_sizes=torch.tensor([[8, 6]])
+    )
+    assert result.click_ious.tolist() == [[1.0, 1.0]]
+    assert model.calls[1]["labels"].tolist() == [[1, -1, -1]]  # no error left inside the image: padding click
+    plain = ScriptedSam(list(outputs), image_size=8, low_res_size=8)
+    without = InteractiveEvaluator(num_clicks=2, evaluate_box=False, multimask_first_click=False)(
+        plain, torch.zeros(1, 4, 2, 2), torch.tensor([0]), gt
+    )
+    assert without.click_ious[0, 0].item() == pytest.approx(16 / 24)
+    with pytest.raises(ValueError, match="image_sizes"):
+        InteractiveEvaluator(num_clicks=1)(model, torch.zeros(1, 4, 2, 2), torch.tensor([0]), gt,
+                                           image_sizes=torch.tensor([8, 6]))

@@ -1,0 +1,367 @@
+"""The ``samtune`` command line.
+
+``samtune fit | validate | test | predict --config FILE [--config FRAGMENT ...] [--key value ...]`` runs
+Lightning through :class:`SamtuneCLI` (a LightningCLI): every key of the YAML files and flags is validated
+against the typed ``__init__`` signatures of the task, the datamodule, the Trainer and the callbacks; repeated
+``--config`` files are merged left to right (``recipes/`` holds complete runs, ``configs/`` fragments);
+``--print_config`` prints the resolved configuration. Without ``--config``, ``fit`` runs ``recipes/quickstart.yaml``.
+
+Other subcommands: ``samtune data synth`` (synthetic SA-1B-format data), and ``export``, ``evaluate``, ``amg``
+(registered, not available in this version).
+
+Errors are one line (``samtune: error: ...``) with exit code 1 (2 for command-line usage errors); pass
+``--traceback`` or set ``SAMTUNE_TRACEBACK=1`` to see the Python traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import netrc
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+from urllib.parse import urlparse
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
+
+import samtune.data.datamodules  # noqa: F401  (registers the datamodules for class_path short names)
+import samtune.tasks  # noqa: F401  (registers PromptableSegmentationTask for class_path short names)
+from samtune.callbacks import ParameterCounts, SamtuneProgressBar, SaveConfigToLoggers, ValidationOverlays
+from samtune.checkpoint_io import AtomicCheckpointIO
+from samtune.resumable import make_resumable
+
+__all__ = ["SamtuneCLI", "SyntheticData", "main", "ensure_synthetic_data", "configure_wandb_mode", "UsageError"]
+
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+LATER_COMMANDS = {
+    "export": "write official-format .pth, merged-LoRA, safetensors or ONNX weights from a checkpoint",
+    "evaluate": "IoU per click / NoC of a checkpoint on a dataset",
+    "amg": "automatic mask generation (point grid, IoU/stability filtering, NMS) over images",
+}
+NOT_AVAILABLE = "not available yet in this version (tracked: inference/export issue)"
+QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+
+
+class UsageError(Exception):
+    """A command-line problem (exit code 2)."""
+
+
+@dataclass
+class SyntheticData:
+    """Generate the synthetic SA-1B-format dataset at ``data.init_args.root`` when that folder has no data.
+
+    Attributes:
+        num_images: number of images.
+        image_size: square image side.
+        seed: generation seed (same seed, same files).
+    """
+
+    num_images: int = 64
+    image_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_images <= 0:
+            raise ValueError(f"synthetic_data.num_images must be positive, got {self.num_images}")
+        if self.image_size < 32:
+            raise ValueError(f"synthetic_data.image_size must be >= 32, got {self.image_size}")
+
+
+def ensure_synthetic_data(root: str | Path, spec: SyntheticData) -> bool:
+    """Write ``spec.num_images`` synthetic images to ``root`` unless it already holds ``*.json`` annotations.
+
+    Safe when several processes (ranks) call it at once: the data is generated in a private temporary folder
+    and renamed into place; the loser of the race drops its copy.
+
+    Returns:
+        True when this call generated the data.
+    """
+    from samtune.data.synth import synthesize_sa1b
+
+    root = Path(root)
+    if root.is_dir() and any(root.glob("*.json")):
+        return False
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"synthetic_data: data root {root} exists and is not a folder")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        synthesize_sa1b(tmp, spec.num_images, spec.image_size, spec.seed)
+        if root.is_dir() and not any(root.iterdir()):
+            root.rmdir()
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if root.is_dir() and any(root.glob("*.json")):  # another process finished first
+                return False
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"samtune: generated {spec.num_images} synthetic SA-1B-format images in {root}", file=sys.stderr)
+    return True
+
+
+def _wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def configure_wandb_mode() -> str:
+    """Make W&B runs offline when no credentials are configured, so a run never waits on the network.
+
+    ``WANDB_MODE`` set by the user wins; otherwise, without ``WANDB_API_KEY`` and without a ``~/.netrc`` entry for
+    the W&B host, sets ``WANDB_MODE=offline`` (upload later with ``wandb sync <save_dir>/wandb/offline-run-*``).
+
+    Returns:
+        The mode in effect (``WANDB_MODE`` or ``"online"``).
+    """
+    if "WANDB_MODE" not in os.environ and not _wandb_has_credentials():
+        os.environ["WANDB_MODE"] = "offline"
+        print("samtune: no W&B credentials (WANDB_API_KEY / ~/.netrc): logging offline; upload later with "
+              "`wandb sync <save_dir>/wandb/offline-run-*`", file=sys.stderr)
+    return os.environ.get("WANDB_MODE", "online")
+
+
+def _class_paths(value: Any) -> list[str]:
+    """class_path strings in a (possibly nested / list) config value."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in _class_paths(v)]
+    getter = value.get if hasattr(value, "get") else None
+    if getter is not None and getter("class_path"):
+        return [str(getter("class_path"))]
+    return [type(value).__name__] if not isinstance(value, (str, bool, int, float)) else []
+
+
+class SamtuneCLI(LightningCLI):
+    """LightningCLI with samtune's defaults.
+
+    - ``model``/``data`` in subclass mode (``class_path: PromptableSegmentationTask``, ``SA1BDataModule``, ...);
+      the task builds its own optimiser and schedule (no ``optimizer:`` / ``lr_scheduler:`` keys).
+    - ``seed_everything`` defaults to 0 (reproducible by default).
+    - ``synthetic_data:`` (optional) generates the synthetic dataset at ``data.init_args.root`` when absent.
+    - Trainer extras unless already configured: :class:`AtomicCheckpointIO`, :class:`SamtuneProgressBar`,
+      :class:`ParameterCounts`, :class:`ValidationOverlays`; the training loader gets a resumable, epoch-seeded,
+      sharded order (:mod:`samtune.resumable`).
+    - W&B loggers go offline automatically without credentials.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--synthetic_data", type=SyntheticData | None, default=None,
+            help="Generate synthetic SA-1B-format data at data.init_args.root when that folder has none "
+                 "(num_images, image_size, seed). Needs an SA1BDataModule.",
+        )
+
+    def _subconfig(self) -> Any:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        config = self._subconfig()
+        spec = config.get("synthetic_data")
+        if spec is not None:
+            data = config.get("data")
+            class_path = str(data.get("class_path", "")) if data is not None else ""
+            if not class_path.endswith("SA1BDataModule"):
+                raise ValueError(f"synthetic_data needs data.class_path SA1BDataModule, got {class_path or None!r}")
+            spec = spec if isinstance(spec, SyntheticData) else SyntheticData(**dict(vars(spec)))
+            ensure_synthetic_data(data["init_args"]["root"], spec)
+        if any("WandbLogger" in path for path in _class_paths(config.get("trainer", {}).get("logger"))):
+            configure_wandb_mode()
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        datamodule = self.datamodule
+        if datamodule is None or not hasattr(datamodule, "train_dataloader"):
+            return
+        seed = self._subconfig().get("seed_everything")
+        seed = 0 if isinstance(seed, bool) or seed is None else int(seed)
+        original: Callable[[], Any] = datamodule.train_dataloader
+
+        def train_dataloader() -> Any:
+            return make_resumable(original(), seed)
+
+        train_dataloader.__doc__ = original.__doc__
+        datamodule.train_dataloader = train_dataloader  # type: ignore[method-assign]
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> L.Trainer:
+        configured = list(config.get("callbacks") or []) + list(callbacks)
+        extras: list[Callback] = []
+        if config.get("enable_progress_bar", True) is not False and not any(
+                isinstance(c, ProgressBar) for c in configured):
+            extras.append(SamtuneProgressBar())
+        for cls in (ParameterCounts, ValidationOverlays):
+            if not any(isinstance(c, cls) for c in configured):
+                extras.append(cls())
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        config["plugins"] = plugins
+        return super()._instantiate_trainer(config, list(callbacks) + extras)
+
+
+def _uses_config(args: Sequence[str]) -> bool:
+    return any(a in ("-c", "--config", "--print_config") or a.startswith(("--config=", "--print_config"))
+               or a.startswith(("--model", "--data")) for a in args)
+
+
+def run_lightning(args: list[str], run: bool = True) -> SamtuneCLI:
+    """``fit``/``validate``/``test``/``predict`` through :class:`SamtuneCLI`.
+
+    Args:
+        args: command-line arguments starting with the subcommand.
+        run: False parses and instantiates (model, datamodule, trainer) without running the subcommand.
+
+    Returns:
+        The CLI object (``.model``, ``.datamodule``, ``.trainer``).
+    """
+    if args[0] == "fit" and not _uses_config(args[1:]) and not any(a in ("-h", "--help") for a in args[1:]):
+        if not QUICKSTART.is_file():
+            raise UsageError("samtune fit: no --config given and recipes/quickstart.yaml was not found; "
+                             "pass --config RECIPE.yaml")
+        print(f"samtune: no --config given: running {QUICKSTART}", file=sys.stderr)
+        args = [args[0], "--config", str(QUICKSTART), *args[1:]]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+        return SamtuneCLI(
+            model_class=L.LightningModule,
+            subclass_mode_model=True,
+            datamodule_class=L.LightningDataModule,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            save_config_callback=SaveConfigToLoggers,
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=0,
+            parser_kwargs={"exit_on_error": False, "env_prefix": "SAMTUNE", "default_env": False},
+            args=args if run else args[1:],
+            run=run,
+        )
+
+
+def _later_command(name: str, args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog=f"samtune {name}", description=f"{LATER_COMMANDS[name]}. {NOT_AVAILABLE}.")
+    parser.parse_known_args(args)  # --help prints the description and exits 0
+    print(f"samtune {name}: {NOT_AVAILABLE}", file=sys.stderr)
+    return 2
+
+
+def _top_level_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="samtune",
+        description="Train and adapt the Segment Anything Model with PyTorch Lightning.",
+        epilog="Run `samtune COMMAND --help` for the options of a command. Errors print one line; add "
+               "--traceback (or set SAMTUNE_TRACEBACK=1) for the Python traceback.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    helps = {
+        "fit": "train a task (default recipe: recipes/quickstart.yaml)",
+        "validate": "run validation of a task (--ckpt_path)",
+        "test": "run the test loop of a task (--ckpt_path)",
+        "predict": "run prediction of a task (--ckpt_path)",
+    }
+    for name, text in helps.items():
+        sub.add_parser(name, help=text, add_help=False)
+    data = sub.add_parser("data", help="dataset tools (synth)")
+    data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    data_sub.add_parser("synth", help="write synthetic SA-1B-format images (--out DIR --num-images N)", add_help=False)
+    for name, text in LATER_COMMANDS.items():
+        sub.add_parser(name, help=f"{text} [{NOT_AVAILABLE}]", add_help=False)
+    return parser
+
+
+def _dispatch(args: list[str]) -> int:
+    parser = _top_level_parser()
+    if not args or args[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if args else 2
+    command = args[0]
+    if command in TRAINER_COMMANDS:
+        run_lightning(args)
+        return 0
+    if command == "data":
+        if len(args) < 2 or args[1] in ("-h", "--help"):
+            parser.parse_args(["data", "--help"])
+        if args[1] != "synth":
+            raise UsageError(f"samtune data: unknown command {args[1]!r}; available: synth")
+        from samtune.data.synth import main as synth_main
+
+        synth_main(args[2:])
+        return 0
+    if command in LATER_COMMANDS:
+        return _later_command(command, args[1:])
+    raise UsageError(f"unknown command {command!r}; available: {', '.join([*TRAINER_COMMANDS, 'data', *LATER_COMMANDS])}")
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost chained exception (jsonargparse wraps errors raised while instantiating classes)."""
+    seen = {id(err)}
+    while True:
+        inner = err.__cause__ or err.__context__
+        if inner is None or id(inner) in seen:
+            return err
+        seen.add(id(inner))
+        err = inner
+
+
+def _one_line(err: BaseException) -> str:
+    err = _root_cause(err)
+    text = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
+    if len(text) > 600:
+        text = text[:600] + " ..."
+    name = type(err).__name__
+    return f"{name}: {text}" if text else name
+
+
+def _usage_error_text(err: BaseException) -> str:
+    """jsonargparse messages name the key; keep them on one line."""
+    lines = [line.strip(" -") for line in str(err).strip().splitlines() if line.strip(" -")]
+    text = "; ".join(lines)
+    return text[:600] + (" ..." if len(text) > 600 else "")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``samtune`` console script and ``python -m samtune``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    show_traceback = "--traceback" in args or os.environ.get("SAMTUNE_TRACEBACK", "") not in ("", "0")
+    args = [a for a in args if a != "--traceback"]
+    from jsonargparse import ArgumentError
+
+    try:
+        code = _dispatch(args)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        print("samtune: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (ArgumentError, UsageError) as err:
+        if show_traceback:
+            raise
+        command = f"samtune {args[0]}" if args else "samtune"
+        print(f"{command}: error: {_usage_error_text(err)}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as err:  # noqa: BLE001  (one clear line instead of a traceback)
+        if show_traceback:
+            cause = _root_cause(err)
+            if cause is not err:
+                raise cause from err
+            raise
+        print(f"samtune: error: {_one_line(err)}", file=sys.stderr)
+        print("samtune: run again with --traceback (or SAMTUNE_TRACEBACK=1) for the full traceback", file=sys.stderr)
+        sys.exit(1)
+    if code:
+        sys.exit(code)

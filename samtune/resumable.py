@@ -1,0 +1,132 @@
+"""Resumable training data order.
+
+A plain ``DataLoader(shuffle=True)`` draws each epoch's permutation from the global RNG, so a run restarted from
+a checkpoint sees a different order than the run it continues, and a mid-epoch restart replays images the run
+already saw. :func:`make_resumable` rebuilds a shuffling training loader around :class:`ResumableSampler`:
+
+- the permutation of epoch ``e`` is a fixed function of ``(seed, e)`` (``torch.randperm`` with a seeded
+  generator), identical in every run;
+- it is sharded over processes as :class:`~torch.utils.data.DistributedSampler` does (rank ``r`` takes positions
+  ``r, r + W, ...``), so ``W`` processes with batch ``B`` see, step by step, the same images as one process with
+  batch ``W * B``; Lightning keeps it instead of injecting its own sampler because it *is* a DistributedSampler;
+- :class:`ResumableDataLoader` counts the batches it handed out and implements ``state_dict`` /
+  ``load_state_dict``, which Lightning stores in every checkpoint and restores on ``--ckpt_path``: the restarted
+  run skips exactly the batches of the interrupted epoch that were already trained on.
+
+The ``samtune`` CLI applies it to every training loader (the datamodules stay plain).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+
+__all__ = ["ResumableSampler", "ResumableDataLoader", "make_resumable"]
+
+
+class ResumableSampler(DistributedSampler):
+    """Epoch-seeded shuffling, sharded over ``num_replicas`` processes, that can start mid-epoch.
+
+    Args:
+        dataset: the dataset (only its length is used).
+        num_replicas: number of processes W.
+        rank: this process.
+        seed: base seed; epoch ``e`` uses permutation ``randperm(N, seed + e)``.
+        shuffle: False keeps the dataset order.
+        drop_last: drop the tail so all ranks get ``floor(N / W)`` samples (otherwise pad by repeating).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True,
+                 drop_last: bool = False) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.start_index = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        start, self.start_index = self.start_index, 0  # the skip applies to one pass only
+        return iter(indices[start:])
+
+
+class ResumableDataLoader(DataLoader):
+    """DataLoader over a :class:`ResumableSampler` that remembers how many batches of the epoch it handed out.
+
+    ``state_dict()`` -> ``{"epoch", "batches", "seed", "num_replicas"}``; ``load_state_dict`` makes the next pass
+    resume after those batches (or at the start of the next epoch when the epoch was complete).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, ResumableSampler):
+            raise TypeError(f"ResumableDataLoader needs a ResumableSampler, got {type(self.sampler).__name__}")
+        self._batches = 0
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
+        self._batches = sampler.start_index // (self.batch_size or 1)
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
+        return {"epoch": int(sampler.epoch), "batches": int(self._batches), "seed": int(sampler.seed),
+                "num_replicas": int(sampler.num_replicas)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
+        if int(state.get("num_replicas", sampler.num_replicas)) != sampler.num_replicas:
+            raise ValueError(
+                f"the checkpoint's data order was sharded over {state['num_replicas']} processes, this run has "
+                f"{sampler.num_replicas}: resume on the same number of processes (or start a new run from the "
+                "checkpoint's weights)"
+            )
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        if batches >= len(self):  # the epoch was complete: the next pass is the next epoch
+            epoch, batches = epoch + 1, 0
+        sampler.set_epoch(epoch)
+        sampler.start_index = batches * (self.batch_size or 1)
+        self._batches = batches
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def make_resumable(loader: DataLoader, seed: int) -> DataLoader:
+    """The same training loader with a resumable, epoch-seeded, sharded order.
+
+    Args:
+        loader: a DataLoader with ``shuffle=True`` (a RandomSampler) and a batch size; anything else (sequential,
+            custom samplers, iterable datasets) is returned unchanged.
+        seed: seed of the permutations (the run's ``seed_everything``).
+
+    Returns:
+        A :class:`ResumableDataLoader` with the same dataset, batch size, workers, collate and pinning.
+    """
+    if isinstance(loader, ResumableDataLoader) or not isinstance(loader.sampler, RandomSampler) \
+            or loader.batch_size is None:
+        return loader
+    world, rank = _distributed()
+    sampler = ResumableSampler(loader.dataset, num_replicas=world, rank=rank, seed=seed, shuffle=True,
+                               drop_last=loader.drop_last and world > 1)
+    workers = loader.num_workers
+    return ResumableDataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator,
+        prefetch_factor=loader.prefetch_factor if workers > 0 else None,
+        persistent_workers=loader.persistent_workers if workers > 0 else False,
+    )
+

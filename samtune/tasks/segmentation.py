@@ -1,0 +1,319 @@
+"""Promptable segmentation training (SAM pretraining and fine-tuning) as a LightningModule.
+
+Training step (SAM paper, Appendix A): each image of the batch is encoded once; the interactive simulator runs
+its rounds (11 by default), each decoding all valid masks of all images in ONE batched decoder call; the per-round
+loss sums (focal 20 : dice 1 : IoU 1, min over the multimask outputs) are added up and divided by the number of
+valid masks over all devices.
+
+Validation: deterministic prompts (:class:`samtune.prompts.InteractiveEvaluator`): IoU after 1..k clicks, after
+the ground-truth box, NoC@85/90 and the IoU head's error, accumulated with :class:`samtune.metrics.ClickIoU`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from samtune.build import build_sam, get_config
+from samtune.checkpoints import init_encoder_from_mae
+from samtune.losses import SamLoss
+from samtune.metrics import ClickIoU
+from samtune.prompts import InteractiveEvaluator, InteractiveSimulator, SimulationConfig
+from samtune.prompts.deterministic import region_centers
+from samtune.prompts.sampling import PAD_LABEL
+from samtune.tasks.config import LossConfig, OptimizerConfig, to_plain
+from samtune.tasks.optim import WarmupSchedule, param_groups
+
+__all__ = ["PromptableSegmentationTask"]
+
+logger = logging.getLogger("samtune.tasks")
+
+NUM_EXAMPLE_MASKS = 4
+
+
+def _as_dataclass(value: Any, cls: type, name: str) -> Any:
+    """Accept the dataclass itself or its dict form (how checkpoints store it); a copy either way."""
+    if isinstance(value, cls):
+        return dataclasses.replace(value)
+    if isinstance(value, dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"{name}: unknown keys {unknown} for {cls.__name__}; expected some of {sorted(known)}")
+        return cls(**value)
+    raise TypeError(f"{name} must be a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
+
+
+class PromptableSegmentationTask(L.LightningModule):
+    """Train SAM with the paper's interactive prompt simulation.
+
+    Args:
+        model: registry name (``samtune.build.available_models()``).
+        checkpoint: weights for ``build_sam`` (official ``.pth``, LiteMedSAM, safetensors, samtune checkpoint).
+        mae_checkpoint: MAE ViT weights initialising the image encoder (ViT models; applied after ``checkpoint``).
+        simulation: the interactive simulation (rounds, box probability, noise).
+        loss: loss weights.
+        optimizer: AdamW, layer decay, encoder lr scale and schedule.
+        freeze_image_encoder / freeze_prompt_encoder / freeze_mask_decoder: keep that part fixed (no parameters
+            in the optimiser, ``requires_grad=False``, kept in eval mode: no dropout / drop path, frozen
+            BatchNorm statistics).
+        drop_path_rate: stochastic depth of the encoder blocks.
+        decoder_dropout: attention dropout of the mask decoder.
+        activation_checkpointing: recompute encoder blocks in backward (less memory, ~30% more compute).
+        val_num_clicks: k, the number of validation click rounds.
+        nan_policy: on a non-finite loss, ``"skip"`` the step (returns None, counted in
+            ``skipped_nonfinite_steps``) or ``"raise"`` ``FloatingPointError``.
+    """
+
+    def __init__(
+        self,
+        model: str = "sam_tiny",
+        checkpoint: str | None = None,
+        mae_checkpoint: str | None = None,
+        simulation: SimulationConfig = SimulationConfig(),
+        loss: LossConfig = LossConfig(),
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        freeze_image_encoder: bool = False,
+        freeze_prompt_encoder: bool = False,
+        freeze_mask_decoder: bool = False,
+        drop_path_rate: float = 0.0,
+        decoder_dropout: float = 0.0,
+        activation_checkpointing: bool = False,
+        val_num_clicks: int = 5,
+        nan_policy: Literal["skip", "raise"] = "skip",
+    ) -> None:
+        super().__init__()
+        simulation = _as_dataclass(simulation, SimulationConfig, "simulation")
+        loss = _as_dataclass(loss, LossConfig, "loss")
+        optimizer = _as_dataclass(optimizer, OptimizerConfig, "optimizer")
+        if nan_policy not in ("skip", "raise"):
+            raise ValueError(f"nan_policy must be 'skip' or 'raise', got {nan_policy!r}")
+        if val_num_clicks < 1:
+            raise ValueError(f"val_num_clicks must be >= 1, got {val_num_clicks}")
+        if not 0.0 <= drop_path_rate < 1.0 or not 0.0 <= decoder_dropout < 1.0:
+            raise ValueError(
+                f"drop_path_rate and decoder_dropout must be in [0, 1), got {drop_path_rate}, {decoder_dropout}"
+            )
+        # Plain values only (dicts, lists, numbers, strings): checkpoints load with weights_only=True.
+        self.save_hyperparameters(ignore=["simulation", "loss", "optimizer"])
+        self.hparams.update(simulation=to_plain(simulation), loss=to_plain(loss), optimizer=to_plain(optimizer))
+
+        self.simulation_config = simulation
+        self.loss_config = loss
+        self.optimizer_config = optimizer
+        self.nan_policy = nan_policy
+        self.frozen = {
+            "image_encoder": freeze_image_encoder,
+            "prompt_encoder": freeze_prompt_encoder,
+            "mask_decoder": freeze_mask_decoder,
+        }
+
+        self.model = build_sam(model, checkpoint, drop_path_rate=drop_path_rate, decoder_dropout=decoder_dropout)
+        if mae_checkpoint is not None:
+            if get_config(model).encoder_type != "vit":
+                raise ValueError(f"mae_checkpoint initialises ViT encoders; model {model!r} has a TinyViT encoder")
+            logger.info("%s", init_encoder_from_mae(self.model.image_encoder, mae_checkpoint))
+        if activation_checkpointing:
+            self.model.image_encoder.set_grad_checkpointing(True)
+        for part, frozen in self.frozen.items():
+            if frozen:
+                getattr(self.model, part).requires_grad_(False)
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError("every part of the model is frozen: nothing to train")
+
+        self.simulator = InteractiveSimulator(simulation)
+        self.loss_fn = SamLoss(
+            focal_weight=loss.focal_weight, dice_weight=loss.dice_weight, iou_weight=loss.iou_weight,
+            focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma, resolution=loss.resolution,
+        )
+        self.evaluator = InteractiveEvaluator(num_clicks=val_num_clicks, evaluate_box=True)
+        self.val_metrics = ClickIoU(num_clicks=val_num_clicks)
+        self.skipped_nonfinite_steps = 0
+        self.last_val_example: dict[str, Any] | None = None
+        self._generator: torch.Generator | None = None
+        self.train()  # build_sam returns an eval-mode model; Lightning keeps the mode it finds
+
+    # ------------------------------------------------------------------------------------------ modes
+    def train(self, mode: bool = True) -> "PromptableSegmentationTask":
+        """Set train/eval mode; frozen parts always stay in eval mode (no dropout, fixed BatchNorm stats)."""
+        super().train(mode)
+        for part, frozen in self.frozen.items():
+            if frozen:
+                getattr(self.model, part).eval()
+        return self
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _simulation_generator(self, device: torch.device) -> torch.Generator:
+        """Generator of the prompt simulation: seeded from the global RNG (``seed_everything``) and the rank."""
+        if self._generator is None or self._generator.device != device:
+            seed = int(torch.randint(0, 2**62, (1,)).item()) + self.global_rank
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(seed)
+        return self._generator
+
+    @staticmethod
+    def _flatten_valid(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Valid masks of the whole batch: ``[M, S, S]`` bool, their image index ``[M]`` and ``(h, w)`` ``[M, 2]``."""
+        for key in ("images", "masks", "mask_valid", "input_size"):
+            if key not in batch:
+                raise KeyError(f"batch has no {key!r} (keys: {sorted(batch)}); use samtune.data.collate_samples")
+        masks, valid = batch["masks"], batch["mask_valid"]
+        b, k = valid.shape
+        if masks.shape[:2] != (b, k):
+            raise ValueError(f"batch['masks'] {tuple(masks.shape)} does not match batch['mask_valid'] {(b, k)}")
+        image_index = torch.arange(b, device=masks.device).repeat_interleave(k)
+        flat_valid = valid.flatten()
+        image_index = image_index[flat_valid]
+        return masks.flatten(0, 1)[flat_valid], image_index, batch["input_size"].to(masks.device)[image_index]
+
+    @staticmethod
+    def _world_size() -> int:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    def _global_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum over all processes (a copy; identity when not distributed)."""
+        values = values.detach().clone()
+        if self._world_size() > 1:
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values
+
+    def _zero_loss(self) -> torch.Tensor:
+        """A zero loss connected to every trainable parameter (DDP then reduces zero gradients everywhere)."""
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.stack([p.sum() for p in trainable]).sum() * 0.0
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        if self.frozen["image_encoder"]:
+            with torch.no_grad():
+                return self.model.encode_image(images)
+        return self.model.encode_image(images)
+
+    # ------------------------------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        """One step: encode once, simulate the prompt rounds, sum the losses, normalise by the global mask count.
+
+        Returns:
+            The loss, or None when it is not finite (the step is skipped, see ``nan_policy``).
+        """
+        gt, image_index, sizes = self._flatten_valid(batch)
+        m = gt.shape[0]
+        terms = ("loss", "focal", "dice", "iou")
+        if m > 0:
+            embeddings = self._encode(batch["images"])
+            generator = self._simulation_generator(gt.device)
+
+            def loss_fn(logits, iou_pred, gt_masks, valid, multimask):  # losses in fp32 under autocast
+                return self.loss_fn(logits.float(), iou_pred.float(), gt_masks, valid, multimask)
+
+            valid = torch.ones(m, dtype=torch.bool, device=gt.device)
+            sums = self.simulator.loss(
+                self.model, embeddings, image_index, gt, valid, loss_fn, generator, image_sizes=sizes
+            )
+            local = torch.stack([sums[t].float() for t in terms])
+        else:
+            sums = {"loss": self._zero_loss()}
+            local = torch.zeros(len(terms), device=gt.device)
+        # One reduction: the global mask count and the global loss sums (for logging and the finiteness check).
+        stats = self._global_sum(torch.cat([local, gt.new_tensor([float(m)], dtype=torch.float32)]))
+        total_masks = stats[-1]
+        if not torch.isfinite(stats[: len(terms)]).all():
+            return self._nonfinite(dict(zip(terms, local.tolist())))
+        denominator = total_masks.clamp_min(1.0)
+        # DDP averages gradients over processes: scale so that the average is (global sum) / (global count).
+        loss = sums["loss"] * (self._world_size() / denominator)
+        batch_size = int(batch["images"].shape[0])
+        for i, name in enumerate(terms):
+            self.log(f"train/{name}", stats[i] / denominator, on_step=True, on_epoch=False, prog_bar=name == "loss",
+                     batch_size=batch_size)
+        self.log("train/num_masks", total_masks, on_step=True, on_epoch=False, batch_size=batch_size)
+        return loss
+
+    def _nonfinite(self, terms: dict[str, float]) -> None:
+        described = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+        if self.nan_policy == "raise":
+            raise FloatingPointError(f"non-finite loss at step {self.global_step} (local sums: {described})")
+        self.skipped_nonfinite_steps += 1
+        logger.warning(
+            "non-finite loss at step %d (local sums: %s): step skipped (%d so far)",
+            self.global_step, described, self.skipped_nonfinite_steps,
+        )
+        return None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.log("train/skipped_nonfinite", float(self.skipped_nonfinite_steps), on_step=True, on_epoch=False,
+                     batch_size=1)
+
+    # ------------------------------------------------------------------------------------------ validation
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Deterministic click and box rounds on every valid mask; IoUs on each image's unpadded content."""
+        gt, image_index, sizes = self._flatten_valid(batch)
+        if gt.shape[0] == 0:
+            return
+        embeddings = self.model.encode_image(batch["images"])
+        result = self.evaluator(self.model, embeddings, image_index, gt, image_sizes=sizes)
+        self.val_metrics.update_from_result(result)
+        if batch_idx == 0:
+            self.last_val_example = self._example(batch, embeddings, gt, image_index, sizes)
+
+    @torch.no_grad()
+    def _example(
+        self, batch: dict[str, Any], embeddings: torch.Tensor, gt: torch.Tensor, image_index: torch.Tensor,
+        sizes: torch.Tensor,
+    ) -> dict[str, Any]:
+        """Overlay material for callbacks: image 0, up to 4 of its masks, the first click and its prediction."""
+        first = int(image_index[0])
+        pick = (image_index == first).nonzero()[:NUM_EXAMPLE_MASKS, 0]
+        masks = gt[pick]
+        scale = self.model.image_size / masks.shape[-1]
+        xy, label = region_centers(masks, scale)
+        coords = torch.stack((xy, torch.zeros_like(xy)), dim=1)
+        labels = torch.stack((label, torch.full_like(label, PAD_LABEL)), dim=1)
+        logits, iou_pred = self.model.decode(
+            embeddings[first : first + 1], torch.zeros(len(pick), dtype=torch.long, device=gt.device),
+            point_coords=coords, point_labels=labels, multimask_output=self.evaluator.multimask_first_click,
+        )
+        best = logits.gather(1, iou_pred.argmax(1)[:, None, None, None].expand(-1, 1, *logits.shape[-2:]))
+        pred = nn.functional.interpolate(best.float(), masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0] > 0
+        h, w = (math.ceil(int(v) / scale) for v in sizes[pick[0]])
+        pred[:, h:] = False
+        pred[:, :, w:] = False
+        return {
+            "image": batch["images"][first].detach().float().cpu(),
+            "gt": masks.cpu(),
+            "pred": pred.cpu(),
+            "points": xy[:, None].float().cpu(),
+            "labels": label[:, None].cpu(),
+            "normalization": self.model.normalization,
+        }
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute()  # synchronised over processes by torchmetrics
+        for name, value in values.items():
+            self.log(f"val/{name}", value, on_step=False, on_epoch=True, sync_dist=False)
+        self.val_metrics.reset()
+
+    # ------------------------------------------------------------------------------------------ optimiser
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW over the trainable parameters, with a per-step LambdaLR (warmup + step / cosine / constant)."""
+        cfg = self.optimizer_config
+        groups = param_groups(self.model, cfg)
+        if not groups:
+            raise ValueError("no trainable parameters: every part of the model is frozen")
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
+        schedule = WarmupSchedule.from_config(cfg, total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["skipped_nonfinite_steps"] = int(self.skipped_nonfinite_steps)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_nonfinite_steps = int(checkpoint.get("skipped_nonfinite_steps", 0))

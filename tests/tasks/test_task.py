@@ -1,0 +1,240 @@
+"""PromptableSegmentationTask: batched simulation, normalisation, gradients, freezing, NaN policy, validation,
+bf16 Trainer runs and weights_only checkpoints."""
+from __future__ import annotations
+
+import dataclasses
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from samtune.build import build_sam
+from samtune.checkpoints import read_state_dict
+from samtune.data import collate_samples
+from samtune.prompts import SimulationConfig
+from samtune.tasks import LossConfig, OptimizerConfig, PromptableSegmentationTask
+
+SIZE = 256  # sam_tiny / sam_tiny_vit_t input
+# Fewer rounds where the test is not about the schedule (the paper's 11 rounds are tested once below).
+SHORT = SimulationConfig(num_iterations=2, num_point_iterations=1, random_mask_only_iteration=False,
+                         final_mask_only_iteration=False)
+
+
+def make_sample(num_masks: int, seed: int, size: int = SIZE, content: tuple[int, int] | None = None) -> dict:
+    """A sample in the data layer's format: random image, ``num_masks`` rectangles inside ``content`` (h, w)."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = content or (size, size)
+    masks = torch.zeros(num_masks, size, size, dtype=torch.bool)
+    boxes = torch.zeros(num_masks, 4)
+    for k in range(num_masks):
+        y0, x0 = (int(v) for v in torch.randint(0, min(h, w) // 2, (2,), generator=g))
+        y1, x1 = y0 + 20 + 10 * k, x0 + 30 + 5 * k
+        masks[k, y0:min(y1, h), x0:min(x1, w)] = True
+        boxes[k] = torch.tensor([x0, y0, min(x1, w) - 1, min(y1, h) - 1], dtype=torch.float32)
+    image = torch.randn(3, size, size, generator=g)
+    image[:, h:] = 0
+    image[:, :, w:] = 0
+    return {
+        "image": image, "masks": masks, "boxes": boxes, "instance_ids": torch.arange(num_masks),
+        "original_size": torch.tensor([h, w]), "input_size": torch.tensor([h, w]), "image_id": f"img{seed}",
+    }
+
+
+def make_batch(counts: list[int], **kwargs) -> dict:
+    return collate_samples([make_sample(c, seed=i, **kwargs) for i, c in enumerate(counts)])
+
+
+def loader(counts: list[int], batches: int) -> DataLoader:
+    samples = [make_sample(c, seed=i) for i, c in enumerate(counts * batches)]
+    return DataLoader(samples, batch_size=len(counts), collate_fn=collate_samples)
+
+
+def quick_trainer(tmp_path, **kwargs) -> L.Trainer:
+    options = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   default_root_dir=tmp_path, num_sanity_val_steps=0)
+    options.update(kwargs)
+    return L.Trainer(**options)
+
+
+class DecodeRecorder:
+    """Wraps ``model.decode`` / ``encode_image`` and records what they received."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.decode_calls: list[dict] = []
+        self.encode_calls: list[tuple[int, ...]] = []
+        decode, encode = model.decode, model.encode_image
+
+        def recording_decode(*args, **kwargs):
+            self.decode_calls.append({"image_index": args[1] if len(args) > 1 else kwargs.get("image_index"), **kwargs})
+            return decode(*args, **kwargs)
+
+        def recording_encode(images):
+            self.encode_calls.append(tuple(images.shape))
+            return encode(images)
+
+        model.decode = recording_decode
+        model.encode_image = recording_encode
+
+
+def test_step_encodes_once_and_decodes_all_masks_of_all_images_per_round() -> None:
+    """The paper's 11 rounds: 11 decoder calls, each over the 5 valid masks of both images (padding dropped)."""
+    task = PromptableSegmentationTask("sam_tiny")
+    recorder = DecodeRecorder(task.model)
+    batch = make_batch([3, 2])
+    assert batch["mask_valid"].sum() == 5 and batch["mask_valid"].numel() == 6
+    loss = task.training_step(batch, 0)
+    assert recorder.encode_calls == [(2, 3, SIZE, SIZE)]
+    assert len(recorder.decode_calls) == 11
+    for call in recorder.decode_calls:
+        assert call["image_index"].tolist() == [0, 0, 0, 1, 1]
+        assert call["point_coords"].shape[0] == 5
+        assert not call["point_coords"].requires_grad  # no gradient through prompts
+        assert call["mask_inputs"] is None or not call["mask_inputs"].requires_grad
+    assert [c["point_coords"].shape[1] for c in recorder.decode_calls][-1] == 2 + 8
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad
+
+
+def test_loss_is_normalised_by_the_global_mask_count(monkeypatch) -> None:
+    """Local sums x world size / global count (DDP then averages gradients to sum / global count)."""
+    task = PromptableSegmentationTask("sam_tiny", simulation=SHORT)
+    batch = make_batch([3, 1])
+
+    def run() -> torch.Tensor:
+        task._generator = torch.Generator().manual_seed(5)
+        return task.training_step(batch, 0).detach()
+
+    single = run()
+    monkeypatch.setattr(PromptableSegmentationTask, "_world_size", staticmethod(lambda: 2))
+    other_rank = torch.tensor([0.0, 0.0, 0.0, 0.0, 6.0])  # the other process holds 6 masks
+    monkeypatch.setattr(PromptableSegmentationTask, "_global_sum", lambda self, v: v.detach() + other_rank)
+    distributed = run()
+    assert distributed.item() == pytest.approx(single.item() * 4 * 2 / (4 + 6), rel=1e-5)
+
+
+def test_gradients_reach_the_encoder_only_when_it_is_trainable() -> None:
+    trainable = PromptableSegmentationTask("sam_tiny", simulation=SHORT)
+    trainable.training_step(make_batch([2]), 0).backward()
+    enc = [p.grad for p in trainable.model.image_encoder.parameters()]
+    assert all(g is not None for g in enc) and any(g.abs().sum() > 0 for g in enc)
+    assert trainable.model.mask_decoder.iou_token.weight.grad is not None
+
+    frozen = PromptableSegmentationTask("sam_tiny", freeze_image_encoder=True, simulation=SHORT)
+    frozen.training_step(make_batch([2]), 0).backward()
+    assert all(p.grad is None and not p.requires_grad for p in frozen.model.image_encoder.parameters())
+    assert frozen.model.prompt_encoder.point_embeddings[1].weight.grad is not None
+
+
+def test_frozen_tiny_vit_keeps_batchnorm_statistics() -> None:
+    one_round = SimulationConfig(num_iterations=1, num_point_iterations=0, random_mask_only_iteration=False,
+                                 final_mask_only_iteration=False)
+    task = PromptableSegmentationTask("sam_tiny_vit_t", freeze_image_encoder=True, simulation=one_round)
+    task.train()
+    bns = [m for m in task.model.image_encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns)
+    assert task.model.mask_decoder.training
+    before = [m.running_mean.clone() for m in bns]
+    batch = make_batch([1])
+    batch["images"] = batch["images"].clamp(0, 1)
+    task.training_step(batch, 0).backward()
+    assert all(torch.equal(b, m.running_mean) for b, m in zip(before, bns))
+
+
+def test_options_reach_the_model() -> None:
+    task = PromptableSegmentationTask("sam_tiny", drop_path_rate=0.2, decoder_dropout=0.1,
+                                      activation_checkpointing=True, simulation=SHORT)
+    assert task.model.image_encoder.grad_checkpointing
+    drop_paths = [b.drop_path for b in task.model.image_encoder.blocks]
+    assert drop_paths[-1].drop_prob == pytest.approx(0.2)
+    dropouts = [m.dropout for m in task.model.mask_decoder.modules() if hasattr(m, "dropout")]
+    assert dropouts and all(p == pytest.approx(0.1) for p in dropouts)
+    task.training_step(make_batch([2]), 0).backward()
+    assert task.model.image_encoder.blocks[0].attn.qkv.weight.grad is not None
+    with pytest.raises(ValueError, match="TinyViT"):
+        PromptableSegmentationTask("sam_tiny_vit_t", mae_checkpoint="missing.pth")
+    with pytest.raises(ValueError, match="nan_policy"):
+        PromptableSegmentationTask("sam_tiny", nan_policy="ignore")  # type: ignore[arg-type]
+
+
+def test_batch_without_valid_masks_gives_a_zero_loss_with_gradients() -> None:
+    task = PromptableSegmentationTask("sam_tiny")
+    batch = make_batch([1, 1])
+    batch["mask_valid"][:] = False
+    loss = task.training_step(batch, 0)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert all(p.grad is not None and not p.grad.any() for p in task.model.parameters())
+
+
+def test_nonfinite_loss_is_skipped_or_raises(caplog) -> None:
+    task = PromptableSegmentationTask("sam_tiny", simulation=SHORT)
+    with torch.no_grad():
+        task.model.mask_decoder.iou_token.weight.fill_(float("nan"))
+    with caplog.at_level("WARNING", logger="samtune.tasks"):
+        assert task.training_step(make_batch([2]), 0) is None
+    assert task.skipped_nonfinite_steps == 1
+    assert "non-finite loss at step 0" in caplog.text
+    task.nan_policy = "raise"
+    with pytest.raises(FloatingPointError, match=r"step 0.*focal=.*dice=.*iou="):
+        task.training_step(make_batch([2]), 0)
+
+
+def test_validation_logs_click_metrics_and_an_overlay_example(tmp_path) -> None:
+    task = PromptableSegmentationTask("sam_tiny", val_num_clicks=3, simulation=SHORT)
+    metrics = quick_trainer(tmp_path).validate(task, loader([3, 2], batches=2), verbose=False)[0]
+    expected = {"val/iou_click_1", "val/iou_click_2", "val/iou_click_3", "val/iou_box", "val/noc_85", "val/noc_90",
+                "val/iou_pred_mae"}
+    assert expected <= set(metrics)
+    assert all(0.0 <= metrics[f"val/iou_click_{i}"] <= 1.0 for i in (1, 2, 3))
+    assert 1.0 <= metrics["val/noc_85"] <= 3.0
+    ex = task.last_val_example
+    assert ex["image"].shape == (3, SIZE, SIZE) and ex["image"].dtype == torch.float32
+    assert ex["gt"].shape == ex["pred"].shape == (3, SIZE, SIZE) and ex["pred"].dtype == torch.bool
+    assert ex["points"].shape == (3, 1, 2) and ex["labels"].shape == (3, 1) and ex["normalization"] == "sam"
+
+
+def test_validation_iou_ignores_the_padding() -> None:
+    """A wide image (content 128 x 256): the IoU equals the one computed on the cropped content."""
+    task = PromptableSegmentationTask("sam_tiny", val_num_clicks=1).eval()
+    batch = make_batch([2], content=(128, SIZE))
+    with torch.no_grad():
+        task.validation_step(batch, 0)
+        emb = task.model.encode_image(batch["images"])
+        ex = task.last_val_example
+    assert not ex["pred"][:, 128:].any()
+    gt, pred = ex["gt"], ex["pred"]
+    iou = ((gt & pred).flatten(1).sum(1) / (gt | pred).flatten(1).sum(1).clamp_min(1)).mean()
+    assert task.val_metrics.compute()["iou_click_1"].item() == pytest.approx(iou.item(), abs=1e-6)
+    assert emb.shape[0] == 1
+
+
+def test_bf16_trainer_steps_and_weights_only_checkpoint(tmp_path) -> None:
+    """Lightning on CPU with bf16-mixed runs 2 steps; the checkpoint loads with weights_only=True and into build_sam."""
+    task = PromptableSegmentationTask(
+        "sam_tiny", simulation=SHORT,
+        loss=LossConfig(resolution="gt"), optimizer=OptimizerConfig(warmup_steps=1, layer_decay=0.8),
+        val_num_clicks=2,
+    )
+    trainer = quick_trainer(tmp_path, precision="bf16-mixed", max_steps=2, limit_val_batches=1,
+                            enable_checkpointing=True)
+    before = {k: v.clone() for k, v in task.model.state_dict().items()}
+    trainer.fit(task, loader([2, 1], batches=2), loader([2], batches=1))
+    assert trainer.global_step == 2
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert "val/iou_click_1" in trainer.callback_metrics
+    changed = [k for k, v in task.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("image_encoder.") for k in changed) and any(k.startswith("mask_decoder.") for k in changed)
+
+    path = trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    assert hp["optimizer"]["layer_decay"] == 0.8 and hp["loss"]["resolution"] == "gt"
+    assert hp["simulation"] == {**dataclasses.asdict(task.simulation_config)}
+    assert ckpt["skipped_nonfinite_steps"] == 0
+    assert set(read_state_dict(path)) >= {f"model.{k}" for k in task.model.state_dict()}
+    model = build_sam("sam_tiny", checkpoint=path, strict=True)
+    for key, value in task.model.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    reloaded = PromptableSegmentationTask.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    assert reloaded.optimizer_config == task.optimizer_config
+    assert reloaded.simulation_config == task.simulation_config

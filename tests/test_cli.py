@@ -1,0 +1,278 @@
+"""The samtune command line: subcommands, recipes and fragments, one-line errors, quickstart end to end, W&B."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from samtune.build import build_sam
+from samtune.callbacks import render_overlays
+from samtune.cli import SyntheticData, configure_wandb_mode, ensure_synthetic_data, main
+from tests.conftest import REPO_ROOT
+
+RECIPES = sorted((REPO_ROOT / "recipes").glob("*.yaml"))
+FRAGMENTS = sorted((REPO_ROOT / "configs").rglob("*.yaml"))
+QUICKSTART = REPO_ROOT / "recipes" / "quickstart.yaml"
+
+
+def run_cli(args: list[str]) -> int:
+    """``samtune ARGS`` in-process; the exit code (0 when main returns)."""
+    try:
+        main(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def quick_args(*extra: str, steps: int = 3) -> list[str]:
+    """A shortened quickstart (run it with the working directory in tmp_path: data/, runs/ land there)."""
+    return [
+        "fit", "--config", str(QUICKSTART),
+        "--synthetic_data.num_images", "8",
+        "--data.init_args.val_fraction", "0.25",
+        "--data.init_args.batch_size", "2",
+        "--trainer.max_steps", str(steps),
+        "--trainer.val_check_interval", str(steps),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--trainer.log_every_n_steps", "1",
+        *extra,
+    ]
+
+
+# ----------------------------------------------------------------------------------------------- subcommands
+def test_help_lists_every_command(capsys):
+    assert run_cli(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "predict", "data", "export", "evaluate", "amg"):
+        assert f"\n    {command} " in out, command
+
+
+@pytest.mark.parametrize("command", ["export", "evaluate", "amg"])
+def test_later_commands_say_not_available(command, capsys):
+    assert run_cli([command, "--checkpoint", "x.ckpt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"samtune {command}: not available yet in this version (tracked: inference/export issue)"
+    assert run_cli([command, "--help"]) == 0
+    assert "not available yet" in capsys.readouterr().out
+
+
+def test_unknown_command_is_a_usage_error(capsys):
+    assert run_cli(["train"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'train'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_python_dash_m_data_synth(tmp_path):
+    """``python -m samtune`` dispatches, and ``data synth`` writes SA-1B-format files."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    out = tmp_path / "synth"
+    result = subprocess.run(
+        [sys.executable, "-m", "samtune", "data", "synth", "--out", str(out), "--num-images", "2",
+         "--image-size", "64"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["sa_1.jpg", "sa_1.json", "sa_2.jpg", "sa_2.json"]
+
+
+def test_data_synth_help(capsys):
+    assert run_cli(["data", "synth", "--help"]) == 0
+    assert "--num-images" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------- recipes, fragments
+def _printed_config(capsys, args: list[str]) -> dict:
+    capsys.readouterr()
+    assert run_cli([*args, "--print_config"]) == 0, capsys.readouterr().err
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_recipes_exist():
+    assert {p.name for p in RECIPES} >= {"quickstart.yaml", "medical.yaml", "satellite.yaml", "sa1b_pretrain.yaml"}
+    names = {str(p.relative_to(REPO_ROOT / "configs")) for p in FRAGMENTS}
+    assert names >= {"trainer/cpu.yaml", "trainer/gpu.yaml", "trainer/ddp.yaml", "trainer/fsdp.yaml",
+                     "trainer/bf16.yaml", "trainer/slurm.yaml", "logger/wandb.yaml", "logger/csv.yaml",
+                     "logger/tensorboard.yaml", "adapt/decoder_only.yaml", "adapt/prompt_decoder.yaml",
+                     "adapt/full.yaml"}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipe_parses_and_validates(recipe, capsys):
+    config = _printed_config(capsys, ["fit", "--config", str(recipe)])
+    assert config["model"]["class_path"] == "samtune.tasks.PromptableSegmentationTask" or \
+        config["model"]["class_path"].endswith("PromptableSegmentationTask")
+    assert config["data"]["class_path"].startswith("samtune.data.")
+    assert config["trainer"]["max_steps"] > 0
+
+
+def test_pretrain_recipe_is_the_paper_recipe(capsys):
+    config = _printed_config(capsys, ["fit", "--config", str(REPO_ROOT / "recipes" / "sa1b_pretrain.yaml")])
+    model, trainer, data = config["model"]["init_args"], config["trainer"], config["data"]["init_args"]
+    assert model["model"] == "sam_vit_h" and model["mae_checkpoint"]
+    assert model["drop_path_rate"] == 0.4
+    opt = model["optimizer"]
+    assert (opt["lr"], opt["weight_decay"], opt["layer_decay"], opt["warmup_steps"]) == (8e-4, 0.1, 0.8, 250)
+    assert trainer["max_steps"] == 90000
+    assert [round(f * 90000) for f in opt["step_milestones"]] == [60000, 86666]
+    assert model["simulation"]["num_iterations"] == 11 and data["max_masks_per_image"] == 64
+    assert trainer["precision"] == "bf16-mixed"
+    assert data["batch_size"] * trainer["devices"] * trainer["num_nodes"] * trainer["accumulate_grad_batches"] == 256
+
+
+@pytest.mark.parametrize("fragment", FRAGMENTS, ids=lambda p: str(p.relative_to(REPO_ROOT / "configs")))
+def test_fragment_composes_with_quickstart(fragment, capsys):
+    config = _printed_config(capsys, ["fit", "--config", str(QUICKSTART), "--config", str(fragment)])
+    expected = yaml.safe_load(fragment.read_text())
+    if "model" in expected:  # adaptation fragments change flags, keep the recipe's task and model
+        assert config["model"]["init_args"]["model"] == "sam_tiny"
+        for key, value in expected["model"]["init_args"].items():
+            assert config["model"]["init_args"][key] == value
+    for key, value in expected.get("trainer", {}).items():
+        if key in ("logger", "strategy", "plugins"):
+            got = config["trainer"][key]
+            want_paths = [v["class_path"] for v in (value if isinstance(value, list) else [value])]
+            got_paths = [v["class_path"] for v in (got if isinstance(got, list) else [got])]
+            assert got_paths == want_paths
+        else:
+            assert config["trainer"][key] == value, key
+
+
+def test_medical_recipe_instantiates_with_real_assets(assets, monkeypatch):
+    """The medical recipe builds LiteMedSAM from the real weights, frozen encoder, and reads the EM mask folder."""
+    from samtune.cli import run_lightning
+
+    monkeypatch.chdir(REPO_ROOT)
+    cli = run_lightning([
+        "fit", "--config", str(REPO_ROOT / "recipes" / "medical.yaml"),
+        "--data.init_args.image_dir", str(assets / "data/em_membrane/image"),
+        "--data.init_args.mask_dir", str(assets / "data/em_membrane/label"),
+        "--model.init_args.checkpoint", str(assets / "weights/lite_medsam/lite_medsam.pth"),
+        "--data.init_args.num_workers", "0",
+    ], run=False)
+    task = cli.model
+    assert not any(p.requires_grad for p in task.model.image_encoder.parameters())
+    assert all(p.requires_grad for p in task.model.mask_decoder.parameters())
+    cli.datamodule.setup("fit")
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    assert batch["images"].shape == (4, 3, 256, 256)
+    assert batch["mask_valid"].sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------- errors
+def test_unknown_key_is_one_line(capsys):
+    assert run_cli(["fit", "--config", str(QUICKSTART), "--model.init_args.no_such_key", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no_such_key" in err[0] and err[0].startswith("samtune fit: error:")
+
+
+def test_wrong_type_is_one_line(capsys):
+    assert run_cli(["fit", "--config", str(QUICKSTART), "--trainer.max_steps", "many"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trainer.max_steps" in err[0]
+
+
+def test_missing_data_path_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "no_such_folder"
+    code = run_cli(quick_args("--synthetic_data", "null", "--data.init_args.root", str(missing)))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[0] == f"samtune: error: ValueError: SA1BDataModule.root is not a folder: {missing}"
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_checkpoint_that_does_not_fit_is_one_line_and_traceback_on_request(tmp_path, monkeypatch, capsys):
+    from samtune.checkpoints import CheckpointError, save_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    other = save_checkpoint(build_sam("sam_tiny_vit_t"), tmp_path / "tiny_vit_t.pth")
+    args = quick_args("--model.init_args.checkpoint", str(other))
+    assert run_cli(args) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1
+    assert errors[0].startswith("samtune: error: CheckpointError:") and "does not fit" in errors[0]
+    with pytest.raises(CheckpointError):
+        main([*args, "--traceback"])
+
+
+# -------------------------------------------------------------------------------------- quickstart, logging
+def test_quickstart_trains_end_to_end(tmp_path, monkeypatch):
+    """Shortened quickstart: generates the data, trains 4 steps, validates, saves checkpoints, CSV metrics and an
+    overlay picture."""
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(quick_args(steps=4)) == 0
+    assert len(list((tmp_path / "data" / "quickstart").glob("*.json"))) == 8
+    checkpoints = tmp_path / "runs" / "quickstart" / "checkpoints"
+    last = torch.load(checkpoints / "last.ckpt", weights_only=False, map_location="cpu")
+    assert last["global_step"] == 4
+    assert len(list(checkpoints.glob("step*-iou*.ckpt"))) == 1  # best by val/iou_click_1
+    run_dir = tmp_path / "runs" / "quickstart" / "version_0"
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert any(r.get("val/iou_click_1") for r in rows) and any(r.get("train/loss") for r in rows)
+    assert (run_dir / "config.yaml").is_file()
+    hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
+    assert hparams["params/trainable"] == hparams["params/total"] > 0
+    assert len(list((run_dir / "overlays").glob("*.png"))) == 1
+
+
+def test_wandb_offline_run_logs_config_and_overlays(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert run_cli(quick_args("--config", str(REPO_ROOT / "configs" / "logger" / "wandb.yaml"), steps=2)) == 0
+    runs = list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    import wandb
+
+    try:  # the resolved config and the parameter counts are in the run's config
+        assert wandb.run is not None and wandb.run.offline
+        assert wandb.run.config["cli"]["model"]["init_args"]["model"] == "sam_tiny"
+        assert wandb.run.config["params/trainable"] > 0
+    finally:
+        wandb.finish()
+    files = runs[0] / "files"
+    assert list((files / "media" / "images" / "val").glob("overlays_*.png"))
+
+
+def test_wandb_goes_offline_without_credentials(tmp_path, monkeypatch):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    assert configure_wandb_mode() == "offline" and os.environ["WANDB_MODE"] == "offline"
+    monkeypatch.delenv("WANDB_MODE")
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "0" * 40 + "\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert configure_wandb_mode() == "online" and "WANDB_MODE" not in os.environ
+
+
+def test_render_overlays_draws_truth_prediction_and_clicks():
+    side = 32
+    image = torch.zeros(3, side, side)  # "minmax": black
+    gt = torch.zeros(2, side, side, dtype=torch.bool)
+    gt[:, 4:12, 4:12] = True
+    pred = torch.zeros_like(gt)
+    pred[:, 20:28, 20:28] = True
+    example = {"image": image, "gt": gt, "pred": pred, "points": torch.tensor([[[8.0, 8.0]], [[24.0, 24.0]]]),
+               "labels": torch.tensor([[1], [0]]), "normalization": "minmax"}
+    picture = render_overlays(example)
+    assert picture.shape == (2 * side, 2 * side, 3) and picture.dtype.name == "uint8"
+    assert picture[6, 6, 1] > 50 and picture[6, 6, 0] == 0           # ground truth tinted green (left)
+    assert picture[22, side + 22, 2] > 50                           # prediction tinted blue (right)
+    assert tuple(picture[8, side + 8]) == (0, 200, 0)               # positive click
+    assert tuple(picture[side + 24, side + 24]) == (230, 0, 0)      # negative click (second row)
+    assert picture[side // 2, 0].sum() == 0                         # background untouched
+
+
+def test_synthetic_data_is_generated_once(tmp_path):
+    root = tmp_path / "synthetic"
+    assert ensure_synthetic_data(root, SyntheticData(num_images=2, image_size=64))
+    assert not ensure_synthetic_data(root, SyntheticData(num_images=2, image_size=64))
+    assert len(list(root.glob("*.json"))) == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left

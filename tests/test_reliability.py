@@ -1,0 +1,222 @@
+"""Reliability through the CLI: atomic checkpoints, exact resume after a kill, non-finite losses."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from samtune.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
+from samtune.cli import main, run_lightning
+from tests.conftest import REPO_ROOT
+from tests.test_cli import quick_args, run_cli
+
+# One deterministic prompt round (the exact GT box): the loss is a fixed function of weights and data, so two
+# runs agree step by step exactly when weights, optimiser, schedule and data order agree.
+DETERMINISTIC = [
+    "--model.init_args.simulation.num_iterations", "1",
+    "--model.init_args.simulation.num_point_iterations", "0",
+    "--model.init_args.simulation.random_mask_only_iteration", "false",
+    "--model.init_args.simulation.final_mask_only_iteration", "false",
+    "--model.init_args.simulation.box_probability", "1.0",
+    "--model.init_args.simulation.box_noise_std_fraction", "0.0",
+    "--data.init_args.max_masks_per_image", "64",
+]
+
+
+class RecordSteps(Callback):
+    """Appends ``{"step", "image_ids", "loss", "lr"}`` per optimizer step to a JSON-lines file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._ids: list[Any] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._ids = [str(i) for i in batch["image_id"]]
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        record = {"step": trainer.global_step, "image_ids": self._ids,
+                  "loss": None if loss is None else float(loss),
+                  "lr": trainer.optimizers[0].param_groups[0]["lr"]}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+class KillAtStep(Callback):
+    """SIGKILLs its own process at the start of the batch after ``step`` optimizer steps (a hard crash)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class InjectNaN(Callback):
+    """Fills the images of the batch at optimizer step ``step`` with NaN, once."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.done = False
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step and not self.done:
+            batch["images"].fill_(float("nan"))
+            self.done = True
+
+
+def _callbacks_arg(*callbacks: dict) -> list[str]:
+    """``--trainer.callbacks`` replacing the recipe's list: a fixed-folder checkpoint every step + ``callbacks``."""
+    checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"dirpath": "ckpts", "every_n_train_steps": 1, "save_last": True, "save_top_k": 0}}
+    return ["--trainer.callbacks", json.dumps([checkpoint, *callbacks])]
+
+
+def _records(path: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+# ------------------------------------------------------------------------------------------- atomic writes
+def test_atomic_save_keeps_previous_file_on_crash(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1, "w": torch.arange(4)}, path)
+    real_save = torch.save
+
+    def crashing_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04partial")  # some bytes of a zip archive, then the crash
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(4)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["step"] == 1 and torch.equal(loaded["w"], torch.arange(4))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left
+    atomic_torch_save({"step": 3}, path)
+    assert torch.load(path, weights_only=True)["step"] == 3
+
+
+def test_cli_trainer_writes_checkpoints_atomically(tmp_path, monkeypatch):
+    """A crash while the CLI's Trainer saves over last.ckpt leaves the previous last.ckpt loadable."""
+    monkeypatch.chdir(tmp_path)
+    cli = run_lightning(quick_args(steps=2, *_callbacks_arg()), run=False)
+    trainer = cli.trainer
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    trainer.fit(cli.model, cli.datamodule)
+    last = tmp_path / "ckpts" / "last.ckpt"
+    before = torch.load(last, weights_only=False, map_location="cpu")
+    assert before["global_step"] == 2
+
+    def crashing_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04partial")
+        raise RuntimeError("killed during save")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(RuntimeError, match="killed during save"):
+        trainer.save_checkpoint(last)
+    monkeypatch.undo()
+    after = torch.load(last, weights_only=False, map_location="cpu")
+    assert after["global_step"] == 2
+    assert all(torch.equal(after["state_dict"][k], v) for k, v in before["state_dict"].items())
+    assert not [p for p in last.parent.iterdir() if p.suffix == ".tmp"]
+
+
+# ------------------------------------------------------------------------------------------------- resume
+def test_resume_after_kill_continues_exactly(tmp_path, monkeypatch):
+    """Killed (SIGKILL) after step 4 of 8, restarted with --ckpt_path last: steps 5..8 see the same images,
+    learning rates and losses as an uninterrupted run (same weights, optimiser, schedule and data order)."""
+    steps, kill_at = 8, 4
+    common = [*DETERMINISTIC, "--trainer.val_check_interval", "null", "--trainer.check_val_every_n_epoch", "100"]
+    # The interrupted run, in a subprocess that kills itself.
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    record = {"class_path": "tests.test_reliability.RecordSteps", "init_args": {"path": "steps.jsonl"}}
+    kill = {"class_path": "tests.test_reliability.KillAtStep", "init_args": {"step": kill_at}}
+    args = quick_args(*common, *_callbacks_arg(record, kill), steps=steps)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    result = subprocess.run([sys.executable, "-m", "samtune", *args], cwd=interrupted, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    assert max(_records(interrupted / "steps.jsonl")) == kill_at
+    ckpt = torch.load(interrupted / "ckpts" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert ckpt["global_step"] == kill_at
+    loader_state = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert loader_state["batches"] == kill_at - 3  # 6 training images, batch 2: 3 steps per epoch
+
+    # Restart in the same folder.
+    monkeypatch.chdir(interrupted)
+    assert run_cli([*args[:-len(_callbacks_arg(record, kill))], *_callbacks_arg(record), "--ckpt_path", "last"]) == 0
+    resumed = _records(interrupted / "steps.jsonl")
+
+    # The uninterrupted reference.
+    reference_dir = tmp_path / "reference"
+    reference_dir.mkdir()
+    monkeypatch.chdir(reference_dir)
+    assert run_cli(quick_args(*common, *_callbacks_arg(record), steps=steps)) == 0
+    reference = _records(reference_dir / "steps.jsonl")
+
+    assert sorted(resumed) == sorted(reference) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert resumed[step]["image_ids"] == reference[step]["image_ids"], step
+        assert resumed[step]["lr"] == pytest.approx(reference[step]["lr"], rel=1e-9), step
+        assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-4, abs=1e-6), step
+    # every training image once per epoch, in a different order each epoch
+    epochs = [sum((reference[s]["image_ids"] for s in range(e * 3 + 1, e * 3 + 4)), []) for e in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) and len(set(epochs[0])) == 6 and epochs[0] != epochs[1]
+
+
+# ------------------------------------------------------------------------------------------ non-finite loss
+def test_nan_loss_is_skipped_and_training_continues(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    cli = run_lightning(quick_args(steps=4), run=False)
+    cli.trainer.callbacks.append(InjectNaN(step=2))
+    with caplog.at_level(logging.WARNING, logger="samtune"):
+        cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.global_step == 4  # the skipped batch made no optimizer step; 4 steps still happened
+    assert cli.model.skipped_nonfinite_steps == 1
+    assert any("non-finite loss at step 2" in r.getMessage() for r in caplog.records)
+    assert all(torch.isfinite(p).all() for p in cli.model.parameters())
+    assert float(cli.trainer.callback_metrics["train/skipped_nonfinite"]) == 1.0
+
+
+def test_nan_policy_raise_stops_with_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    inject = {"class_path": "tests.test_reliability.InjectNaN", "init_args": {"step": 1}}
+    code = run_cli(quick_args("--model.init_args.nan_policy", "raise", *_callbacks_arg(inject), steps=3))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-2].startswith("samtune: error: FloatingPointError: non-finite loss at step 1"), err
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_resumable_sampler_shards_like_one_process_and_skips():
+    from samtune.resumable import ResumableSampler
+
+    data = list(range(10))
+    single = list(ResumableSampler(data, 1, 0, seed=3))
+    ranks = [list(ResumableSampler(data, 2, r, seed=3)) for r in range(2)]
+    # step k of batch 2 per rank == step k of batch 4 in one process
+    for k in range(2):
+        assert sorted(ranks[0][2 * k:2 * k + 2] + ranks[1][2 * k:2 * k + 2]) == sorted(single[4 * k:4 * k + 4])
+    sampler = ResumableSampler(data, 1, 0, seed=3)
+    sampler.set_epoch(1)
+    epoch1 = list(sampler)
+    assert epoch1 != single and sorted(epoch1) == data
+    sampler.start_index = 4
+    assert list(sampler) == epoch1[4:]
+    assert list(sampler) == epoch1  # the skip applies once
