@@ -226,7 +226,11 @@ class PromptableSegmentationTask(L.LightningModule):
             return self._nonfinite(dict(zip(terms, local.tolist())))
         denominator = total_masks.clamp_min(1.0)
         # DDP averages gradients over processes: scale so that the average is (global sum) / (global count).
+        # The zero term ties every trainable parameter to the loss: prompts of one kind (e.g. boxes only) leave some
+        # embeddings unused, which DDP with find_unused_parameters=False would reject.
         loss = sums["loss"] * (self._world_size() / denominator)
+        if m > 0:
+            loss = loss + self._zero_loss()
         batch_size = int(batch["images"].shape[0])
         for i, name in enumerate(terms):
             self.log(f"train/{name}", stats[i] / denominator, on_step=True, on_epoch=False, prog_bar=name == "loss",
