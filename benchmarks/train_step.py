@@ -198,11 +198,24 @@ def _time_steps(step: Any, steps: int) -> dict[str, Any]:
     return {"times": timed}
 
 
-def _run(side: str, *args: Any) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
+def _child(side: str, queue: Any, *args: Any) -> None:
     fn = _reference_side if side == "reference" else _samtune_side
-    with ctx.Pool(1, maxtasksperchild=1) as pool:
-        return pool.apply(fn, args)
+    queue.put(fn(*args))
+
+
+def _run(side: str, *args: Any) -> dict[str, Any]:
+    """Run one side in a fresh spawned process; a clear error when it dies (e.g. killed for memory)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    proc = ctx.Process(target=_child, args=(side, queue, *args))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0 or queue.empty():
+        raise RuntimeError(
+            f"the {side} process exited with code {proc.exitcode} (-9: killed, usually out of memory); "
+            "try fewer --masks or --iterations"
+        )
+    return queue.get()
 
 
 def main(argv: list[str] | None = None) -> None:
