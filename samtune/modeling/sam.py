@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from samtune.modeling.mask_decoder import MaskDecoder
-from samtune.modeling.preprocessing import PIXEL_MEAN, PIXEL_STD, Interpolation, Normalization
+from samtune.modeling.preprocessing import PIXEL_MEAN, PIXEL_STD, Interpolation, Normalization, normalize_image
 from samtune.modeling.prompt_encoder import PromptEncoder
 
 __all__ = ["Sam"]
@@ -77,13 +77,7 @@ class Sam(nn.Module):
         Returns:
             ``[B, 3, S, S]`` float32.
         """
-        if self.normalization == "sam":
-            x = (x - self.pixel_mean) / self.pixel_std
-        else:
-            flat = x.float().flatten(-3)
-            lo = flat.amin(-1)[..., None, None, None]
-            hi = flat.amax(-1)[..., None, None, None]
-            x = (x - lo) / (hi - lo).clamp_min(1e-8)
+        x = normalize_image(x, self.normalization)  # the same function the data pipelines use
         h, w = x.shape[-2:]
         return F.pad(x, (0, self.image_size - w, 0, self.image_size - h))
 
