@@ -40,10 +40,11 @@ from samtune.resumable import make_resumable
 __all__ = ["SamtuneCLI", "SyntheticData", "main", "ensure_synthetic_data", "configure_wandb_mode", "UsageError"]
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
-LATER_COMMANDS = {
-    "export": "write official-format .pth, merged-LoRA, safetensors or ONNX weights from a checkpoint",
-    "evaluate": "IoU per click / NoC of a checkpoint on a dataset",
-    "amg": "automatic mask generation (point grid, IoU/stability filtering, NMS) over images",
+# Tool commands: each lives in its own module with ``main(argv: list[str]) -> int`` (argparse, its own --help).
+TOOL_COMMANDS = {
+    "export": ("samtune.export.cli", "write official-format .pth, merged-LoRA, safetensors or ONNX weights from a checkpoint"),
+    "evaluate": ("samtune.evaluation.cli", "IoU per click / NoC of a checkpoint on a dataset"),
+    "amg": ("samtune.inference.amg_cli", "automatic mask generation (point grid, IoU/stability filtering, NMS) over images"),
 }
 NOT_AVAILABLE = "not available yet in this version (tracked: inference/export issue)"
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
@@ -253,11 +254,18 @@ def run_lightning(args: list[str], run: bool = True) -> SamtuneCLI:
         )
 
 
-def _later_command(name: str, args: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog=f"samtune {name}", description=f"{LATER_COMMANDS[name]}. {NOT_AVAILABLE}.")
-    parser.parse_known_args(args)  # --help prints the description and exits 0
-    print(f"samtune {name}: {NOT_AVAILABLE}", file=sys.stderr)
-    return 2
+def _tool_command(name: str, args: list[str]) -> int:
+    """Run a tool command: import its module only now (keeps ``samtune --help`` and ``fit`` start-up light)."""
+    import importlib
+    import importlib.util
+
+    module_name, text = TOOL_COMMANDS[name]
+    if importlib.util.find_spec(module_name) is None:
+        parser = argparse.ArgumentParser(prog=f"samtune {name}", description=f"{text}. {NOT_AVAILABLE}.")
+        parser.parse_known_args(args)  # --help prints the description and exits 0
+        print(f"samtune {name}: {NOT_AVAILABLE}", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(module_name).main(args) or 0)
 
 
 def _top_level_parser() -> argparse.ArgumentParser:
@@ -279,8 +287,8 @@ def _top_level_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="dataset tools (synth)")
     data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     data_sub.add_parser("synth", help="write synthetic SA-1B-format images (--out DIR --num-images N)", add_help=False)
-    for name, text in LATER_COMMANDS.items():
-        sub.add_parser(name, help=f"{text} [{NOT_AVAILABLE}]", add_help=False)
+    for name, (_, text) in TOOL_COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
@@ -302,9 +310,9 @@ def _dispatch(args: list[str]) -> int:
 
         synth_main(args[2:])
         return 0
-    if command in LATER_COMMANDS:
-        return _later_command(command, args[1:])
-    raise UsageError(f"unknown command {command!r}; available: {', '.join([*TRAINER_COMMANDS, 'data', *LATER_COMMANDS])}")
+    if command in TOOL_COMMANDS:
+        return _tool_command(command, args[1:])
+    raise UsageError(f"unknown command {command!r}; available: {', '.join([*TRAINER_COMMANDS, 'data', *TOOL_COMMANDS])}")
 
 
 def _root_cause(err: BaseException) -> BaseException:
