@@ -260,7 +260,11 @@ def _tool_command(name: str, args: list[str]) -> int:
     import importlib.util
 
     module_name, text = TOOL_COMMANDS[name]
-    if importlib.util.find_spec(module_name) is None:
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except ModuleNotFoundError:  # the parent package is absent
+        spec = None
+    if spec is None:
         parser = argparse.ArgumentParser(prog=f"samtune {name}", description=f"{text}. {NOT_AVAILABLE}.")
         parser.parse_known_args(args)  # --help prints the description and exits 0
         print(f"samtune {name}: {NOT_AVAILABLE}", file=sys.stderr)
