@@ -1,4 +1,4 @@
-"""ViT image encoder: the reusable bias workspace of gradient-free CPU forwards changes no result."""
+"""Caches of gradient-free forwards (rel-pos bias workspace, dense positional encoding) change no result."""
 from __future__ import annotations
 
 import torch
@@ -42,3 +42,17 @@ def test_bias_workspace_matches_fresh_bias_and_keeps_autograd_correct(monkeypatc
 
 def _BUFFERS_IN_USE() -> bool:
     return bool(image_encoder._BIAS_WORKSPACE.buffers)
+
+
+def test_dense_pe_cache_follows_the_gaussian_matrix() -> None:
+    """get_dense_pe is cached, and recomputed when the matrix changes in place or the module moves."""
+    pe = build_sam("sam_tiny").prompt_encoder
+    first = pe.get_dense_pe()
+    assert pe.get_dense_pe() is first
+    with torch.no_grad():
+        pe.pe_layer.positional_encoding_gaussian_matrix.mul_(2.0)
+    second = pe.get_dense_pe()
+    assert second is not first
+    torch.testing.assert_close(second, pe.pe_layer(pe.image_embedding_size).unsqueeze(0), rtol=0, atol=0)
+    pe.to(torch.float64)
+    assert pe.get_dense_pe().dtype == torch.float64
