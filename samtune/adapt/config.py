@@ -57,7 +57,7 @@ class AdaptationConfig:
             ``"full"`` everything. The weights a LoRA layer wraps always stay frozen (that is LoRA); MobileSAM's
             unused classification head never trains.
         last_k: number of trailing encoder attention blocks for ``freeze_policy="last_k"`` (only then).
-        blocks: encoder attention blocks that get LoRA / adapters: None for all, a list of indices (negative
+        blocks: encoder attention blocks that get LoRA / adapters: None (or ``"all"``) for all, a list of indices (negative
             counts from the end), or a regular expression matched (``re.fullmatch``) against the block names
             inside the image encoder, e.g. ``"blocks\\.(2|5|8|11)"`` or ``"layers\\.3\\.blocks\\.\\d+"``.
         lora_rank: LoRA rank r.
@@ -119,6 +119,10 @@ class AdaptationConfig:
                 f"(freeze_policy is {self.freeze_policy!r}); remove it"
             )
         blocks = self.blocks
+        if isinstance(blocks, str) and blocks.strip() in ("all", "None", "null"):
+            # "all"; and null given on the command line, which jsonargparse can hand over as the string "None"
+            blocks = None
+            object.__setattr__(self, "blocks", None)
         if isinstance(blocks, str):
             if not blocks:
                 raise ValueError("AdaptationConfig.blocks: an empty pattern; use null for all blocks")

@@ -28,6 +28,8 @@ def test_defaults_and_plain_round_trip(tmp_path):
 
 def test_regex_blocks_are_kept_as_string():
     assert AdaptationConfig(method="adapter", blocks=r"blocks\.(2|5)").blocks == r"blocks\.(2|5)"
+    for alias in ("all", "None", "null"):  # "None": a command-line null as jsonargparse may pass it
+        assert AdaptationConfig(method="adapter", blocks=alias).blocks is None
 
 
 @pytest.mark.parametrize(
