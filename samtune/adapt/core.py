@@ -23,6 +23,7 @@ __all__ = [
     "trainable_state_dict",
     "frozen_keys",
     "base_fingerprint",
+    "compare_fingerprints",
     "eval_frozen_batchnorm",
     "merge_adaptation",
     "export_merged",

@@ -6,11 +6,15 @@ that keeps the original as ``base_layer`` and adds ``lora_B(lora_A(dropout(x))) 
 ``...attn.qkv.base_layer.weight``, ``...attn.qkv.lora_A.default.weight``, ``...attn.qkv.lora_B.default.weight``.
 :func:`merge_lora` folds ``B @ A * scale`` into the base weights and puts the plain ``nn.Linear`` back, which
 restores the official key layout.
+
+peft is imported on first use (it pulls in transformers: seconds of start-up that runs without LoRA should not
+pay); until then no model can hold a peft layer.
 """
 from __future__ import annotations
 
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
+import sys
+from typing import Any
+
 from torch import nn
 
 from samtune.modeling.mask_decoder import Attention as DecoderAttention
@@ -54,6 +58,8 @@ def inject_lora(model: Sam, targets: list[str], rank: int, alpha: float, dropout
     peft marks every other parameter of ``model`` as frozen; :func:`samtune.adapt.apply_adaptation` then applies
     the freeze policy.
     """
+    from peft import LoraConfig, inject_adapter_in_model
+
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
     inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     # peft leaves its config dict on the model; the adaptation is recorded by samtune.adapt instead.
@@ -61,9 +67,12 @@ def inject_lora(model: Sam, targets: list[str], rank: int, alpha: float, dropout
         del model.peft_config
 
 
-def lora_layers(model: nn.Module) -> list[tuple[str, BaseTunerLayer]]:
-    """``[(name, layer)]`` of the peft layers in ``model``."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+def lora_layers(model: nn.Module) -> list[tuple[str, Any]]:
+    """``[(name, layer)]`` of the peft layers (``peft.tuners.tuners_utils.BaseTunerLayer``) in ``model``."""
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    if tuners is None:  # peft never imported: no peft layer exists
+        return []
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, tuners.BaseTunerLayer)]
 
 
 def merge_lora(model: nn.Module) -> int:
