@@ -229,9 +229,10 @@ def test_untrained_adaptation_is_the_identity(name, method):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["sam_tiny", "sam_tiny_vit_t"])
-@pytest.mark.parametrize("method", ["adapter", "lora"])
+@pytest.mark.parametrize(("name", "method"),
+                         [("sam_tiny", "lora"), ("sam_tiny", "adapter"), ("sam_tiny_vit_t", "lora")])
 def test_frozen_weights_bit_identical_after_training(name, method):
+    """(TinyViT once: its BatchNorm statistics are the extra case; adapters there share the mechanism.)"""
     torch.manual_seed(0)
     model = apply_adaptation(build_sam(name), dict(method=method, freeze_policy="decoder_only"))
     frozen = {k: v.clone() for k, v in model.state_dict().items() if k in set(frozen_keys(model))}
