@@ -7,12 +7,22 @@ valid masks over all devices.
 
 Validation: deterministic prompts (:class:`samtune.prompts.InteractiveEvaluator`): IoU after 1..k clicks, after
 the ground-truth box, NoC@85/90 and the IoU head's error, accumulated with :class:`samtune.metrics.ClickIoU`.
+
+Adaptation (``adaptation=``, :class:`samtune.adapt.AdaptationConfig`): LoRA / adapters and a freeze policy are
+applied right after the model is built and its weights loaded, before the optimiser exists. Lightning checkpoints
+of an adapted run carry the adapter metadata (``samtune_adapter``) and, unless ``checkpoint_weights: full`` or the
+base is randomly initialised, only the trainable weights: on resume (``--ckpt_path``) or ``load_from_checkpoint``
+the frozen base comes from the task's ``checkpoint`` file and is checked against the recorded fingerprint. Such a
+``.ckpt`` loads directly with :func:`samtune.adapt.load_adapter_checkpoint`;
+:meth:`PromptableSegmentationTask.save_adapter_checkpoint` and :func:`samtune.adapt.extract_adapter_checkpoint`
+write a standalone adapter file (no optimiser state).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -20,8 +30,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from samtune.adapt import AdaptationConfig, apply_adaptation, eval_frozen_batchnorm, save_adapter_checkpoint
+from samtune.adapt.checkpoint import METADATA_KEY, adapter_metadata, restore_frozen, strip_frozen
 from samtune.build import build_sam, get_config
-from samtune.checkpoints import init_encoder_from_mae
+from samtune.checkpoints import CheckpointError, init_encoder_from_mae
 from samtune.losses import SamLoss
 from samtune.metrics import ClickIoU
 from samtune.prompts import InteractiveEvaluator, InteractiveSimulator, SimulationConfig
@@ -62,7 +74,15 @@ class PromptableSegmentationTask(L.LightningModule):
         optimizer: AdamW, layer decay, encoder lr scale and schedule.
         freeze_image_encoder / freeze_prompt_encoder / freeze_mask_decoder: keep that part fixed (no parameters
             in the optimiser, ``requires_grad=False``, kept in eval mode: no dropout / drop path, frozen
-            BatchNorm statistics).
+            BatchNorm statistics). With ``adaptation`` the freeze policy decides what trains; a flag may then only
+            restate it (freeze a part in which nothing trains): freezing a part that the adaptation trains (e.g.
+            ``freeze_image_encoder`` with LoRA on the encoder, ``freeze_mask_decoder`` with ``decoder_only``) is
+            an error.
+        adaptation: LoRA / adapters / freeze policy (:class:`samtune.adapt.AdaptationConfig`), applied after
+            ``checkpoint`` (and ``mae_checkpoint``) are loaded. The optimiser gets every trainable parameter with
+            the usual groups: LoRA and adapter weight matrices get weight decay, their biases do not; in the
+            image encoder they follow their block's layer-decay lr. An encoder with no trainable parameter at all
+            runs without gradients; BatchNorm layers whose parameters are frozen keep their statistics (eval).
         drop_path_rate: stochastic depth of the encoder blocks.
         decoder_dropout: attention dropout of the mask decoder.
         activation_checkpointing: recompute encoder blocks in backward (less memory, ~30% more compute).
@@ -87,8 +107,11 @@ class PromptableSegmentationTask(L.LightningModule):
         activation_checkpointing: bool = False,
         val_num_clicks: int = 5,
         nan_policy: Literal["skip", "raise"] = "skip",
+        adaptation: AdaptationConfig | None = None,
     ) -> None:
         super().__init__()
+        if adaptation is not None:
+            adaptation = AdaptationConfig.coerce(adaptation, name="adaptation")
         simulation = _as_dataclass(simulation, SimulationConfig, "simulation")
         loss = _as_dataclass(loss, LossConfig, "loss")
         optimizer = _as_dataclass(optimizer, OptimizerConfig, "optimizer")
@@ -101,14 +124,16 @@ class PromptableSegmentationTask(L.LightningModule):
                 f"drop_path_rate and decoder_dropout must be in [0, 1), got {drop_path_rate}, {decoder_dropout}"
             )
         # Plain values only (dicts, lists, numbers, strings): checkpoints load with weights_only=True.
-        self.save_hyperparameters(ignore=["simulation", "loss", "optimizer"])
-        self.hparams.update(simulation=to_plain(simulation), loss=to_plain(loss), optimizer=to_plain(optimizer))
+        self.save_hyperparameters(ignore=["simulation", "loss", "optimizer", "adaptation"])
+        self.hparams.update(simulation=to_plain(simulation), loss=to_plain(loss), optimizer=to_plain(optimizer),
+                            adaptation=None if adaptation is None else adaptation.to_dict())
 
         self.simulation_config = simulation
         self.loss_config = loss
         self.optimizer_config = optimizer
         self.nan_policy = nan_policy
-        self.frozen = {
+        self.adaptation = adaptation
+        flags = {
             "image_encoder": freeze_image_encoder,
             "prompt_encoder": freeze_prompt_encoder,
             "mask_decoder": freeze_mask_decoder,
@@ -121,9 +146,21 @@ class PromptableSegmentationTask(L.LightningModule):
             logger.info("%s", init_encoder_from_mae(self.model.image_encoder, mae_checkpoint))
         if activation_checkpointing:
             self.model.image_encoder.set_grad_checkpointing(True)
-        for part, frozen in self.frozen.items():
+        if adaptation is not None:
+            apply_adaptation(self.model, adaptation)
+            for part, frozen in flags.items():
+                trains = [n for n, p in getattr(self.model, part).named_parameters() if p.requires_grad]
+                if frozen and trains:
+                    raise ValueError(
+                        f"freeze_{part}=True contradicts the adaptation (method {adaptation.method!r}, freeze_policy "
+                        f"{adaptation.freeze_policy!r}), which trains {len(trains)} parameters of the {part} (e.g. "
+                        f"{trains[0]}); set freeze_{part}: false (the freeze policy decides what trains)"
+                    )
+        for part, frozen in flags.items():
             if frozen:
                 getattr(self.model, part).requires_grad_(False)
+        # A part with no trainable parameter at all is frozen: eval mode, and the encoder runs without gradients.
+        self.frozen = {part: not any(p.requires_grad for p in getattr(self.model, part).parameters()) for part in flags}
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("every part of the model is frozen: nothing to train")
 
@@ -149,6 +186,8 @@ class PromptableSegmentationTask(L.LightningModule):
         for part, frozen in self.frozen.items():
             if frozen:
                 getattr(self.model, part).eval()
+        if mode and self.adaptation is not None:
+            eval_frozen_batchnorm(self.model)  # e.g. a TinyViT encoder under LoRA keeps its statistics
         return self
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -325,13 +364,69 @@ class PromptableSegmentationTask(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     # ------------------------------------------------------------------------------------------ checkpoints
+    def _adapter_metadata(self, complete: bool) -> dict[str, Any]:
+        meta = adapter_metadata(
+            self.model, model_name=self.hparams["model"], base_checkpoint=self.hparams["checkpoint"],
+            config=self.adaptation, mae_checkpoint=self.hparams["mae_checkpoint"], complete=complete,
+        )
+        meta["lightning"] = True
+        return meta
+
+    def _trainable_only_checkpoints(self) -> bool:
+        """Whether Lightning checkpoints drop the frozen base (it can be rebuilt from the ``checkpoint`` file)."""
+        return (
+            self.adaptation is not None
+            and self.adaptation.checkpoint_weights == "trainable"
+            and self.hparams["checkpoint"] is not None
+        )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["skipped_nonfinite_steps"] = int(self.skipped_nonfinite_steps)
         checkpoint["simulation_state"] = {"seed": self.simulation_seed, "step_counter": self._train_step_counter}
+        if self.adaptation is None:
+            return
+        state = checkpoint.get("state_dict")
+        prune = self._trainable_only_checkpoints() and isinstance(state, dict) and any(
+            k.startswith("model.") for k in state
+        )
+        checkpoint[METADATA_KEY] = self._adapter_metadata(complete=not prune)
+        if prune:
+            strip_frozen(state, self.model)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_nonfinite_steps = int(checkpoint.get("skipped_nonfinite_steps", 0))
-        state = checkpoint.get("simulation_state")
-        if state is not None:
-            self.simulation_seed = int(state["seed"])
-            self._train_step_counter = int(state["step_counter"])
+        simulation = checkpoint.get("simulation_state")
+        if simulation is not None:
+            self.simulation_seed = int(simulation["seed"])
+            self._train_step_counter = int(simulation["step_counter"])
+        meta = checkpoint.get(METADATA_KEY)
+        if meta is None:
+            return
+        if self.adaptation is None or AdaptationConfig.coerce(meta["adaptation"]) != self.adaptation:
+            raise CheckpointError(
+                f"the checkpoint was trained with adaptation {meta['adaptation']}, this task has "
+                f"{None if self.adaptation is None else self.adaptation.to_dict()}: use the same adaptation settings"
+            )
+        state = checkpoint.get("state_dict")
+        if not meta.get("complete") and isinstance(state, dict):
+            restore_frozen(state, self.model, meta, source=f"(model {meta['model_name']!r}, base "
+                                                           f"{self.hparams['checkpoint']})")
+
+    def save_adapter_checkpoint(self, path: str | Path) -> Path:
+        """Write the adapted model's trainable weights and metadata (:func:`samtune.adapt.save_adapter_checkpoint`).
+
+        Args:
+            path: destination (``.safetensors`` or ``torch.save`` by suffix).
+
+        Returns:
+            The path written.
+
+        Raises:
+            ValueError: the task has no ``adaptation``.
+        """
+        if self.adaptation is None:
+            raise ValueError("save_adapter_checkpoint: this task has no adaptation (set adaptation=...)")
+        return save_adapter_checkpoint(
+            self.model, path, model_name=self.hparams["model"], base_checkpoint=self.hparams["checkpoint"],
+            config=self.adaptation, mae_checkpoint=self.hparams["mae_checkpoint"],
+        )

@@ -1,0 +1,90 @@
+"""LoRA through peft: injection into the encoder attention (and optionally the decoder attention), and merging.
+
+peft's ``inject_adapter_in_model`` replaces each targeted ``nn.Linear`` in place by a ``peft.tuners.lora.Linear``
+that keeps the original as ``base_layer`` and adds ``lora_B(lora_A(dropout(x))) * lora_alpha / r``
+(``lora_A`` Kaiming-initialised, ``lora_B`` zero: the model is unchanged until trained). State-dict keys become
+``...attn.qkv.base_layer.weight``, ``...attn.qkv.lora_A.default.weight``, ``...attn.qkv.lora_B.default.weight``.
+:func:`merge_lora` folds ``B @ A * scale`` into the base weights and puts the plain ``nn.Linear`` back, which
+restores the official key layout.
+
+peft is imported on first use (it pulls in transformers: seconds of start-up that runs without LoRA should not
+pay); until then no model can hold a peft layer.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from torch import nn
+
+from samtune.modeling.mask_decoder import Attention as DecoderAttention
+from samtune.modeling.sam import Sam
+
+__all__ = ["lora_target_names", "inject_lora", "lora_layers", "merge_lora"]
+
+ADAPTER_NAME = "default"
+
+
+def lora_target_names(
+    model: Sam,
+    blocks: list[tuple[str, nn.Module]],
+    encoder_targets: tuple[str, ...],
+    include_decoder: bool,
+    decoder_targets: tuple[str, ...],
+) -> list[str]:
+    """Full module names (from the ``Sam`` root) of the linears that get LoRA.
+
+    Args:
+        model: the model.
+        blocks: chosen encoder attention blocks ``[(name inside the encoder, block)]``.
+        encoder_targets: ``"qkv"`` and/or ``"proj"`` of each block's ``attn``.
+        include_decoder: add the decoder attention projections.
+        decoder_targets: which of ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``.
+    """
+    names = [f"image_encoder.{name}.attn.{t}" for name, _ in blocks for t in encoder_targets]
+    if include_decoder:
+        attentions = [n for n, m in model.mask_decoder.named_modules() if isinstance(m, DecoderAttention)]
+        names += [f"mask_decoder.{n}.{t}" for n in attentions for t in decoder_targets]
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"LoRA target {name} is a {type(module).__name__}, expected nn.Linear")
+    return names
+
+
+def inject_lora(model: Sam, targets: list[str], rank: int, alpha: float, dropout: float) -> None:
+    """Replace every target linear by a peft LoRA linear (in place).
+
+    peft marks every other parameter of ``model`` as frozen; :func:`samtune.adapt.apply_adaptation` then applies
+    the freeze policy.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+    # peft leaves its config dict on the model; the adaptation is recorded by samtune.adapt instead.
+    if "peft_config" in vars(model):
+        del model.peft_config
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, Any]]:
+    """``[(name, layer)]`` of the peft layers (``peft.tuners.tuners_utils.BaseTunerLayer``) in ``model``."""
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    if tuners is None:  # peft never imported: no peft layer exists
+        return []
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, tuners.BaseTunerLayer)]
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Fold every LoRA update into its base weight and put the plain base module back (in place).
+
+    Returns:
+        The number of merged layers.
+    """
+    layers = lora_layers(model)
+    for name, layer in layers:
+        layer.merge(safe_merge=True)  # raises on a non-finite merged weight
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.get_base_layer())
+    return len(layers)

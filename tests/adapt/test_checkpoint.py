@@ -1,0 +1,180 @@
+"""Adapter checkpoints: small files of trainable weights + metadata, weights_only-safe, atomic; reloaded in a fresh
+process they reproduce the adapted model; wrong or missing bases give clear errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import samtune
+from samtune.adapt import (
+    AdaptationConfig,
+    apply_adaptation,
+    is_adapter_checkpoint,
+    load_adapter_checkpoint,
+    read_adapter_checkpoint,
+    save_adapter_checkpoint,
+    trainable_state_dict,
+)
+from samtune.build import build_sam
+from samtune.checkpoints import CheckpointError, save_checkpoint
+from tests.adapt.helpers import eval_outputs, make_inputs, train_steps
+from tests.conftest import REPO_ROOT
+
+LORA = AdaptationConfig(method="lora", lora_rank=4, lora_include_decoder=True, freeze_policy="prompt_decoder")
+ADAPTER = AdaptationConfig(method="adapter", adapter_dim=16, blocks=[1, 3], freeze_policy="decoder_only")
+
+
+def adapted_model(folder, config: AdaptationConfig):
+    """sam_tiny from a base file, adapted and trained for one step; returns (model, base path)."""
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = save_checkpoint(build_sam("sam_tiny"), folder / "base.pth")
+    model = apply_adaptation(build_sam("sam_tiny", base), config)
+    train_steps(model, steps=1)
+    return model, base
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """One trained model per method (shared: tests must not change them)."""
+    root = tmp_path_factory.mktemp("trained")
+    return {name: adapted_model(root / name, config) for name, config in (("lora", LORA), ("adapter", ADAPTER))}
+
+
+def assert_same_outputs(a, b) -> None:
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("name", ["lora", "adapter"])
+def test_round_trip_and_contents(tmp_path, trained, name, suffix):
+    model, base = trained[name]
+    config = {"lora": LORA, "adapter": ADAPTER}[name]
+    path = save_adapter_checkpoint(model, tmp_path / f"adapter{suffix}", model_name="sam_tiny", base_checkpoint=base,
+                                   config=config)
+    assert is_adapter_checkpoint(path)
+    assert [p.name for p in tmp_path.iterdir()] == [f"adapter{suffix}"]  # no temporary files left
+    meta, tensors = read_adapter_checkpoint(path)
+    assert set(tensors) == set(trainable_state_dict(model)) == set(meta["trainable_keys"])
+    assert meta["format"] == "samtune-adapter" and meta["samtune_version"] == samtune.__version__
+    assert (meta["model_name"], meta["base_checkpoint"], meta["complete"]) == ("sam_tiny", str(base), False)
+    assert meta["adaptation"] == config.to_dict()
+    json.dumps(meta)  # plain values only
+    if suffix == ".pt":
+        raw = torch.load(path, weights_only=True)  # no pickled Python objects
+        assert set(raw) == {"samtune_adapter", "state_dict"}
+    assert os.path.getsize(path) < 0.5 * os.path.getsize(base)
+    inputs = make_inputs(model)
+    assert_same_outputs(eval_outputs(model, inputs), eval_outputs(load_adapter_checkpoint(path), inputs))
+
+
+def test_reloaded_in_a_fresh_process(tmp_path, trained):
+    """Both methods and both formats, loaded by a new Python process, give the same outputs."""
+    files, expected = {}, {}
+    for name, suffix in (("lora", ".safetensors"), ("adapter", ".pt")):
+        model, base = trained[name]
+        files[name] = save_adapter_checkpoint(model, tmp_path / f"{name}{suffix}", model_name="sam_tiny",
+                                              base_checkpoint=base)
+        inputs = make_inputs(model, seed=3)
+        expected[name] = eval_outputs(model, inputs)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = textwrap.dedent(f"""
+        import torch
+        from samtune.adapt import load_adapter_checkpoint
+        from tests.adapt.helpers import eval_outputs
+        inputs = torch.load({str(tmp_path / 'inputs.pt')!r}, weights_only=True)
+        out = {{}}
+        for name, path in {({k: str(v) for k, v in files.items()})!r}.items():
+            out[name] = eval_outputs(load_adapter_checkpoint(path), inputs)
+        torch.save(out, {str(tmp_path / 'outputs.pt')!r})
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = torch.load(tmp_path / "outputs.pt", weights_only=True)
+    for name in files:
+        assert_same_outputs(expected[name], got[name])
+
+
+def test_wrong_missing_or_moved_base(tmp_path, trained):
+    model, shared_base = trained["lora"]
+    base = tmp_path / "base0.pth"
+    base.write_bytes(shared_base.read_bytes())
+    path = save_adapter_checkpoint(model, tmp_path / "a.pt", model_name="sam_tiny", base_checkpoint=base)
+    inputs = make_inputs(model)
+    expected = eval_outputs(model, inputs)
+    # another base of the same architecture: shapes fit, the fingerprint does not
+    torch.manual_seed(1)
+    other = save_checkpoint(build_sam("sam_tiny"), tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match=r"not the ones the adapter was trained on .* frozen tensors differ"):
+        load_adapter_checkpoint(path, base_checkpoint=other)
+    # a base of another model
+    tiny_vit = save_checkpoint(build_sam("sam_tiny_vit_t"), tmp_path / "tiny_vit.pth")
+    with pytest.raises(CheckpointError, match=r"\(model 'sam_tiny'\): the base checkpoint does not fit"):
+        load_adapter_checkpoint(path, base_checkpoint=tiny_vit)
+    # the base moved: a clear error, and base_checkpoint= points to the new place
+    moved = base.rename(tmp_path / "moved.pth")
+    with pytest.raises(CheckpointError, match="base checkpoint .*base0.pth not found.*pass base_checkpoint="):
+        load_adapter_checkpoint(path)
+    assert_same_outputs(expected, eval_outputs(load_adapter_checkpoint(path, base_checkpoint=moved), inputs))
+
+
+def test_random_base_needs_a_base_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = apply_adaptation(build_sam("sam_tiny"), ADAPTER)
+    path = save_adapter_checkpoint(model, tmp_path / "a.safetensors", model_name="sam_tiny", base_checkpoint=None)
+    with pytest.raises(CheckpointError, match="records no base checkpoint .*random weights.*pass base_checkpoint="):
+        load_adapter_checkpoint(path)
+
+
+def test_save_errors(tmp_path):
+    torch.manual_seed(0)
+    plain = build_sam("sam_tiny")
+    with pytest.raises(ValueError, match="the model is not adapted"):
+        save_adapter_checkpoint(plain, tmp_path / "a.pt", model_name="sam_tiny", base_checkpoint=None)
+    model = apply_adaptation(plain, LORA)
+    with pytest.raises(ValueError, match=r"config differs from the adaptation applied .*'lora_rank': \(8, 4\)"):
+        save_adapter_checkpoint(model, tmp_path / "a.pt", model_name="sam_tiny", base_checkpoint=None,
+                                config=LORA.to_dict() | {"lora_rank": 8})
+    with pytest.raises(ValueError, match="unknown model 'sam_huge'"):
+        save_adapter_checkpoint(model, tmp_path / "a.pt", model_name="sam_huge", base_checkpoint=None)
+    assert not any(tmp_path.iterdir())
+
+
+def test_interrupted_save_keeps_the_old_file(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = apply_adaptation(build_sam("sam_tiny"), ADAPTER)
+    path = save_adapter_checkpoint(model, tmp_path / "a.pt", model_name="sam_tiny", base_checkpoint=None)
+    before = path.read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter_checkpoint(model, path, model_name="sam_tiny", base_checkpoint=None)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["a.pt"]
+
+
+def test_plain_and_broken_files_are_not_adapter_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    plain = save_checkpoint(build_sam("sam_tiny"), tmp_path / "plain.pth")
+    plain_st = save_checkpoint(build_sam("sam_tiny"), tmp_path / "plain.safetensors")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    for path in (plain, plain_st, garbage, tmp_path / "missing.pt"):
+        assert not is_adapter_checkpoint(path)
+    with pytest.raises(CheckpointError, match="no samtune adapter metadata .*build_sam"):
+        load_adapter_checkpoint(plain)
+    with pytest.raises(CheckpointError, match="safetensors file without samtune adapter metadata"):
+        load_adapter_checkpoint(plain_st)
+    with pytest.raises(CheckpointError, match="file not found"):
+        load_adapter_checkpoint(tmp_path / "missing.pt")

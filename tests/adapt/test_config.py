@@ -1,0 +1,71 @@
+"""AdaptationConfig: defaults, validation with clear errors, plain-dict / YAML round trip."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+import yaml
+
+from samtune.adapt import AdaptationConfig
+
+
+def test_defaults_and_plain_round_trip(tmp_path):
+    config = AdaptationConfig(method="lora", blocks=[0, -1], lora_targets=["qkv"], freeze_policy="last_k", last_k=2)
+    assert config.blocks == (0, -1) and config.lora_targets == ("qkv",)
+    plain = config.to_dict()
+    assert plain["blocks"] == [0, -1] and plain["lora_targets"] == ["qkv"] and plain["method"] == "lora"
+    # YAML and weights_only torch.load accept the plain form, and it rebuilds an equal config
+    assert AdaptationConfig.coerce(yaml.safe_load(yaml.safe_dump(plain))) == config
+    torch.save({"adaptation": plain}, tmp_path / "c.pt")
+    assert AdaptationConfig.coerce(torch.load(tmp_path / "c.pt", weights_only=True)["adaptation"]) == config
+    assert pickle.loads(pickle.dumps(config)) == config
+    assert AdaptationConfig.coerce(config) is config
+    default = AdaptationConfig()
+    assert (default.method, default.freeze_policy, default.lora_rank, default.adapter_ratio,
+            default.adapter_mlp_scale) == ("none", "decoder_only", 8, 0.25, 0.5)
+
+
+def test_regex_blocks_are_kept_as_string():
+    assert AdaptationConfig(method="adapter", blocks=r"blocks\.(2|5)").blocks == r"blocks\.(2|5)"
+    for alias in ("all", "None", "null"):  # "None": a command-line null as jsonargparse may pass it
+        assert AdaptationConfig(method="adapter", blocks=alias).blocks is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": "prefix"}, "AdaptationConfig.method must be one of"),
+        ({"freeze_policy": "encoder"}, "AdaptationConfig.freeze_policy must be one of"),
+        ({"freeze_policy": "frozen"}, "leaves nothing to train"),
+        ({"freeze_policy": "last_k"}, "AdaptationConfig.last_k must be a positive integer"),
+        ({"freeze_policy": "last_k", "last_k": 0}, "AdaptationConfig.last_k must be a positive integer"),
+        ({"last_k": 2}, "only applies to freeze_policy 'last_k'"),
+        ({"blocks": []}, "AdaptationConfig.blocks must be a non-empty list"),
+        ({"blocks": [1, 1]}, "repeated indices"),
+        ({"blocks": [1.5]}, "AdaptationConfig.blocks must be a non-empty list of integers"),
+        ({"blocks": "blocks.("}, "not a valid regular expression"),
+        ({"blocks": ""}, "empty pattern"),
+        ({"lora_rank": 0}, "AdaptationConfig.lora_rank must be a positive integer"),
+        ({"lora_alpha": 0.0}, "AdaptationConfig.lora_alpha must be > 0"),
+        ({"lora_dropout": 1.0}, "AdaptationConfig.lora_dropout must be in [0, 1)"),
+        ({"lora_targets": ["qkv", "fc1"]}, "AdaptationConfig.lora_targets must be"),
+        ({"lora_targets": []}, "AdaptationConfig.lora_targets must be"),
+        ({"lora_decoder_targets": ["q"]}, "AdaptationConfig.lora_decoder_targets must be"),
+        ({"adapter_dim": 0}, "AdaptationConfig.adapter_dim must be a positive integer"),
+        ({"adapter_ratio": -0.1}, "AdaptationConfig.adapter_ratio must be > 0"),
+        ({"adapter_positions": ["mlp", "mlp"]}, "AdaptationConfig.adapter_positions must be"),
+        ({"checkpoint_weights": "some"}, "AdaptationConfig.checkpoint_weights must be"),
+    ],
+)
+def test_invalid_values_name_the_field(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message.replace("[", r"\[").replace("(", r"\(")
+                       .replace(")", r"\)")):
+        AdaptationConfig(**kwargs)
+
+
+def test_coerce_rejects_unknown_keys_and_types():
+    with pytest.raises(ValueError, match=r"adaptation: unknown keys \['rank'\] for AdaptationConfig"):
+        AdaptationConfig.coerce({"method": "lora", "rank": 4})
+    with pytest.raises(TypeError, match="adaptation must be an AdaptationConfig or a dict"):
+        AdaptationConfig.coerce("lora")

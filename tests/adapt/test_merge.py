@@ -1,0 +1,119 @@
+"""merge_adaptation / export_merged: merged LoRA equals the unmerged model, the official key layout (strict load
+into the official segment_anything Sam), and the documented refusal for bottleneck adapters."""
+from __future__ import annotations
+
+import pytest
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from samtune.adapt import (
+    AdapterMergeError,
+    adaptation_of,
+    apply_adaptation,
+    export_merged,
+    is_adapted,
+    merge_adaptation,
+)
+from samtune.build import build_sam
+from tests.adapt.helpers import eval_outputs, make_inputs, train_steps
+
+TOL = 1e-5
+
+
+def trained_lora(name: str, steps: int = 2, **overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = dict(method="lora", lora_rank=4, lora_alpha=8.0, lora_dropout=0.1, lora_include_decoder=True,
+                  freeze_policy="frozen") | overrides
+    model = apply_adaptation(build_sam(name), config)
+    train_steps(model, steps=steps, lr=2e-2)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().max() > 1e-3 for p in lora_b)  # trained away from the zero init
+    return model
+
+
+def max_diff(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("name", ["sam_tiny", "sam_tiny_vit_t"])
+def test_merged_lora_equals_unmerged_and_has_official_keys(name, tmp_path):
+    model = trained_lora(name, steps=2 if name == "sam_tiny" else 1)  # TinyViT at 256 px: one step is enough
+    inputs = make_inputs(model)
+    adapted = eval_outputs(model, inputs)
+    merged = merge_adaptation(model)
+    assert merged is not model and is_adapted(model) and not is_adapted(merged)  # a copy by default
+    assert adaptation_of(merged) is None
+    assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
+    assert list(merged.state_dict()) == list(build_sam(name).state_dict())  # exact official layout and order
+    assert max_diff(adapted, eval_outputs(merged, inputs)) <= TOL
+    # exported and rebuilt through the registry (strict load), the merged weights reproduce the adapted model
+    path = export_merged(model, tmp_path / f"{name}_merged.pth")
+    assert max_diff(adapted, eval_outputs(build_sam(name, path), inputs)) <= TOL
+    # in place: the same object comes back, merged
+    same = merge_adaptation(model, inplace=True)
+    assert same is model and not is_adapted(model)
+    assert max_diff(adapted, eval_outputs(model, inputs)) <= TOL
+
+
+def test_export_merged_loads_strictly_into_the_official_sam(tmp_path):
+    reference = pytest.importorskip("tests.modeling.reference")
+    model = trained_lora("sam_tiny", blocks=[1, 3], lora_targets=["qkv"])
+    inputs = make_inputs(model)
+    expected = eval_outputs(model, inputs)
+    path = export_merged(model, tmp_path / "merged.pth")
+    assert is_adapted(model)  # export merges a copy
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    official = reference.build_reference("sam_tiny")
+    official.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        official_embeddings = official.image_encoder(inputs["images"])
+    assert float((official_embeddings - expected[0]).abs().max()) <= 1e-4  # float noise across implementations
+    # safetensors: samtune's registry loads it strictly and reproduces the adapted outputs
+    st = export_merged(model, tmp_path / "merged.safetensors", format="safetensors")
+    assert max_diff(expected, eval_outputs(build_sam("sam_tiny", st), inputs)) <= TOL
+
+
+def test_plain_and_policy_only_models_merge_unchanged():
+    torch.manual_seed(0)
+    model = apply_adaptation(build_sam("sam_tiny"), dict(method="none", freeze_policy="prompt_decoder"))
+    merged = merge_adaptation(model)
+    assert list(merged.state_dict()) == list(model.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), model.state_dict().values()))
+
+
+def test_adapters_cannot_be_merged(tmp_path):
+    torch.manual_seed(0)
+    model = apply_adaptation(build_sam("sam_tiny"), dict(method="adapter"))
+    with pytest.raises(AdapterMergeError, match="cannot be folded into the linear weights.*save_adapter_checkpoint"):
+        merge_adaptation(model)
+    with pytest.raises(AdapterMergeError):
+        export_merged(model, tmp_path / "x.pth")
+    assert not (tmp_path / "x.pth").exists()
+    assert is_adapted(model)
+
+
+def test_export_format_must_fit_the_suffix(tmp_path):
+    model = build_sam("sam_tiny")
+    with pytest.raises(ValueError, match="does not fit format 'safetensors'"):
+        export_merged(model, tmp_path / "m.pth", format="safetensors")
+    with pytest.raises(ValueError, match="does not fit format 'pth'"):
+        export_merged(model, tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="format must be 'pth' or 'safetensors'"):
+        export_merged(model, tmp_path / "m.onnx", format="onnx")
+
+
+@pytest.mark.slow
+def test_merged_vit_b_loads_in_the_official_registry(tmp_path):
+    """Full size: a LoRA-adapted sam_vit_b, merged and exported, loads with sam_model_registry['vit_b']."""
+    segment_anything = pytest.importorskip("segment_anything")
+    torch.manual_seed(0)
+    model = apply_adaptation(build_sam("sam_vit_b"), dict(method="lora", lora_rank=4))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.01)
+    path = export_merged(model, tmp_path / "sam_vit_b_lora_merged.pth")
+    official = segment_anything.sam_model_registry["vit_b"](checkpoint=str(path))  # strict inside
+    merged = merge_adaptation(model)
+    for key, value in official.state_dict().items():
+        assert torch.equal(value, merged.state_dict()[key]), key
