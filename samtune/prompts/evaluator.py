@@ -130,7 +130,7 @@ class InteractiveEvaluator:
             multimask = click == 0 and self.multimask_first_click
             logits, iou_pred = model.decode(
                 image_embeddings, image_index, point_coords=coords, point_labels=labels,
-                mask_inputs=mask_inputs, multimask_output=multimask,
+                mask_inputs=mask_inputs, multimask_output=multimask, pad_points=False,
             )
             selected, predicted = _select(logits, iou_pred)
             ious.append(mask_iou((resize_logits(selected, size)[:, 0] > 0) & region, gt_masks))
@@ -145,7 +145,7 @@ class InteractiveEvaluator:
             ).long()
             logits, iou_pred = model.decode(
                 image_embeddings, image_index, point_coords=boxes.view(m, 2, 2), point_labels=box_labels,
-                multimask_output=False,
+                multimask_output=False, pad_points=False,
             )
             result.box_ious = mask_iou((resize_logits(logits[:, :1], size)[:, 0] > 0) & region, gt_masks)
             result.box_iou_pred = iou_pred[:, 0].float()

@@ -8,7 +8,10 @@ random position among the rounds after the first, one always last.
 
 Token layout, identical for all masks at every round so that ONE batched decoder call covers all masks of all
 images: a box is two points labelled 2 (top-left) and 3 (bottom-right); a point-first mask gets its point then a
-padding point (label -1): ``[p, pad]`` or ``[tl, br]``, then one more token per point round.
+padding point (label -1): ``[p, pad]`` or ``[tl, br]``, then one more token per point round. The decoder is
+called with ``pad_points=False``, so these are exactly the tokens the official predictor sends for the same
+prompts (it appends one padding token to points without a box, none with a box; token order does not matter to
+the decoder).
 
 At round 0 point-first masks are ambiguous and use the three multimask outputs (the loss back-propagates the
 best), box-first masks the single-mask output; one decoder call with ``return_all_tokens=True`` serves both.
@@ -54,6 +57,7 @@ class PromptableModel(Protocol):
         mask_inputs: torch.Tensor | None = None,
         multimask_output: bool = True,
         return_all_tokens: bool = False,
+        pad_points: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``[M, C, low_res, low_res]`` logits and ``[M, C]`` predicted IoUs."""
         ...
@@ -287,6 +291,7 @@ class InteractiveSimulator:
                 point_coords=coords,
                 point_labels=labels,
                 mask_inputs=mask_inputs,
+                pad_points=False,  # the layout carries its own padding token (module docstring)
                 **decode_kwargs,
             )
             selected = select_feedback(logits, iou_pred, multimask)

@@ -329,6 +329,7 @@ class PromptableSegmentationTask(L.LightningModule):
         logits, iou_pred = self.model.decode(
             embeddings[first : first + 1], torch.zeros(len(pick), dtype=torch.long, device=gt.device),
             point_coords=coords, point_labels=labels, multimask_output=self.evaluator.multimask_first_click,
+            pad_points=False,
         )
         best = logits.gather(1, iou_pred.argmax(1)[:, None, None, None].expand(-1, 1, *logits.shape[-2:]))
         pred = nn.functional.interpolate(best.float(), masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0] > 0

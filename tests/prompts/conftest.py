@@ -38,7 +38,9 @@ class FakeSam(nn.Module):
         mask_inputs: torch.Tensor | None = None,
         multimask_output: bool = True,
         return_all_tokens: bool = False,
+        pad_points: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert pad_points is False, "the simulator and the evaluator send their own padding token"
         self.calls.append(
             {
                 "point_coords": None if point_coords is None else point_coords.detach().clone(),

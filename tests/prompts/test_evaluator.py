@@ -18,7 +18,8 @@ class ScriptedSam(torch.nn.Module):
         self.calls: list[dict] = []
 
     def decode(self, image_embeddings, image_index, point_coords=None, point_labels=None, boxes=None,
-               mask_inputs=None, multimask_output=True, return_all_tokens=False):
+               mask_inputs=None, multimask_output=True, return_all_tokens=False, pad_points=None):
+        assert pad_points is False, "the evaluator sends its own padding token"
         self.calls.append({"coords": point_coords.clone(), "labels": point_labels.clone(),
                            "mask_inputs": mask_inputs, "multimask_output": multimask_output})
         logits, iou = self.outputs.pop(0)
@@ -117,3 +118,31 @@ def test_image_sizes_exclude_the_padding() -> None:
     with pytest.raises(ValueError, match="image_sizes"):
         InteractiveEvaluator(num_clicks=1)(model, torch.zeros(1, 4, 2, 2), torch.tensor([0]), gt,
                                            image_sizes=torch.tensor([8, 6]))
+
+
+def test_prompts_reach_the_decoder_in_the_official_token_layout() -> None:
+    """A box is ``[tl, br]`` and a first click ``[p, pad]``, as segment_anything's predictor sends them: the
+    evaluator's outputs equal decoding the same prompts through the official-style ``boxes=`` / padded points."""
+    from samtune.build import build_sam
+
+    torch.manual_seed(0)
+    model = build_sam("sam_tiny").eval()
+    gt = torch.zeros(2, 64, 64, dtype=torch.bool)
+    gt[0, 10:30, 12:40] = True
+    gt[1, 35:60, 5:20] = True
+    embeddings = torch.randn(1, model.prompt_encoder.embed_dim, *model.prompt_encoder.image_embedding_size)
+    index = torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        result = InteractiveEvaluator(num_clicks=1, evaluate_box=True)(model, embeddings, index, gt)
+        scale = model.image_size / 64
+        from samtune.prompts import mask_boxes, mask_iou, region_centers, resize_logits
+
+        boxes, _ = mask_boxes(gt, scale)
+        logits, _ = model.decode(embeddings, index, boxes=boxes, multimask_output=False)  # official: no padding
+        expected_box = mask_iou(resize_logits(logits[:, :1], (64, 64))[:, 0] > 0, gt)
+        xy, label = region_centers(gt, scale)
+        logits, iou = model.decode(embeddings, index, point_coords=xy[:, None], point_labels=label[:, None])
+        best = logits.gather(1, iou.argmax(1)[:, None, None, None].expand(-1, 1, *logits.shape[-2:]))
+        expected_click = mask_iou(resize_logits(best, (64, 64))[:, 0] > 0, gt)
+    torch.testing.assert_close(result.box_ious, expected_box)
+    torch.testing.assert_close(result.click_ious[:, 0], expected_click)
