@@ -42,10 +42,11 @@ class _BiasWorkspace(threading.local):
     """
 
     def __init__(self) -> None:
-        self.buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self.buffers: dict[tuple[torch.device, torch.dtype, bool], torch.Tensor] = {}
 
     def get(self, numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        key = (device, dtype)
+        # inference-mode tensors cannot be written outside inference mode (and vice versa): one buffer each
+        key = (device, dtype, torch.is_inference_mode_enabled())
         buf = self.buffers.get(key)
         if buf is None or buf.numel() < numel:
             buf = torch.empty(numel, device=device, dtype=dtype)
@@ -150,6 +151,7 @@ class RelPosAttention(nn.Module):
             rel_h.device.type == "cpu"
             and not (torch.is_grad_enabled() and (rel_h.requires_grad or rel_w.requires_grad))
             and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
         )
         if reuse:
             out = _BIAS_WORKSPACE.get(b * n * r * w * kh * kw, rel_h.device, rel_h.dtype).view(b, n, r, w, kh, kw)

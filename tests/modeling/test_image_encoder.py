@@ -18,6 +18,8 @@ def test_bias_workspace_matches_fresh_bias_and_keeps_autograd_correct(monkeypatc
     with torch.inference_mode():
         a1, a2 = encoder(x1), encoder(x2)  # the second call overwrites the workspace of the first
     assert _BUFFERS_IN_USE(), "gradient-free CPU forward did not use the workspace"
+    with torch.no_grad():  # outside inference mode (e.g. a frozen encoder after validation): its own buffer
+        torch.testing.assert_close(encoder(x1), a1, rtol=0, atol=0)
     with monkeypatch.context() as m:  # the same kernels on freshly allocated bias tensors: bit-identical
         m.setattr(image_encoder._BIAS_WORKSPACE, "get", lambda numel, device, dtype: torch.empty(numel, dtype=dtype))
         with torch.inference_mode():
