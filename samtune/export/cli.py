@@ -81,7 +81,8 @@ def main(argv: list[str]) -> int:
             include_preprocessing=args.include_preprocessing, verify=verify,
         )
     except (CheckpointError, OnnxExportError, ValueError, OSError) as err:
-        print(f"samtune export: error: {err}", file=sys.stderr)
+        hint = " (on the command line: --model NAME)" if "cannot infer the model" in str(err) else ""
+        print(f"samtune export: error: {err}{hint}", file=sys.stderr)
         return 1
     loaded = result.loaded
     size_mb = result.output.stat().st_size / 2**20
