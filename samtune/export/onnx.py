@@ -305,7 +305,14 @@ def _torch_export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path,
 
 
 def _check_with_onnxruntime(path: Path, module: nn.Module, inputs: dict[str, torch.Tensor], atol: float) -> float:
-    """Run the exported graph in onnxruntime and compare with ``module``; returns the largest difference."""
+    """Run the exported graph in onnxruntime and compare with ``module``.
+
+    Float outputs must agree within ``atol``; boolean masks in all but 0.1% of their pixels and pixel counts
+    within 2 + 0.1% (values at the threshold may flip with float rounding).
+
+    Returns:
+        The largest difference of the float outputs.
+    """
     try:
         import onnxruntime as ort
     except ImportError as err:
@@ -322,11 +329,17 @@ def _check_with_onnxruntime(path: Path, module: nn.Module, inputs: dict[str, tor
         if b.dtype.is_floating_point:
             finite = torch.isfinite(b)
             diff = (a_t.float() - b.float())[finite].abs().max().item() if finite.any() else 0.0
-        else:
-            diff = float((a_t != b).sum().item())
-        worst = max(worst, diff)
-        if diff > atol:
-            raise OnnxExportError(f"ONNX export {path}: output {name} differs from PyTorch by {diff:.3g} (> {atol})")
+            worst = max(worst, diff)
+            if diff > atol:
+                raise OnnxExportError(f"ONNX export {path}: output {name} differs from PyTorch by {diff:.3g} (> {atol})")
+        elif b.dtype == torch.bool:  # thresholded logits: float rounding may flip pixels right at the threshold
+            flipped = (a_t != b).float().mean().item()
+            if flipped > 1e-3:
+                raise OnnxExportError(f"ONNX export {path}: output {name} differs from PyTorch in {flipped:.2%} of its values")
+        else:  # pixel counts of thresholded masks: the same few threshold flips
+            excess = ((a_t - b).abs().double() - (2 + 1e-3 * b.abs().double())).max().item()
+            if excess > 0:
+                raise OnnxExportError(f"ONNX export {path}: output {name} differs from PyTorch beyond a few pixels")
     return worst
 
 

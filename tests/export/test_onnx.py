@@ -321,3 +321,15 @@ def test_decoder_vit_b_matches_official(tmp_path: Path) -> None:
         for with_mask in (False, True):
             check_matches_official(case, kind, with_mask)
             check_matches_pytorch(case, kind, with_mask)
+
+
+def test_verification_catches_a_mismatch(tiny_case: Case, tmp_path: Path) -> None:
+    """verify compares the graph with PyTorch: a graph of other weights is reported, naming file and output."""
+    from samtune.export.onnx import OnnxExportError, _check_with_onnxruntime, decoder_dummy_inputs
+
+    path = export_onnx_decoder(tiny_case.model, tmp_path / "d.onnx")
+    inputs = decoder_dummy_inputs(tiny_case.model)
+    assert _check_with_onnxruntime(path, SamOnnxDecoder(tiny_case.model), inputs, ATOL) <= ATOL
+    other = randomize_(build_sam("sam_tiny"), seed=99).eval()
+    with pytest.raises(OnnxExportError, match=r"d\.onnx: output masks differs from PyTorch"):
+        _check_with_onnxruntime(path, SamOnnxDecoder(other), inputs, ATOL)
