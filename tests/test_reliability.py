@@ -21,17 +21,8 @@ from samtune.cli import main, run_lightning
 from tests.conftest import REPO_ROOT
 from tests.test_cli import quick_args, run_cli
 
-# One deterministic prompt round (the exact GT box): the loss is a fixed function of weights and data, so two
-# runs agree step by step exactly when weights, optimiser, schedule and data order agree.
-DETERMINISTIC = [
-    "--model.init_args.simulation.num_iterations", "1",
-    "--model.init_args.simulation.num_point_iterations", "0",
-    "--model.init_args.simulation.random_mask_only_iteration", "false",
-    "--model.init_args.simulation.final_mask_only_iteration", "false",
-    "--model.init_args.simulation.box_probability", "1.0",
-    "--model.init_args.simulation.box_noise_std_fraction", "0.0",
-    "--data.init_args.max_masks_per_image", "64",
-]
+# The full 11-iteration simulation with random boxes and clicks: resuming must reproduce its prompts too.
+ALL_MASKS = ["--data.init_args.max_masks_per_image", "64"]
 
 
 class RecordSteps(Callback):
@@ -139,9 +130,10 @@ def test_cli_trainer_writes_checkpoints_atomically(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------- resume
 def test_resume_after_kill_continues_exactly(tmp_path, monkeypatch):
     """Killed (SIGKILL) after step 4 of 8, restarted with --ckpt_path last: steps 5..8 see the same images,
-    learning rates and losses as an uninterrupted run (same weights, optimiser, schedule and data order)."""
+    learning rates and losses as an uninterrupted run (same weights, optimiser, schedule, data order and simulated
+    prompts)."""
     steps, kill_at = 8, 4
-    common = [*DETERMINISTIC, "--trainer.val_check_interval", "null", "--trainer.check_val_every_n_epoch", "100"]
+    common = [*ALL_MASKS, "--trainer.val_check_interval", "null", "--trainer.check_val_every_n_epoch", "100"]
     # The interrupted run, in a subprocess that kills itself.
     interrupted = tmp_path / "interrupted"
     interrupted.mkdir()

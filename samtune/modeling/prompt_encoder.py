@@ -39,8 +39,11 @@ class PositionEmbeddingRandom(nn.Module):
         self.register_buffer("positional_encoding_gaussian_matrix", scale * torch.randn((2, num_pos_feats)))
 
     def _encode(self, coords: torch.Tensor) -> torch.Tensor:
-        """``[..., 2]`` coordinates in [0, 1] -> ``[..., 2 * num_pos_feats]``."""
-        proj = (2 * coords - 1) @ self.positional_encoding_gaussian_matrix
+        """``[..., 2]`` coordinates in [0, 1] -> ``[..., 2 * num_pos_feats]`` (at least fp32: bf16 coordinates
+        would move points by pixels)."""
+        matrix = self.positional_encoding_gaussian_matrix
+        dtype = torch.promote_types(matrix.dtype, torch.float32)
+        proj = (2 * coords.to(dtype) - 1) @ matrix.to(dtype)
         proj = 2 * math.pi * proj
         return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
 
@@ -48,15 +51,17 @@ class PositionEmbeddingRandom(nn.Module):
         """Dense encoding of pixel centres of an ``(h, w)`` grid: ``[2 * num_pos_feats, h, w]``."""
         h, w = size
         device = self.positional_encoding_gaussian_matrix.device
-        ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
-        xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
+        dtype = torch.promote_types(self.positional_encoding_gaussian_matrix.dtype, torch.float32)
+        ys = (torch.arange(h, device=device, dtype=dtype) + 0.5) / h
+        xs = (torch.arange(w, device=device, dtype=dtype) + 0.5) / w
         grid = torch.stack([xs[None, :].expand(h, w), ys[:, None].expand(h, w)], dim=-1)
         return self._encode(grid).permute(2, 0, 1)
 
     def forward_with_coords(self, coords: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """Encode un-normalised (x, y) pixel coordinates ``[..., 2]`` of an ``image_size`` (h, w) frame."""
+        coords = coords.to(torch.promote_types(self.positional_encoding_gaussian_matrix.dtype, torch.float32))
         scale = coords.new_tensor([1.0 / image_size[1], 1.0 / image_size[0]])
-        return self._encode(coords.float() * scale)
+        return self._encode(coords * scale)
 
 
 class PromptEncoder(nn.Module):
@@ -99,8 +104,19 @@ class PromptEncoder(nn.Module):
         self.no_mask_embed = nn.Embedding(1, embed_dim)
 
     def get_dense_pe(self) -> torch.Tensor:
-        """Positional encoding of the image-embedding grid: ``[1, embed_dim, h, w]``."""
-        return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+        """Positional encoding of the image-embedding grid: ``[1, embed_dim, h, w]``.
+
+        A function of the Gaussian matrix only, so it is cached per matrix (device, storage and in-place version:
+        loading weights or moving the module recomputes it) instead of being rebuilt for every prompt.
+        """
+        matrix = self.pe_layer.positional_encoding_gaussian_matrix
+        key = (matrix.device, matrix.data_ptr(), matrix._version, tuple(self.image_embedding_size),
+               torch.is_inference_mode_enabled())
+        cached = self.__dict__.get("_dense_pe_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.pe_layer(self.image_embedding_size).unsqueeze(0))
+            self.__dict__["_dense_pe_cache"] = cached
+        return cached[1]
 
     def embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Embed labelled points.

@@ -137,6 +137,9 @@ class PromptableSegmentationTask(L.LightningModule):
         self.skipped_nonfinite_steps = 0
         self.last_val_example: dict[str, Any] | None = None
         self._generator: torch.Generator | None = None
+        # Seed of the prompt simulation: from the global RNG, so `seed_everything` fixes it; kept in checkpoints.
+        self.simulation_seed = int(torch.randint(0, 2**62, (1,)).item())
+        self._train_step_counter = 0  # training_step calls (micro-batches), kept in checkpoints
         self.train()  # build_sam returns an eval-mode model; Lightning keeps the mode it finds
 
     # ------------------------------------------------------------------------------------------ modes
@@ -150,11 +153,16 @@ class PromptableSegmentationTask(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ helpers
     def _simulation_generator(self, device: torch.device) -> torch.Generator:
-        """Generator of the prompt simulation: seeded from the global RNG (``seed_everything``) and the rank."""
+        """Generator of the prompt simulation for the current training step.
+
+        Re-seeded every step from ``(simulation_seed, step counter, rank)``: the prompts of a step do not depend on
+        what ran before, so a run resumed from a checkpoint (which stores the seed and the counter) simulates
+        exactly the prompts the uninterrupted run would have, and each DDP rank draws its own.
+        """
         if self._generator is None or self._generator.device != device:
-            seed = int(torch.randint(0, 2**62, (1,)).item()) + self.global_rank
             self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(seed)
+        seed = hash((self.simulation_seed, self._train_step_counter, self.global_rank)) & (2**63 - 1)
+        self._generator.manual_seed(seed)
         return self._generator
 
     @staticmethod
@@ -207,6 +215,7 @@ class PromptableSegmentationTask(L.LightningModule):
         if m > 0:
             embeddings = self._encode(batch["images"])
             generator = self._simulation_generator(gt.device)
+            self._train_step_counter += 1
 
             def loss_fn(logits, iou_pred, gt_masks, valid, multimask):  # losses in fp32 under autocast
                 return self.loss_fn(logits.float(), iou_pred.float(), gt_masks, valid, multimask)
@@ -318,6 +327,11 @@ class PromptableSegmentationTask(L.LightningModule):
     # ------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["skipped_nonfinite_steps"] = int(self.skipped_nonfinite_steps)
+        checkpoint["simulation_state"] = {"seed": self.simulation_seed, "step_counter": self._train_step_counter}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_nonfinite_steps = int(checkpoint.get("skipped_nonfinite_steps", 0))
+        state = checkpoint.get("simulation_state")
+        if state is not None:
+            self.simulation_seed = int(state["seed"])
+            self._train_step_counter = int(state["step_counter"])

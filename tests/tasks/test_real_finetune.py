@@ -22,7 +22,7 @@ def _fixed_loss(task: PromptableSegmentationTask, batches: list[dict]) -> float:
     """Mean training loss over fixed batches with fixed simulated prompts (eval mode, same seed each time)."""
     task._trainer = None  # detached from the validation Trainer: training_step logs nowhere
     task.eval()
-    task._generator = torch.Generator().manual_seed(123)
+    task.simulation_seed, task._train_step_counter = 123, 0  # the same simulated prompts each call
     losses = [task.training_step(b, 0).item() for b in batches]
     task.train()
     return sum(losses) / len(losses)
