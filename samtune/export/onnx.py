@@ -231,7 +231,10 @@ class SamOnnxEncoder(nn.Module):
 
     def __init__(self, model: Sam, include_preprocessing: bool = False) -> None:
         super().__init__()
-        self.image_encoder = copy.deepcopy(model.image_encoder).float().eval()
+        # Traced with autograd on (see export_onnx_encoder): gradient-free CPU forwards of the ViT write the
+        # relative-position bias into a reusable workspace (``torch.add(..., out=...)``), which the TorchScript
+        # exporter cannot express; with gradients the encoder takes its plain path.
+        self.image_encoder = copy.deepcopy(model.image_encoder).float().eval().requires_grad_(True)
         self.include_preprocessing = include_preprocessing
         self.normalization = model.normalization
         self.image_size = int(model.image_size)
@@ -243,7 +246,6 @@ class SamOnnxEncoder(nn.Module):
     def input_name(self) -> str:
         return "input_image" if self.include_preprocessing else "x"
 
-    @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` preprocessed (or ``[1, 3, h, w]`` resized 0-255) images -> ``[B, C, g, g]``."""
         if self.include_preprocessing:
@@ -423,8 +425,11 @@ def export_onnx_encoder(
     else:
         example = torch.randn(1, 3, size, size, generator=gen)
         dynamic = {"x": {0: "batch"}, "image_embeddings": {0: "batch"}}
-    wrapper(example)
-    path = _torch_export(wrapper, (example,), Path(path), [wrapper.input_name], ["image_embeddings"], dynamic, opset)
+    with torch.no_grad():
+        wrapper(example)  # fail early, with a PyTorch traceback, on a model that cannot run
+    with torch.enable_grad():
+        path = _torch_export(wrapper, (example,), Path(path), [wrapper.input_name], ["image_embeddings"], dynamic, opset)
     if verify:
-        _check_with_onnxruntime(path, wrapper, {wrapper.input_name: example}, atol)
+        with torch.no_grad():
+            _check_with_onnxruntime(path, wrapper, {wrapper.input_name: example}, atol)
     return path
