@@ -31,6 +31,7 @@ __all__ = [
     "init_encoder_from_mae",
     "MaeInitReport",
     "download_checkpoint",
+    "infer_model_name",
 ]
 
 _CONTAINER_KEYS = ("model", "state_dict", "module", "model_state_dict")
@@ -354,3 +355,141 @@ def download_checkpoint(name: str, directory: str | Path | None = None) -> Path:
         raise CheckpointError(f"download of {cfg.url}: sha256 {digest} does not match the expected {cfg.sha256}")
     os.replace(tmp, dest)
     return dest
+
+
+# --------------------------------------------------------------------------------------------- model inference
+_ADAPTER_MARKERS = ("lora_", ".adapter", "adapter.", "adapters.")
+
+
+def _sam_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with wrapper prefixes (``model.``, ``module.``, ...) stripped until the SAM prefixes appear.
+
+    Keys outside the wrapper (a Lightning task's loss or metric buffers) are dropped with it.
+    """
+    while state and not any(k.startswith(_SAM_PREFIXES) for k in state):
+        for prefix in _WRAPPER_PREFIXES:
+            inner = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if inner:
+                state = inner
+                break
+        else:
+            return {}
+    return {k: v for k, v in state.items() if k.startswith(_SAM_PREFIXES)}
+
+
+_SHAPE_CACHE: dict[tuple[str, int], dict[str, tuple[int, ...]]] = {}
+
+
+def _registered_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the state dict of registered model ``name`` (built on the meta device when possible)."""
+    from samtune.build import build_sam_from_config, get_config
+
+    cfg = get_config(name)
+    cache_key = (name, hash(cfg))
+    if cache_key not in _SHAPE_CACHE:
+        try:
+            with torch.device("meta"):
+                model = build_sam_from_config(cfg)
+        except (NotImplementedError, RuntimeError):  # modules whose __init__ reads tensor values (TinyViT)
+            model = build_sam_from_config(cfg)
+        _SHAPE_CACHE[cache_key] = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return _SHAPE_CACHE[cache_key]
+
+
+def _describe(state: dict[str, torch.Tensor]) -> str:
+    """What the SAM keys of a state dict say about its architecture (for error messages)."""
+    parts: list[str] = []
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"image_encoder\.blocks\.(\d+)\.", k))}
+    patch = state.get("image_encoder.patch_embed.proj.weight")
+    if blocks and patch is not None:
+        pos = state.get("image_encoder.pos_embed")
+        grid = f", grid {tuple(pos.shape[1:3])}" if pos is not None else ""
+        parts.append(f"ViT encoder (embed dim {patch.shape[0]}, depth {len(blocks)}, patch {patch.shape[-1]}{grid})")
+    elif any(k.startswith("image_encoder.layers.") for k in state):
+        stages: dict[int, set[int]] = {}
+        for k in state:
+            if m := re.match(r"image_encoder\.layers\.(\d+)\.blocks\.(\d+)\.", k):
+                stages.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+        depths = [len(stages[i]) for i in sorted(stages)]
+        stem = state.get("image_encoder.patch_embed.seq.0.c.weight")
+        stem_text = f", stem kernel {stem.shape[-1]}x{stem.shape[-1]}" if stem is not None else ""
+        parts.append(f"TinyViT encoder (stage depths {depths}{stem_text})")
+    elif any(k.startswith("image_encoder.") for k in state):
+        parts.append("an image encoder of unknown structure")
+    else:
+        parts.append("no image encoder")
+    token = state.get("mask_decoder.iou_token.weight")
+    parts.append(f"decoder width {token.shape[1]}" if token is not None else "no mask decoder")
+    if not any(k.startswith("prompt_encoder.") for k in state):
+        parts.append("no prompt encoder")
+    return ", ".join(parts)
+
+
+def infer_model_name(state: dict[str, torch.Tensor], source: str = "state dict") -> str:
+    """The registered model whose architecture fits ``state`` exactly (same keys, same shapes).
+
+    Works for official SAM ``.pth`` files (vit_b/l/h differ in embed dim and depth), MobileSAM ``vit_t``,
+    LiteMedSAM (TinyViT with a stride-1 stem of 1x1 convolutions and a 256 input), safetensors, samtune
+    exports and Lightning checkpoints (wrapper prefixes such as ``model.`` are stripped). Only shapes are
+    compared; registered models are built on the meta device (no memory) where their code allows it.
+
+    Args:
+        state: tensors by key (e.g. from :func:`read_state_dict`).
+        source: name used in error messages (the file path).
+
+    Returns:
+        A name accepted by :func:`samtune.build.build_sam`.
+
+    Raises:
+        CheckpointError: no registered model fits (the message says what was recognised and the closest
+            model with its mismatched keys), or several fit equally.
+    """
+    from samtune.build import available_models, get_config
+
+    sam = _sam_keys(state)
+    if not sam:
+        raise CheckpointError(
+            f"cannot infer the model of {source}: no SAM keys (image_encoder.*, prompt_encoder.*, mask_decoder.*) "
+            f"found; its keys look like: {_list(sorted(state), 6)}"
+        )
+    shapes = {k: tuple(v.shape) for k, v in sam.items()}
+    encoder_type = "vit" if any(k.startswith("image_encoder.blocks.") for k in shapes) else "tiny_vit"
+    token = shapes.get("mask_decoder.iou_token.weight")
+    matches: list[str] = []
+    scored: list[tuple[int, str, list[str]]] = []
+    for name in available_models():
+        cfg = get_config(name)
+        if cfg.encoder_type != encoder_type or (token is not None and token[1] != cfg.prompt_embed_dim):
+            continue
+        expected = _registered_shapes(name)
+        missing = sorted(set(expected) - set(shapes))
+        unexpected = sorted(set(shapes) - set(expected))
+        misshaped = sorted(f"{k} (file {shapes[k]} vs {expected[k]})" for k in set(shapes) & set(expected) if shapes[k] != expected[k])
+        if not (missing or unexpected or misshaped):
+            matches.append(name)
+        else:
+            problems = [f"{len(missing)} missing keys: {_list(missing, 4)}"] if missing else []
+            problems += [f"{len(unexpected)} unexpected keys: {_list(unexpected, 4)}"] if unexpected else []
+            problems += [f"{len(misshaped)} mis-shaped keys: {_list(misshaped, 3)}"] if misshaped else []
+            scored.append((len(missing) + len(unexpected) + len(misshaped), name, problems))
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise CheckpointError(
+            f"cannot infer the model of {source}: the weights fit several registered models ({', '.join(matches)}); "
+            "pass the model name explicitly"
+        )
+    recognised = _describe(sam)
+    hint = ""
+    if any(marker in k for k in shapes for marker in _ADAPTER_MARKERS):
+        hint = " It holds LoRA/adapter tensors: load it as an adapter checkpoint (samtune.adapt)."
+    if scored:
+        _, closest, problems = min(scored)
+        detail = f"closest registered model: {closest} ({'; '.join(problems)})"
+    else:
+        detail = f"no registered model has a {'ViT' if encoder_type == 'vit' else 'TinyViT'} encoder with that decoder width"
+    raise CheckpointError(
+        f"cannot infer the model of {source}: recognised {recognised}; {detail}. Pass the model name explicitly "
+        f"(available: {', '.join(available_models())}), or register the architecture with samtune.build.register_model."
+        + hint
+    )

@@ -83,6 +83,44 @@ class Predictor:
 
         return cls(build_sam(name, checkpoint).to(device), precision=precision)
 
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        model: str | None = None,
+        device: str | torch.device = "cpu",
+        *,
+        base_checkpoint: str | Path | None = None,
+        merge_adapters: bool = True,
+        precision: Precision = "auto",
+        compile: bool = False,
+    ) -> "Predictor":
+        """A predictor for any supported weights file, working out which model it is.
+
+        Reads official SAM ``.pth`` (vit_b/l/h), MobileSAM (vit_t), LiteMedSAM, safetensors, ``samtune export``
+        outputs (model from their metadata) and samtune training checkpoints (Lightning ``.ckpt``: model from
+        the hyper-parameters). Without metadata the model is inferred from the tensor shapes
+        (:func:`samtune.checkpoints.infer_model_name`). Adapted checkpoints (LoRA/adapters) go through
+        ``samtune.adapt`` and are merged into plain weights. Files are read with ``weights_only=True``.
+
+        Args:
+            path: the weights file.
+            model: registry name overriding inference (e.g. ``"lite_medsam"``).
+            device: where the model runs.
+            base_checkpoint: base weights for an adapter-only checkpoint.
+            merge_adapters: merge LoRA/adapters into the weights (False keeps the adapted modules).
+            precision: see :class:`Predictor`.
+            compile: see :class:`Predictor`.
+
+        Raises:
+            samtune.checkpoints.CheckpointError: missing or unreadable file, a model that cannot be inferred
+                (the message says what was recognised), or weights that do not fit ``model``.
+        """
+        from samtune.export.loading import load_sam
+
+        loaded = load_sam(path, model, base_checkpoint=base_checkpoint, merge_adapters=merge_adapters)
+        return cls(loaded.model.to(device), precision=precision, compile=compile)
+
     # ----------------------------------------------------------------- image
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
         """Compute the embedding of an ``[H, W, 3]`` uint8 image (``image_format`` ``"RGB"`` or ``"BGR"``).
