@@ -109,3 +109,26 @@ def test_original_resolution_matches_the_predictor_pipeline(label_folder) -> Non
             box_ious.append(mask_iou(model.postprocess_masks(logits, input_size, size)[:, 0] > 0, gt))
     torch.testing.assert_close(report.per_mask["point_iou"], torch.cat(point_ious), atol=1e-6, rtol=0)
     torch.testing.assert_close(report.per_mask["box_iou"], torch.cat(box_ious), atol=1e-6, rtol=0)
+
+
+def test_bf16_autocast_runs(label_folder) -> None:
+    images, masks = label_folder
+    torch.manual_seed(0)
+    model = build_sam("sam_tiny")
+    config = ProtocolConfig(protocols=("box", "clicks"), num_clicks=2)
+    dataset = MaskFolderDataset(images, masks, **dataset_options(model, config))
+    report = evaluate(model, dataset, config, precision="bf16", max_images=1, progress=False)
+    assert report.info["precision"] == "bf16" and report.per_mask["click_iou"].dtype == torch.float32
+    ious = torch.cat((report.per_mask["click_iou"].flatten(), report.per_mask["box_iou"]))
+    assert ((ious >= 0) & (ious <= 1)).all()
+
+
+def test_evaluation_imports_without_lightning() -> None:
+    import subprocess
+    import sys
+
+    from tests.test_layering import BLOCKER
+
+    code = BLOCKER + "import samtune.evaluation, samtune.evaluation.cli\nprint('ok')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
