@@ -166,8 +166,8 @@ def evaluate(
                     instance_ids.append(torch.as_tensor(s["instance_ids"]).long())
                 num_images += len(samples)
                 if bar is not None:
-                    bar.update(len(samples))
                     bar.set_postfix(masks=len(image_ids), refresh=False)
+                    bar.update(len(samples))
     finally:
         if bar is not None:
             bar.close()
