@@ -1,0 +1,354 @@
+"""``samtune evaluate``: the SAM paper's point / box / interactive-click protocols on a dataset.
+
+Examples::
+
+    samtune evaluate --checkpoint lite_medsam.pth --model lite_medsam \\
+        --data mask_folder --images em/image --masks em/label --mask-type components --connectivity 4 \\
+        --protocols point,box,box_jitter,clicks --clicks 5 --output eval/
+    samtune evaluate --checkpoint sam_vit_b_01ec64.pth --model sam_vit_b \\
+        --data coco --annotations val2017.json --images val2017/ --max-images 100 --output eval/
+    samtune evaluate --config recipes/medical.yaml --checkpoint runs/last.ckpt --output eval/
+
+Images are read with the dataset layer's evaluation transforms at the model's input size and normalisation
+(what validation does). Results: a table on stdout and, in ``--output``, ``<name>.json``, ``<name>_masks.csv``,
+``summary.csv`` and ``iou_vs_clicks.png`` (see :mod:`samtune.evaluation.report`).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from samtune.evaluation.protocols import PROTOCOLS, ProtocolConfig
+from samtune.evaluation.report import format_table, write_report
+from samtune.evaluation.runner import dataset_options, evaluate
+
+__all__ = ["build_parser", "load_model", "main"]
+
+GENERIC_FOLDER_NAMES = {"image", "images", "img", "imgs", "jpegimages", "input_images", "train", "val", "test",
+                        "annotations", "label", "labels", "masks"}
+DATA_FLAGS = ("data", "images", "masks", "annotations", "split_file", "mask_suffix", "mask_type", "background",
+              "ignore_values", "min_area", "connectivity", "category_ids", "include_crowd", "intensity",
+              "percentiles", "window", "bands", "crop_size", "max_mask_area_fraction", "on_error")
+
+
+def load_model(checkpoint: str | Path, model: str | None) -> torch.nn.Module:
+    """The model to evaluate, from a weights file and a registry name.
+
+    This is the one place that turns ``--checkpoint`` / ``--model`` into a model: once
+    ``samtune.inference.Predictor.from_checkpoint(path, model=None)`` (which infers the model from the file) is
+    on main, its body becomes ``return Predictor.from_checkpoint(checkpoint, model=model).model`` and ``--model``
+    becomes optional.
+
+    Args:
+        checkpoint: official ``.pth``, MobileSAM / LiteMedSAM file, safetensors or samtune / Lightning checkpoint.
+        model: registry name (``samtune.build.available_models()``).
+
+    Raises:
+        ValueError: no model name, or the file does not exist (a mismatching file raises ``CheckpointError``
+            naming the missing / unexpected / mis-shaped keys).
+    """
+    from samtune.build import build_sam
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ValueError(f"--checkpoint {path}: file not found")
+    if model is None:
+        raise ValueError("--model is required (a registry name such as sam_vit_b or lite_medsam): this version "
+                         "cannot infer the model from the checkpoint yet")
+    return build_sam(model, path)
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+def _list_of(kind: Callable[[str], Any], count: int | None = None) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if count is not None and len(items) != count:
+            raise argparse.ArgumentTypeError(f"expected {count} comma-separated values, got {text!r}")
+        try:
+            return [kind(t) for t in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
+
+    parse.__name__ = f"list of {kind.__name__}"
+    return parse
+
+
+def _protocols(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in items if t not in PROTOCOLS]
+    if unknown or not items:
+        raise argparse.ArgumentTypeError(f"unknown protocol(s) {unknown or text!r}; choose from {','.join(PROTOCOLS)}")
+    return items
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``samtune evaluate``."""
+    parser = argparse.ArgumentParser(
+        prog="samtune evaluate",
+        description="Evaluate a SAM checkpoint with the SAM paper's protocols: one click at the mask centre, "
+                    "the ground-truth box (exact and jittered) and up to k corrective clicks (mIoU per click, "
+                    "NoC@85/90). Writes <name>.json, <name>_masks.csv, summary.csv and iou_vs_clicks.png.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = parser.add_argument_group("model")
+    g.add_argument("--checkpoint", help="weights: official .pth, MobileSAM/LiteMedSAM, safetensors, samtune/Lightning "
+                                        "checkpoint (default with --config: the recipe's model.init_args.checkpoint)")
+    g.add_argument("--model", help="registry name, e.g. sam_vit_b, lite_medsam (default with --config: the recipe's)")
+    g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    g.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                   help="fp32 reproduces reference numbers; bf16/auto autocast encoder and decoder")
+
+    g = parser.add_argument_group("data (one format, or --config)")
+    g.add_argument("--data", choices=("mask_folder", "coco", "sa1b"), help="dataset format")
+    g.add_argument("--images", help="image folder (sa1b: the folder of <name>.jpg + <name>.json; coco: default the "
+                                    "annotation file's folder)")
+    g.add_argument("--masks", help="mask_folder: folder of mask images paired with the images by name")
+    g.add_argument("--annotations", help="coco: the instances JSON")
+    g.add_argument("--split-file", help="mask_folder / sa1b: text file of image stems to evaluate")
+    g.add_argument("--config", help="recipe YAML: evaluate the validation split of its `data` datamodule "
+                                    "(model and checkpoint default to the recipe's)")
+    g.add_argument("--name", help="dataset name in tables and file names (default: from the paths)")
+    g = parser.add_argument_group("mask_folder options")
+    g.add_argument("--mask-suffix", help="appended to the image stem to find its mask (default '')")
+    g.add_argument("--mask-type", choices=("binary", "components", "instance", "semantic"),
+                   help="how label images become instances (default instance)")
+    g.add_argument("--background", type=int, help="background label (default 0)")
+    g.add_argument("--ignore-values", type=_list_of(int), help="labels that are neither object nor background")
+    g.add_argument("--min-area", type=int, help="drop instances smaller than this, original pixels (default 0)")
+    g.add_argument("--connectivity", type=int, choices=(4, 8), help="connected components (default 8)")
+    g = parser.add_argument_group("coco options")
+    g.add_argument("--category-ids", type=_list_of(int), help="keep only these categories")
+    g.add_argument("--include-crowd", action="store_true", default=None, help="also evaluate iscrowd annotations")
+    g = parser.add_argument_group("image reading (all formats)")
+    g.add_argument("--intensity", choices=("auto", "none", "minmax", "percentile", "window"),
+                   help="intensity preset for 16-bit / float images (default auto)")
+    g.add_argument("--percentiles", type=_list_of(float, 2), help="LO,HI for --intensity percentile")
+    g.add_argument("--window", type=_list_of(float, 2), help="LO,HI raw values for --intensity window")
+    g.add_argument("--bands", type=_list_of(int), help="1 or 3 band indices of multi-band images")
+    g.add_argument("--crop-size", type=_positive_int, help="tile images into squares of this size first")
+    g.add_argument("--max-mask-area-fraction", type=float,
+                   help="drop masks covering more of the image (default: the format's: 1.0, SA-1B 0.9)")
+    g.add_argument("--on-error", choices=("raise", "skip"), help="bad samples: stop (default) or skip them")
+    g.add_argument("--max-masks-per-image", type=_positive_int, help="seeded subset per image (default: all masks)")
+    g.add_argument("--max-images", type=_positive_int, help="evaluate only the first N images")
+
+    g = parser.add_argument_group("protocols")
+    g.add_argument("--protocols", type=_protocols, default=list(PROTOCOLS), help="comma-separated subset")
+    g.add_argument("--clicks", type=_positive_int, default=5, help="k, click rounds of the clicks protocol (NoC cap)")
+    g.add_argument("--first-click", choices=("multimask", "single"), default="multimask",
+                   help="click 1: keep the most confident of the 3 multimask outputs (SAM paper) or the single output")
+    g.add_argument("--later-clicks", choices=("single", "multimask"), default="single",
+                   help="clicks 2..k: single-mask output (SAM) or the most confident multimask output")
+    g.add_argument("--no-mask-feedback", action="store_true",
+                   help="do not feed the previous round's logits back as the mask prompt")
+    g.add_argument("--prompt-layout", choices=("official", "training"), default="official",
+                   help="token layout: official SamPredictor ([clicks, pad], box [tl, br]) or samtune's "
+                        "training/validation layout ([c1, pad, c2, ..., pad], box [tl, br, pad])")
+    g.add_argument("--box-noise-std", type=float, default=0.1, help="box_jitter: noise std as a fraction of the side")
+    g.add_argument("--box-noise-max", type=float, default=20.0, help="box_jitter: noise std cap, model-input pixels")
+    g.add_argument("--iou-resolution", choices=("original", "input"), default="original",
+                   help="compute clicks and IoUs on the GT at the image's resolution (paper) or the model input's")
+    g.add_argument("--coordinate-mapping", choices=("official", "area"), default="official",
+                   help="GT pixel -> model-input coordinates: x * scale like SamPredictor.transform (official) or "
+                        "by pixel area ((x + 0.5) * scale - 0.5; box ends at (x1 + 1) * scale - 1)")
+    g.add_argument("--noc-thresholds", type=_list_of(float), default=[0.85, 0.90], help="IoU thresholds of NoC")
+    g.add_argument("--seed", type=int, default=0, help="seed of the box jitter and of --max-masks-per-image")
+
+    g = parser.add_argument_group("run and output")
+    g.add_argument("--output", required=True, help="folder for the JSON / CSV / PNG reports")
+    g.add_argument("--batch-size", type=_positive_int, default=4,
+                   help="images per encoder call; their masks are decoded together")
+    g.add_argument("--max-masks-per-call", type=_positive_int, default=128,
+                   help="masks per decoder call (bounds memory: ~10 MB per mask)")
+    g.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
+    g.add_argument("--no-plot", action="store_true", help="skip iou_vs_clicks.png")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------ datasets
+def _default_name(*paths: str | None) -> str:
+    for text in paths:
+        if not text:
+            continue
+        path = Path(text).resolve()
+        stem = path.stem if path.suffix else path.name
+        if stem.lower() in GENERIC_FOLDER_NAMES and path.parent.name:
+            return path.parent.name
+        return stem
+    return "dataset"
+
+
+def _image_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {"seed": args.seed}
+    for key in ("intensity", "bands", "crop_size", "max_mask_area_fraction", "on_error"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    for key in ("percentiles", "window"):
+        if getattr(args, key) is not None:
+            options[key] = tuple(getattr(args, key))
+    return options
+
+
+def _require(parser: argparse.ArgumentParser, args: argparse.Namespace, fmt: str, *flags: str) -> None:
+    missing = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f) is None]
+    if missing:
+        parser.error(f"--data {fmt} needs {' and '.join(missing)}")
+
+
+def _refuse(parser: argparse.ArgumentParser, args: argparse.Namespace, fmt: str, *flags: str) -> None:
+    given = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f) is not None]
+    if given:
+        parser.error(f"{', '.join(given)} do(es) not apply to --data {fmt}")
+
+
+def build_dataset(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, base: dict[str, Any]
+) -> tuple[Any, str]:
+    """The evaluation dataset of the ``--data`` flags and its default name."""
+    from samtune.data import COCODataset, MaskFolderDataset, SA1BDataset
+
+    folder_flags = ("masks", "mask_suffix", "mask_type", "background", "ignore_values", "min_area", "connectivity")
+    options = {**_image_options(args), **base}
+    if args.data == "mask_folder":
+        _require(parser, args, "mask_folder", "images", "masks")
+        _refuse(parser, args, "mask_folder", "annotations", "category_ids", "include_crowd")
+        extra = {k: getattr(args, k) for k in folder_flags[1:] if getattr(args, k) is not None}
+        for path, flag in ((args.images, "--images"), (args.masks, "--masks")):
+            if not Path(path).is_dir():
+                raise ValueError(f"{flag} {path}: not a folder")
+        dataset = MaskFolderDataset(args.images, args.masks, split_file=args.split_file, **extra, **options)
+        if len(dataset) == 0:
+            raise ValueError(f"--images {args.images}: no images (png, jpg, jpeg, bmp, tif, tiff, webp) found")
+        return dataset, _default_name(args.images)
+    if args.data == "coco":
+        _require(parser, args, "coco", "annotations")
+        _refuse(parser, args, "coco", *folder_flags, "split_file")
+        if not Path(args.annotations).is_file():
+            raise ValueError(f"--annotations {args.annotations}: file not found (expected a COCO instances JSON)")
+        if args.images is not None and not Path(args.images).is_dir():
+            raise ValueError(f"--images {args.images}: not a folder")
+        dataset = COCODataset(args.annotations, image_dir=args.images, category_ids=args.category_ids,
+                              include_crowd=bool(args.include_crowd), **options)
+        if len(dataset) == 0:
+            raise ValueError(f"--annotations {args.annotations}: no image with a usable annotation")
+        return dataset, _default_name(args.annotations)
+    _require(parser, args, "sa1b", "images")
+    _refuse(parser, args, "sa1b", *folder_flags, "annotations", "category_ids", "include_crowd")
+    if not Path(args.images).is_dir():
+        raise ValueError(f"--images {args.images}: not a folder (expected SA-1B <name>.jpg + <name>.json files)")
+    dataset = SA1BDataset(args.images, split_file=args.split_file, **options)
+    if len(dataset) == 0:
+        raise ValueError(f"--images {args.images}: no SA-1B <name>.json annotation files found")
+    return dataset, _default_name(args.images)
+
+
+def _read_recipe(path: str) -> dict[str, Any]:
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--config {file}: file not found")
+    try:
+        content = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--config {file}: invalid YAML ({exc})") from exc
+    if not isinstance(content, dict) or not isinstance(content.get("data"), dict):
+        raise ValueError(f"--config {file}: no `data:` section (expected a recipe with data.class_path/init_args)")
+    return content
+
+
+def dataset_from_recipe(recipe: dict[str, Any], path: str, base: dict[str, Any]) -> Any:
+    """The validation dataset of a recipe's ``data`` section, rebuilt with the evaluation options ``base``."""
+    import importlib
+
+    import samtune.data.datamodules as datamodules
+
+    section = recipe["data"]
+    class_path = section.get("class_path")
+    if not isinstance(class_path, str):
+        raise ValueError(f"--config {path}: data.class_path is missing (e.g. MaskFolderDataModule)")
+    if "." in class_path:
+        module, _, attr = class_path.rpartition(".")
+        cls = getattr(importlib.import_module(module), attr, None)
+    else:
+        cls = getattr(datamodules, class_path, None)
+    if not (isinstance(cls, type) and issubclass(cls, datamodules.SegmentationDataModule)):
+        raise ValueError(f"--config {path}: data.class_path {class_path!r} is not a samtune datamodule "
+                         "(SA1BDataModule, COCODataModule, MaskFolderDataModule)")
+    init_args = dict(section.get("init_args") or {})
+    init_args.update({k: v for k, v in base.items() if k != "train"})
+    try:
+        module = cls(**init_args)
+        _, val = module.build_datasets()
+    except TypeError as exc:
+        raise ValueError(f"--config {path}: data.init_args do not fit {cls.__name__}: {exc}") from exc
+    return val
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv: list[str]) -> int:
+    """Run ``samtune evaluate`` with ``argv`` (the arguments after ``evaluate``); returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    recipe: dict[str, Any] | None = None
+    if args.config is not None:
+        given = [f"--{f.replace('_', '-')}" for f in DATA_FLAGS if getattr(args, f) is not None]
+        if given:
+            parser.error(f"--config takes the data settings from the recipe; drop {', '.join(given)}")
+        recipe = _read_recipe(args.config)
+        model_section = recipe.get("model") if isinstance(recipe.get("model"), dict) else {}
+        model_args = model_section.get("init_args") or {}
+        args.model = args.model or model_args.get("model")
+        args.checkpoint = args.checkpoint or model_args.get("checkpoint")
+    elif args.data is None:
+        parser.error("give the dataset with --data {mask_folder,coco,sa1b} (and its paths) or --config RECIPE")
+    if args.checkpoint is None:
+        parser.error("--checkpoint is required")
+    if any(not 0.0 < t <= 1.0 for t in args.noc_thresholds):
+        parser.error(f"--noc-thresholds must be in (0, 1], got {args.noc_thresholds}")
+    config = ProtocolConfig(
+        protocols=tuple(args.protocols), num_clicks=args.clicks,
+        first_click_multimask=args.first_click == "multimask", later_clicks_multimask=args.later_clicks == "multimask",
+        feed_back_mask=not args.no_mask_feedback, prompt_layout=args.prompt_layout,
+        box_noise_std_fraction=args.box_noise_std, box_noise_max=args.box_noise_max, seed=args.seed,
+        max_masks_per_call=args.max_masks_per_call, iou_resolution=args.iou_resolution,
+        coordinate_mapping=args.coordinate_mapping, noc_thresholds=tuple(args.noc_thresholds),
+    )
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out}: exists and is not a folder")
+    model = load_model(args.checkpoint, args.model)
+    base = dataset_options(model, config, args.max_masks_per_image)
+    if recipe is not None:
+        dataset = dataset_from_recipe(recipe, args.config, base)
+        default_name = Path(args.config).stem
+    else:
+        dataset, default_name = build_dataset(parser, args, base)
+    name = args.name or default_name
+    report = evaluate(
+        model, dataset, config, name=name, batch_size=args.batch_size, num_workers=args.num_workers,
+        device=args.device, precision=args.precision, max_images=args.max_images, progress=not args.quiet,
+        metadata={"model": args.model, "checkpoint": str(args.checkpoint),
+                  "data": args.data or f"config:{args.config}"},
+    )
+    paths, warnings = write_report(report, out, plot=not args.no_plot)
+    print(format_table(report))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    for warning in warnings:
+        print(f"samtune evaluate: warning: {warning}", file=sys.stderr)
+    return 0

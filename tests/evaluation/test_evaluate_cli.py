@@ -1,0 +1,153 @@
+"""`samtune evaluate` end to end on every dataset format (tiny random SAM) and its error messages."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from samtune.data.synth import synthesize_sa1b
+from samtune.evaluation.cli import main
+
+FAST = ["--num-workers", "0", "--quiet", "--model", "sam_tiny"]
+
+
+def _run(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_mask_folder_all_protocols(label_folder, tiny_checkpoint, tmp_path, capsys) -> None:
+    images, masks = label_folder
+    out = tmp_path / "eval"
+    code, stdout, stderr = _run(["--checkpoint", str(tiny_checkpoint), "--data", "mask_folder", "--images", str(images),
+                                 "--masks", str(masks), "--clicks", "2", "--batch-size", "2", "--output", str(out),
+                                 *FAST], capsys)
+    assert code == 0
+    assert stdout.startswith("rects: 2 images, 5 masks | model sam_tiny")  # name: parent of the generic "images"
+    for word in ("point", "box_jitter", "clicks", "NoC@85", "wrote"):
+        assert word in stdout
+    data = json.loads((out / "rects.json").read_text())
+    assert data["num_masks"] == 5 and data["info"]["checkpoint"] == str(tiny_checkpoint)
+    assert data["config"]["protocols"] == ["point", "box", "box_jitter", "clicks"] and data["config"]["num_clicks"] == 2
+    assert (out / "rects_masks.csv").read_text().count("\n") == 6 and (out / "summary.csv").is_file()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in stderr and not (out / "iou_vs_clicks.png").exists()
+    else:
+        assert (out / "iou_vs_clicks.png").is_file()
+
+
+def test_mask_folder_options_and_input_resolution(label_folder, tiny_checkpoint, tmp_path, capsys) -> None:
+    images, masks = label_folder
+    code, stdout, _ = _run(["--checkpoint", str(tiny_checkpoint), "--data", "mask_folder", "--images", str(images),
+                            "--masks", str(masks), "--min-area", "250", "--mask-type", "instance", "--protocols", "box",
+                            "--iou-resolution", "input", "--max-images", "1", "--name", "big", "--output",
+                            str(tmp_path), *FAST], capsys)
+    data = json.loads((tmp_path / "big.json").read_text())
+    assert code == 0 and data["num_images"] == 1 and data["num_masks"] == 1  # image 0: one rectangle >= 250 px
+    assert data["config"]["iou_resolution"] == "input" and list(data["metrics"]) == ["box"]
+
+
+def test_coco_and_sa1b(coco_dir, tiny_checkpoint, tmp_path, capsys) -> None:
+    code, stdout, _ = _run(["--checkpoint", str(tiny_checkpoint), "--data", "coco", "--annotations",
+                            str(coco_dir / "instances.json"), "--protocols", "point,box", "--output", str(tmp_path),
+                            *FAST], capsys)
+    assert code == 0 and stdout.startswith("instances: 1 images, 2 masks")
+    synthesize_sa1b(tmp_path / "sa1b", 2, image_size=(48, 64), seed=0)
+    code, stdout, _ = _run(["--checkpoint", str(tiny_checkpoint), "--data", "sa1b", "--images", str(tmp_path / "sa1b"),
+                            "--protocols", "clicks", "--clicks", "2", "--no-plot", "--output", str(tmp_path), *FAST],
+                           capsys)
+    assert code == 0 and stdout.startswith("sa1b: 2 images")
+    names = [line.split(",")[0] for line in (tmp_path / "summary.csv").read_text().splitlines()[1:]]
+    assert names == ["instances", "sa1b"]
+
+
+def test_config_recipe_data_section(label_folder, tiny_checkpoint, tmp_path, capsys) -> None:
+    images, masks = label_folder
+    recipe = {
+        "model": {"class_path": "PromptableSegmentationTask",
+                  "init_args": {"model": "sam_tiny", "checkpoint": str(tiny_checkpoint)}},
+        "data": {"class_path": "MaskFolderDataModule",
+                 "init_args": {"image_dir": str(images), "mask_dir": str(masks), "val_fraction": 0.5,
+                               "image_size": 1024, "max_masks_per_image": 1, "batch_size": 8}},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    code, stdout, _ = _run(["--config", str(path), "--protocols", "box", "--output", str(tmp_path), "--quiet",
+                            "--num-workers", "0"], capsys)
+    data = json.loads((tmp_path / "recipe.json").read_text())
+    # One validation image of two; the model's input size and every mask, whatever the recipe says.
+    assert code == 0 and data["num_images"] == 1 and data["num_masks"] in (2, 3)
+    assert data["info"]["model"] == "sam_tiny" and data["info"]["image_size"] == 256
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data", "mask_folder", "--images", "x"], "--data mask_folder needs --masks"),
+        (["--data", "coco"], "--data coco needs --annotations"),
+        (["--data", "sa1b", "--images", "x", "--masks", "y"], "--masks do(es) not apply to --data sa1b"),
+        (["--data", "mask_folder", "--images", "x", "--masks", "y", "--annotations", "a.json"],
+         "--annotations do(es) not apply"),
+        (["--data", "sa1b", "--images", "x", "--protocols", "point,boxes"], "unknown protocol(s) ['boxes']"),
+        (["--data", "sa1b", "--images", "x", "--config", "r.yaml"], "--config takes the data settings"),
+        ([], "give the dataset with --data"),
+        (["--data", "sa1b", "--images", "x", "--percentiles", "1"], "expected 2 comma-separated values"),
+    ],
+)
+def test_usage_errors(args, message, tiny_checkpoint, tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as err:
+        main(["--checkpoint", str(tiny_checkpoint), "--model", "sam_tiny", "--output", str(tmp_path), *args])
+    assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_paths_and_files(label_folder, coco_dir, tiny_checkpoint, tmp_path) -> None:
+    images, masks = label_folder
+    base = ["--output", str(tmp_path / "out"), *FAST]
+    with pytest.raises(ValueError, match=r"--checkpoint .*missing\.pth: file not found"):
+        main(["--checkpoint", str(tmp_path / "missing.pth"), "--data", "sa1b", "--images", str(images), *base])
+    with pytest.raises(ValueError, match="--model is required"):
+        main(["--checkpoint", str(tiny_checkpoint), "--data", "sa1b", "--images", str(images), "--output",
+              str(tmp_path), "--quiet"])
+    with pytest.raises(ValueError, match=r"--masks .*nowhere: not a folder"):
+        main(["--checkpoint", str(tiny_checkpoint), "--data", "mask_folder", "--images", str(images), "--masks",
+              str(tmp_path / "nowhere"), *base])
+    with pytest.raises(ValueError, match="no SA-1B <name>.json annotation files"):
+        main(["--checkpoint", str(tiny_checkpoint), "--data", "sa1b", "--images", str(images), *base])
+    with pytest.raises(ValueError, match=r"--annotations .*nope\.json: file not found \(expected a COCO"):
+        main(["--checkpoint", str(tiny_checkpoint), "--data", "coco", "--annotations", str(coco_dir / "nope.json"),
+              *base])
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(ValueError, match="--output .*taken: exists and is not a folder"):
+        main(["--checkpoint", str(tiny_checkpoint), "--data", "mask_folder", "--images", str(images), "--masks",
+              str(masks), "--output", str(tmp_path / "taken"), *FAST])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {}\n")
+    with pytest.raises(ValueError, match="no `data:` section"):
+        main(["--config", str(recipe), "--checkpoint", str(tiny_checkpoint), *base])
+    recipe.write_text("data: {class_path: Nope, init_args: {}}\n")
+    with pytest.raises(ValueError, match="'Nope' is not a samtune datamodule"):
+        main(["--config", str(recipe), "--checkpoint", str(tiny_checkpoint), *base])
+    recipe.write_text(f"data: {{class_path: MaskFolderDataModule, init_args: {{image_dir: {images}, mask_dir: {masks}, "
+                      "colour: red}}\n")
+    with pytest.raises(ValueError, match="data.init_args do not fit MaskFolderDataModule.*colour"):
+        main(["--config", str(recipe), "--checkpoint", str(tiny_checkpoint), *base])
+
+
+def test_samtune_command_reports_one_line(label_folder, tiny_checkpoint, tmp_path, capsys) -> None:
+    from samtune.cli import main as samtune_main
+
+    images, _ = label_folder
+    with pytest.raises(SystemExit) as err:
+        samtune_main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--model", "sam_tiny", "--data", "mask_folder",
+                      "--images", str(images), "--masks", str(Path(tmp_path) / "none"), "--output", str(tmp_path)])
+    err_text = capsys.readouterr().err
+    assert err.value.code == 1
+    assert "samtune: error: ValueError: --masks" in err_text and "none: not a folder" in err_text
+    with pytest.raises(SystemExit) as err:
+        samtune_main(["evaluate", "--help"])
+    assert err.value.code == 0 and "--protocols" in capsys.readouterr().out

@@ -1,0 +1,134 @@
+"""evaluate(): datasets at the model's input convention, batching independence, parity with validation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from samtune.build import build_sam
+from samtune.data import MaskFolderDataset, collate_samples
+from samtune.evaluation import ProtocolConfig, dataset_options, evaluate
+from samtune.prompts import InteractiveEvaluator
+from tests.evaluation.conftest import PaintSam
+
+
+def test_evaluate_mask_folder_columns_and_batching(label_folder) -> None:
+    images, masks = label_folder
+    model = PaintSam(image_size=56, radii=(2, 2, 2, 2))
+    config = ProtocolConfig(num_clicks=3)
+    dataset = MaskFolderDataset(images, masks, **dataset_options(model, config))
+    report = evaluate(model, dataset, config, name="rects", batch_size=2, progress=False)
+    assert (report.num_images, report.num_masks) == (2, 5)
+    cols = report.per_mask
+    assert cols["image_id"] == ["img0"] * 3 + ["img1"] * 2
+    assert cols["instance_id"].tolist() == [1, 2, 3, 1, 2]
+    # GT areas at the images' own resolution (rectangles of the fixture).
+    assert cols["area"].tolist() == [11 * 18, 16 * 21, 14 * 11, 17 * 22, 15 * 19]
+    # Image 0 (40 x 56) is the model input itself: the painted GT box is exact.
+    assert cols["box_iou"][:3].tolist() == [1.0, 1.0, 1.0] and cols["box_as_mask_iou"].tolist() == [1.0] * 5
+    # Image 1 (48 x 32 -> 56 x 37): boxes mapped to the input and back lose a little at the edges.
+    assert (cols["box_iou"][3:] > 0.85).all() and (cols["box_iou"][3:] < 1.0).all()
+    assert cols["click_iou"].shape == (5, 3) and cols["box_jitter_iou"].shape == (5,)
+    assert report.metrics["box"]["miou"] == pytest.approx(cols["box_iou"].double().mean().item())
+    assert report.info["image_size"] == 56 and report.info["precision"] == "fp32"
+    one_by_one = evaluate(model, dataset, config, batch_size=1, progress=False)
+    for key, value in report.per_mask.items():
+        other = one_by_one.per_mask[key]
+        assert (value == other) if isinstance(value, list) else torch.equal(value, other), key
+    first = evaluate(model, dataset, config, max_images=1, progress=False)
+    assert (first.num_images, first.num_masks) == (1, 3)
+
+
+def test_input_resolution_with_training_layout_equals_validation(label_folder) -> None:
+    """The validation evaluator of the task and `evaluate` agree mask for mask on a real (tiny) SAM."""
+    images, masks = label_folder
+    torch.manual_seed(0)
+    model = build_sam("sam_tiny")
+    config = ProtocolConfig(protocols=("box", "clicks"), num_clicks=3, prompt_layout="training", iou_resolution="input")
+    dataset = MaskFolderDataset(images, masks, **dataset_options(model, config))
+    report = evaluate(model, dataset, config, batch_size=2, progress=False)
+    batch = collate_samples([dataset[0], dataset[1]])
+    valid = batch["mask_valid"].flatten()
+    gt = batch["masks"].flatten(0, 1)[valid]
+    image_index = torch.arange(2).repeat_interleave(batch["mask_valid"].shape[1])[valid]
+    sizes = batch["input_size"][image_index]
+    with torch.no_grad():
+        embeddings = model.encode_image(batch["images"])
+        expected = InteractiveEvaluator(num_clicks=3)(model, embeddings, image_index, gt, sizes)
+    torch.testing.assert_close(report.per_mask["click_iou"], expected.click_ious, atol=1e-5, rtol=0)
+    torch.testing.assert_close(report.per_mask["click_iou_pred"], expected.click_iou_pred, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(report.per_mask["box_iou"], expected.box_ious, atol=1e-5, rtol=0)
+
+
+def test_dataset_must_be_built_for_the_model(label_folder) -> None:
+    images, masks = label_folder
+    model = PaintSam(image_size=56)
+    config = ProtocolConfig(protocols=("box",))
+    options = dataset_options(model, config)
+    with pytest.raises(ValueError, match="image_size=64 but the model expects 56"):
+        evaluate(model, MaskFolderDataset(images, masks, **{**options, "image_size": 64}), config, progress=False)
+    with pytest.raises(ValueError, match="train=True"):
+        evaluate(model, MaskFolderDataset(images, masks, **{**options, "train": True}), config, progress=False)
+    with pytest.raises(ValueError, match="return_original_masks=False"):
+        evaluate(model, MaskFolderDataset(images, masks, **{**options, "return_original_masks": False}), config,
+                 progress=False)
+    with pytest.raises(ValueError, match="max_images must be positive"):
+        evaluate(model, MaskFolderDataset(images, masks, **options), config, max_images=0, progress=False)
+    assert options["max_masks_per_image"] > 10**6 and options["train"] is False
+    assert dataset_options(model, config, max_masks_per_image=4)["max_masks_per_image"] == 4
+
+
+def test_original_resolution_matches_the_predictor_pipeline(label_folder) -> None:
+    """Point and box rounds at the images' resolution equal the official predictor's recipe on the same
+    embedding: prompts through ``ResizeLongestSide.apply_coords`` / ``apply_boxes``, ``Sam.postprocess_masks``,
+    threshold 0, the most confident of the 3 outputs for a point."""
+    from samtune.inference import ResizeLongestSide
+    from samtune.prompts import mask_boxes, mask_iou, region_centers
+
+    images, masks = label_folder
+    torch.manual_seed(1)
+    model = build_sam("sam_tiny")
+    config = ProtocolConfig(protocols=("point", "box"))
+    dataset = MaskFolderDataset(images, masks, **dataset_options(model, config))
+    report = evaluate(model, dataset, config, batch_size=2, progress=False)
+    transform = ResizeLongestSide(model.image_size)
+    point_ious, box_ious = [], []
+    with torch.no_grad():
+        for sample in (dataset[0], dataset[1]):
+            gt = sample["original_masks"]
+            size = tuple(gt.shape[-2:])
+            input_size = tuple(sample["input_size"].tolist())
+            embedding = model.encode_image(sample["image"][None])
+            xy, _ = region_centers(gt)
+            coords = transform.apply_coords_torch(xy[:, None], size)
+            logits, iou = model.decode(embedding, point_coords=coords, point_labels=torch.ones(len(gt), 1).long())
+            best = logits[torch.arange(len(gt)), iou.argmax(1)][:, None]
+            pred = model.postprocess_masks(best, input_size, size)[:, 0] > 0
+            point_ious.append(mask_iou(pred, gt))
+            boxes = transform.apply_boxes_torch(mask_boxes(gt)[0], size)
+            logits, _ = model.decode(embedding, boxes=boxes, multimask_output=False)
+            box_ious.append(mask_iou(model.postprocess_masks(logits, input_size, size)[:, 0] > 0, gt))
+    torch.testing.assert_close(report.per_mask["point_iou"], torch.cat(point_ious), atol=1e-6, rtol=0)
+    torch.testing.assert_close(report.per_mask["box_iou"], torch.cat(box_ious), atol=1e-6, rtol=0)
+
+
+def test_bf16_autocast_runs(label_folder) -> None:
+    images, masks = label_folder
+    torch.manual_seed(0)
+    model = build_sam("sam_tiny")
+    config = ProtocolConfig(protocols=("box", "clicks"), num_clicks=2)
+    dataset = MaskFolderDataset(images, masks, **dataset_options(model, config))
+    report = evaluate(model, dataset, config, precision="bf16", max_images=1, progress=False)
+    assert report.info["precision"] == "bf16" and report.per_mask["click_iou"].dtype == torch.float32
+    ious = torch.cat((report.per_mask["click_iou"].flatten(), report.per_mask["box_iou"]))
+    assert ((ious >= 0) & (ious <= 1)).all()
+
+
+def test_evaluation_imports_without_lightning() -> None:
+    import subprocess
+    import sys
+
+    from tests.test_layering import BLOCKER
+
+    code = BLOCKER + "import samtune.evaluation, samtune.evaluation.cli\nprint('ok')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
