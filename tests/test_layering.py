@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 PURE = ["samtune", "samtune.modeling", "samtune.build", "samtune.checkpoints", "samtune.prompts", "samtune.losses",
-        "samtune.inference", "samtune.modeling.tiny_vit"]
+        "samtune.inference", "samtune.modeling.tiny_vit", "samtune.adapt", "samtune.evaluation", "samtune.export"]
 
 BLOCKER = """
 import importlib.abc, sys

@@ -2,10 +2,10 @@
 
 Examples::
 
-    samtune evaluate --checkpoint lite_medsam.pth --model lite_medsam \\
+    samtune evaluate --checkpoint lite_medsam.pth \\
         --data mask_folder --images em/image --masks em/label --mask-type components --connectivity 4 \\
         --protocols point,box,box_jitter,clicks --clicks 5 --output eval/
-    samtune evaluate --checkpoint sam_vit_b_01ec64.pth --model sam_vit_b \\
+    samtune evaluate --checkpoint sam_vit_b_01ec64.pth \\
         --data coco --annotations val2017.json --images val2017/ --max-images 100 --output eval/
     samtune evaluate --config recipes/medical.yaml --checkpoint runs/last.ckpt --output eval/
 
@@ -36,30 +36,23 @@ DATA_FLAGS = ("data", "images", "masks", "annotations", "split_file", "mask_suff
 
 
 def load_model(checkpoint: str | Path, model: str | None) -> torch.nn.Module:
-    """The model to evaluate, from a weights file and a registry name.
-
-    This is the one place that turns ``--checkpoint`` / ``--model`` into a model: once
-    ``samtune.inference.Predictor.from_checkpoint(path, model=None)`` (which infers the model from the file) is
-    on main, its body becomes ``return Predictor.from_checkpoint(checkpoint, model=model).model`` and ``--model``
-    becomes optional.
+    """The model to evaluate: any file ``samtune.Predictor.from_checkpoint`` loads.
 
     Args:
-        checkpoint: official ``.pth``, MobileSAM / LiteMedSAM file, safetensors or samtune / Lightning checkpoint.
-        model: registry name (``samtune.build.available_models()``).
+        checkpoint: official ``.pth``, MobileSAM / LiteMedSAM file, safetensors, samtune export, Lightning
+            checkpoint, or adapter checkpoint (on its recorded base).
+        model: registry name (``samtune.build.available_models()``); None infers it from the file.
 
     Raises:
-        ValueError: no model name, or the file does not exist (a mismatching file raises ``CheckpointError``
-            naming the missing / unexpected / mis-shaped keys).
+        ValueError: the file does not exist (a mismatching file raises ``CheckpointError`` naming the missing /
+            unexpected / mis-shaped keys).
     """
-    from samtune.build import build_sam
+    from samtune.export import load_sam
 
     path = Path(checkpoint)
     if not path.is_file():
         raise ValueError(f"--checkpoint {path}: file not found")
-    if model is None:
-        raise ValueError("--model is required (a registry name such as sam_vit_b or lite_medsam): this version "
-                         "cannot infer the model from the checkpoint yet")
-    return build_sam(model, path)
+    return load_sam(path, model).model
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -107,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("model")
     g.add_argument("--checkpoint", help="weights: official .pth, MobileSAM/LiteMedSAM, safetensors, samtune/Lightning "
                                         "checkpoint (default with --config: the recipe's model.init_args.checkpoint)")
-    g.add_argument("--model", help="registry name, e.g. sam_vit_b, lite_medsam (default with --config: the recipe's)")
+    g.add_argument("--model", help="registry name, e.g. sam_vit_b, lite_medsam (default: inferred from the "
+                                   "checkpoint; with --config: the recipe's)")
     g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     g.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
                    help="fp32 reproduces reference numbers; bf16/auto autocast encoder and decoder")
@@ -155,9 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clicks 2..k: single-mask output (SAM) or the most confident multimask output")
     g.add_argument("--no-mask-feedback", action="store_true",
                    help="do not feed the previous round's logits back as the mask prompt")
-    g.add_argument("--prompt-layout", choices=("official", "training"), default="official",
-                   help="token layout: official SamPredictor ([clicks, pad], box [tl, br]) or samtune's "
-                        "training/validation layout ([c1, pad, c2, ..., pad], box [tl, br, pad])")
     g.add_argument("--box-noise-std", type=float, default=0.1, help="box_jitter: noise std as a fraction of the side")
     g.add_argument("--box-noise-max", type=float, default=20.0, help="box_jitter: noise std cap, model-input pixels")
     g.add_argument("--iou-resolution", choices=("original", "input"), default="original",
@@ -324,7 +315,7 @@ def main(argv: list[str]) -> int:
     config = ProtocolConfig(
         protocols=tuple(args.protocols), num_clicks=args.clicks,
         first_click_multimask=args.first_click == "multimask", later_clicks_multimask=args.later_clicks == "multimask",
-        feed_back_mask=not args.no_mask_feedback, prompt_layout=args.prompt_layout,
+        feed_back_mask=not args.no_mask_feedback,
         box_noise_std_fraction=args.box_noise_std, box_noise_max=args.box_noise_max, seed=args.seed,
         max_masks_per_call=args.max_masks_per_call, iou_resolution=args.iou_resolution,
         coordinate_mapping=args.coordinate_mapping, noc_thresholds=tuple(args.noc_thresholds),

@@ -18,16 +18,8 @@ Protocols (each mask is prompted independently, prompts derived from its ground 
   prompt (``feed_back_mask``); click 1 uses the multimask policy, later clicks the single-mask output
   (``later_clicks_multimask`` to change it). A mask whose prediction is already exact gets a padding token.
 
-Prompt token layout (``prompt_layout``):
-
-* ``"official"`` (default): what ``segment_anything.SamPredictor`` sends: clicks ``[c1, ..., ck, pad]``, a box
-  as its two corner tokens ``[tl, br]`` (no padding token).
-* ``"training"``: samtune's training simulation and validation (:class:`samtune.prompts.InteractiveEvaluator`):
-  clicks ``[c1, pad, c2, ..., ck, pad]``, a box ``[tl, br, pad]`` (the prompt encoder appends a padding token
-  to the simulator's ``[c1, pad]`` / ``[tl, br]``). With ``iou_resolution="input"`` this layout reproduces the
-  validation metrics of :class:`samtune.tasks.PromptableSegmentationTask` exactly. The extra padding token
-  matters for pretrained checkpoints: LiteMedSAM's box mIoU on nuclei2d is 0.670 with the official layout and
-  0.639 with this one.
+Prompt tokens are those ``segment_anything.SamPredictor`` sends: clicks ``[c1, ..., ck, pad]``, a box as its two
+corner tokens ``[tl, br]`` (no padding token); samtune's training simulation and validation use the same tokens.
 
 Resolution (``iou_resolution``): ``"original"`` (default, as the paper and the official predictor) thresholds
 the logits after ``Sam.postprocess_masks``' geometry (bilinear upsampling to the model input, padding cropped,
@@ -53,7 +45,7 @@ import torch
 
 from samtune.prompts.deterministic import largest_error_points, region_centers
 from samtune.prompts.geometry import check_masks, mask_iou, resize_logits
-from samtune.prompts.sampling import BOX_BOTTOM_RIGHT_LABEL, BOX_TOP_LEFT_LABEL, PAD_LABEL, jitter_boxes, mask_boxes
+from samtune.prompts.sampling import PAD_LABEL, jitter_boxes, mask_boxes
 from samtune.prompts.simulator import PromptableModel
 
 __all__ = [
@@ -61,7 +53,6 @@ __all__ = [
     "ImageTarget",
     "CoordinateMapping",
     "IoUResolution",
-    "PromptLayout",
     "ProtocolConfig",
     "ProtocolRunner",
     "boxes_to_input",
@@ -72,7 +63,6 @@ __all__ = [
 Protocol = Literal["point", "box", "box_jitter", "clicks"]
 PROTOCOLS: tuple[str, ...] = ("point", "box", "box_jitter", "clicks")
 IoUResolution = Literal["original", "input"]
-PromptLayout = Literal["official", "training"]
 CoordinateMapping = Literal["official", "area"]
 
 
@@ -87,7 +77,6 @@ class ProtocolConfig:
             predicted IoU (SAM paper); False keeps the single-mask output (token 0).
         later_clicks_multimask: clicks 2..k also select among the three multimask outputs (default: single).
         feed_back_mask: feed the previous round's selected low-res logits back as the mask prompt.
-        prompt_layout: ``"official"`` or ``"training"`` token layout.
         box_noise_std_fraction: jitter standard deviation as a fraction of the box side.
         box_noise_max: cap of the jitter standard deviation, in model-input pixels (20 in the SAM recipe).
         seed: base seed of the box jitter.
@@ -104,7 +93,6 @@ class ProtocolConfig:
     first_click_multimask: bool = True
     later_clicks_multimask: bool = False
     feed_back_mask: bool = True
-    prompt_layout: PromptLayout = "official"
     box_noise_std_fraction: float = 0.1
     box_noise_max: float = 20.0
     seed: int = 0
@@ -123,8 +111,6 @@ class ProtocolConfig:
         object.__setattr__(self, "noc_thresholds", tuple(float(t) for t in self.noc_thresholds))
         if self.num_clicks < 1:
             raise ValueError(f"num_clicks must be >= 1, got {self.num_clicks}")
-        if self.prompt_layout not in ("official", "training"):
-            raise ValueError(f"prompt_layout must be 'official' or 'training', got {self.prompt_layout!r}")
         if self.iou_resolution not in ("original", "input"):
             raise ValueError(f"iou_resolution must be 'original' or 'input', got {self.iou_resolution!r}")
         if self.coordinate_mapping not in ("official", "area"):
@@ -365,9 +351,6 @@ class ProtocolRunner:
         cfg = self.config
         xy, label = self._click_tokens([region_centers(t.gt) for t in targets], targets)
         coords, labels = xy[:, None], label[:, None]
-        if cfg.prompt_layout == "training":  # [click 1, padding], then one token per click
-            coords = torch.cat((coords, torch.zeros_like(coords)), dim=1)
-            labels = torch.cat((labels, torch.full_like(labels, PAD_LABEL)), dim=1)
         out: dict[str, torch.Tensor] = {}
         ious, preds = [], []
         selected: torch.Tensor | None = None
@@ -464,14 +447,6 @@ class ProtocolRunner:
         """One single-mask decoder call for ``[M, 4]`` boxes; IoUs ``[M]`` and predicted IoUs ``[M]``."""
         boxes = torch.where(found[:, None], boxes, torch.zeros_like(boxes))
         chunk = self.config.max_masks_per_call
-        if self.config.prompt_layout == "official":
-            logits, iou_pred = _decode(model, embeddings, image_index, chunk, boxes=boxes, multimask_output=False)
-        else:
-            corner = torch.tensor([BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL], device=boxes.device)
-            labels = torch.where(found[:, None], corner, PAD_LABEL).long()
-            logits, iou_pred = _decode(
-                model, embeddings, image_index, chunk, point_coords=boxes.view(-1, 2, 2), point_labels=labels,
-                multimask_output=False,
-            )
+        logits, iou_pred = _decode(model, embeddings, image_index, chunk, boxes=boxes, multimask_output=False)
         ious, _ = self._evaluate(model, logits[:, :1], targets, counts)
         return ious[:, 0], iou_pred[:, 0].float().cpu()

@@ -110,8 +110,10 @@ def test_bad_paths_and_files(label_folder, coco_dir, tiny_checkpoint, tmp_path) 
     base = ["--output", str(tmp_path / "out"), *FAST]
     with pytest.raises(ValueError, match=r"--checkpoint .*missing\.pth: file not found"):
         main(["--checkpoint", str(tmp_path / "missing.pth"), "--data", "sa1b", "--images", str(images), *base])
-    with pytest.raises(ValueError, match="--model is required"):
-        main(["--checkpoint", str(tiny_checkpoint), "--data", "sa1b", "--images", str(images), "--output",
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception, match=r"junk\.pth"):  # the model is inferred from the file: it must be one
+        main(["--checkpoint", str(junk), "--data", "sa1b", "--images", str(images), "--output",
               str(tmp_path), "--quiet"])
     with pytest.raises(ValueError, match=r"--masks .*nowhere: not a folder"):
         main(["--checkpoint", str(tiny_checkpoint), "--data", "mask_folder", "--images", str(images), "--masks",

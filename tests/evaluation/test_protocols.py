@@ -79,15 +79,15 @@ def test_exact_prediction_gets_a_padding_click_and_policies_are_configurable() -
     gt = _gt((12, 12), (4, 4, 6, 6))
     model = PaintSam(radii=(1, 2, 2, 2), iou=(0.1, 0.9, 0.8, 0.7))
     config = ProtocolConfig(protocols=("clicks",), num_clicks=3, first_click_multimask=False,
-                            later_clicks_multimask=True, feed_back_mask=False, prompt_layout="training")
+                            later_clicks_multimask=True, feed_back_mask=False)
     out = ProtocolRunner(config)(model, EMB, [ImageTarget(gt, (12, 12))])
     # Token 0 (radius 1) is exact at click 1; later rounds select among the multimask outputs (radius 2).
     assert out["click_iou"][0, 0] == 1.0 and out["click_iou_pred"][0].tolist()[0] == pytest.approx(0.1)
     calls = model.calls
-    assert calls[1]["labels"].tolist() == [[1, -1, -1]] and calls[1]["coords"][0, -1].tolist() == [0.0, 0.0]
+    assert calls[1]["labels"].tolist() == [[1, -1]] and calls[1]["coords"][0, -1].tolist() == [0.0, 0.0]
     assert calls[1]["multimask_output"] and calls[1]["mask_inputs"] is None
     assert out["click_iou"][0, 1] == pytest.approx(9 / 25)  # the 5 x 5 of token 1 (highest predicted IoU)
-    assert calls[2]["labels"].tolist() == [[1, -1, -1, 0]]  # training layout: [c1, pad] + one token per click
+    assert calls[2]["labels"].tolist() == [[1, -1, 0]]  # one token per click (the decoder appends the padding)
 
 
 def test_box_protocol_box_as_mask_and_layouts() -> None:
@@ -101,10 +101,6 @@ def test_box_protocol_box_as_mask_and_layouts() -> None:
     assert out["box_iou_pred"].tolist() == [pytest.approx(0.5)] * 2  # single-mask output
     assert model.calls[0]["boxes"].tolist() == [[2.0, 2.0, 9.0, 7.0], [1.0, 8.0, 3.0, 10.0]]
     assert model.calls[0]["coords"] is None and not model.calls[0]["multimask_output"]
-    model = PaintSam()
-    ProtocolRunner(ProtocolConfig(protocols=("box",), prompt_layout="training"))(model, EMB, targets)
-    assert model.calls[0]["boxes"] is None and model.calls[0]["labels"].tolist() == [[2, 3], [2, 3]]
-    assert model.calls[0]["coords"][0].tolist() == [[2.0, 2.0], [9.0, 7.0]]
 
 
 def test_box_jitter_is_seeded_per_sample_and_capped() -> None:

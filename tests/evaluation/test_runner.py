@@ -38,12 +38,12 @@ def test_evaluate_mask_folder_columns_and_batching(label_folder) -> None:
     assert (first.num_images, first.num_masks) == (1, 3)
 
 
-def test_input_resolution_with_training_layout_equals_validation(label_folder) -> None:
+def test_input_resolution_equals_validation(label_folder) -> None:
     """The validation evaluator of the task and `evaluate` agree mask for mask on a real (tiny) SAM."""
     images, masks = label_folder
     torch.manual_seed(0)
     model = build_sam("sam_tiny")
-    config = ProtocolConfig(protocols=("box", "clicks"), num_clicks=3, prompt_layout="training", iou_resolution="input")
+    config = ProtocolConfig(protocols=("box", "clicks"), num_clicks=3, iou_resolution="input")
     dataset = MaskFolderDataset(images, masks, **dataset_options(model, config))
     report = evaluate(model, dataset, config, batch_size=2, progress=False)
     batch = collate_samples([dataset[0], dataset[1]])
