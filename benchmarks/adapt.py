@@ -204,12 +204,13 @@ def adaptation_available() -> bool:
     return True
 
 
-def storage_accuracy(num_images: int = 4, seed: int = 0) -> list[tuple[str, float, float, float]]:
+def storage_accuracy(num_images: int = 4, seed: int = 0) -> list[tuple[str, float, float, float, float]]:
     """float16 / bfloat16 cache storage against float32, with LiteMedSAM (real weights when present).
 
     Returns:
-        Rows ``(dtype, max relative error of the embeddings, mean IoU(masks from stored, from float32),
-        mean IoU against the ground truth)`` with box prompts on every instance.
+        Rows ``(dtype, max relative error of the embeddings, fraction of mask pixels that differ from the float32
+        masks, mean IoU(masks from stored, from float32), mean IoU against the ground truth)`` with box prompts on
+        every instance.
     """
     import torch
     import torch.nn.functional as F
@@ -238,16 +239,17 @@ def storage_accuracy(num_images: int = 4, seed: int = 0) -> list[tuple[str, floa
 
         def iou(a: torch.Tensor, b: torch.Tensor) -> float:
             inter = (a & b).flatten(1).sum(1).float()
-            union = (a | b).flatten(1).sum(1).float().clamp_min(1)
-            return float((inter / union).mean())
+            union = (a | b).flatten(1).sum(1).float()
+            return float(torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union)).mean())
 
         ref_masks = masks_of(reference)
-        rows = [("float32", 0.0, 1.0, iou(ref_masks, gt))]
+        rows = [("float32", 0.0, 0.0, 1.0, iou(ref_masks, gt))]
         for dtype in (torch.float16, torch.bfloat16):
             stored = reference.to(dtype).float()
             rel = float(((stored - reference).abs() / reference.abs().clamp_min(1e-3)).max())
             pred = masks_of(stored)
-            rows.append((str(dtype).removeprefix("torch."), rel, iou(pred, ref_masks), iou(pred, gt)))
+            differ = float((pred != ref_masks).float().mean())
+            rows.append((str(dtype).removeprefix("torch."), rel, differ, iou(pred, ref_masks), iou(pred, gt)))
     return rows
 
 
@@ -345,10 +347,11 @@ def main(argv: list[str] | None = None) -> None:
         source = "EM asset" if (ASSETS / "data" / "em_membrane").is_dir() else "synthetic images"
         print(f"\nCache storage dtype, LiteMedSAM ({'real' if _checkpoint('lite_medsam') else 'random'} weights), "
               f"{source}, GT-box prompts:")
-        print("| storage | max rel. error | mask IoU vs float32 masks | mean IoU vs GT |")
-        print("|---|---|---|---|")
-        for dtype, rel, agree, gt_iou in rows:
-            print(f"| {dtype} | {rel:.1e} | {agree:.4f} | {gt_iou:.4f} |")
+        print("| storage | max rel. error | pixels differing from float32 masks | mask IoU vs float32 masks | "
+              "mean IoU vs GT |")
+        print("|---|---|---|---|---|")
+        for dtype, rel, differ, agree, gt_iou in rows:
+            print(f"| {dtype} | {rel:.1e} | {differ:.2e} | {agree:.4f} | {gt_iou:.4f} |")
 
 
 def _cuda() -> bool:
