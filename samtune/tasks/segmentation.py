@@ -207,9 +207,11 @@ class PromptableSegmentationTask(L.LightningModule):
     @staticmethod
     def _flatten_valid(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Valid masks of the whole batch: ``[M, S, S]`` bool, their image index ``[M]`` and ``(h, w)`` ``[M, 2]``."""
-        for key in ("images", "masks", "mask_valid", "input_size"):
+        for key in ("masks", "mask_valid", "input_size"):
             if key not in batch:
                 raise KeyError(f"batch has no {key!r} (keys: {sorted(batch)}); use samtune.data.collate_samples")
+        if "images" not in batch and "image_embeddings" not in batch:
+            raise KeyError(f"batch has neither 'images' nor 'image_embeddings' (keys: {sorted(batch)})")
         masks, valid = batch["masks"], batch["mask_valid"]
         b, k = valid.shape
         if masks.shape[:2] != (b, k):
@@ -241,6 +243,15 @@ class PromptableSegmentationTask(L.LightningModule):
                 return self.model.encode_image(images)
         return self.model.encode_image(images)
 
+    def _image_embeddings(self, batch: dict[str, Any]) -> torch.Tensor:
+        """``[B, C, h, w]``: the batch's cached ``image_embeddings`` (see :mod:`samtune.data.cached`; checked to
+        come from this task's frozen encoder) or the encoder run on ``images``."""
+        if "image_embeddings" in batch:
+            from samtune.adapt.cache import check_cached_embeddings
+
+            return check_cached_embeddings(self.model.image_encoder, batch)
+        return self._encode(batch["images"])
+
     # ------------------------------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         """One step: encode once, simulate the prompt rounds, sum the losses, normalise by the global mask count.
@@ -252,7 +263,7 @@ class PromptableSegmentationTask(L.LightningModule):
         m = gt.shape[0]
         terms = ("loss", "focal", "dice", "iou")
         if m > 0:
-            embeddings = self._encode(batch["images"])
+            embeddings = self._image_embeddings(batch)
             generator = self._simulation_generator(gt.device)
             self._train_step_counter += 1
 
@@ -279,7 +290,7 @@ class PromptableSegmentationTask(L.LightningModule):
         loss = sums["loss"] * (self._world_size() / denominator)
         if m > 0:
             loss = loss + self._zero_loss()
-        batch_size = int(batch["images"].shape[0])
+        batch_size = int(batch["masks"].shape[0])
         for i, name in enumerate(terms):
             self.log(f"train/{name}", stats[i] / denominator, on_step=True, on_epoch=False, prog_bar=name == "loss",
                      batch_size=batch_size)
@@ -307,10 +318,10 @@ class PromptableSegmentationTask(L.LightningModule):
         gt, image_index, sizes = self._flatten_valid(batch)
         if gt.shape[0] == 0:
             return
-        embeddings = self.model.encode_image(batch["images"])
+        embeddings = self._image_embeddings(batch)
         result = self.evaluator(self.model, embeddings, image_index, gt, image_sizes=sizes)
         self.val_metrics.update_from_result(result)
-        if batch_idx == 0:
+        if batch_idx == 0 and "images" in batch:  # overlays need the image (cached batches may have none)
             self.last_val_example = self._example(batch, embeddings, gt, image_index, sizes)
 
     @torch.no_grad()
