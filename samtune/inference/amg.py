@@ -47,6 +47,7 @@ from samtune.inference.amg_utils import (
     masks_to_coco_rle,
     masks_to_rle,
     remove_small_regions,
+    rle_to_mask,
     stability_score,
     xyxy_to_xywh,
 )
@@ -166,12 +167,12 @@ class AutomaticMaskGenerator:
         if points_per_side is not None:
             if crop_n_points_downscale_factor < 1:
                 raise ValueError(f"crop_n_points_downscale_factor must be >= 1, got {crop_n_points_downscale_factor}")
-            grids = build_point_grids(points_per_side, crop_n_layers, crop_n_points_downscale_factor)
-            if any(len(g) == 0 for g in grids):
+            if int(points_per_side / crop_n_points_downscale_factor**crop_n_layers) < 1:
                 raise ValueError(
                     f"points_per_side={points_per_side} / crop_n_points_downscale_factor="
                     f"{crop_n_points_downscale_factor}**layer leaves no points in some crop layer"
                 )
+            grids = build_point_grids(points_per_side, crop_n_layers, crop_n_points_downscale_factor)
         else:
             grids = [np.asarray(g, dtype=np.float64) for g in point_grids]
             if len(grids) != crop_n_layers + 1:
@@ -453,29 +454,45 @@ class _TwoStageDecoder:
 
 
 # ---------------------------------------------------------------------------- writers
-def to_sa1b_json(records: list[dict[str, Any]], image_info: dict[str, Any]) -> dict[str, Any]:
+def to_sa1b_json(
+    records: list[dict[str, Any]],
+    image_info: dict[str, Any],
+    segmentation: Literal["coco_rle", "uncompressed_rle"] = "coco_rle",
+) -> dict[str, Any]:
     """An SA-1B annotation file for one image from generator records.
 
     Args:
         records: output of :meth:`AutomaticMaskGenerator.generate` (any ``output_mode``).
         image_info: the ``"image"`` entry; must hold ``width`` and ``height`` (checked against the masks),
             usually also ``image_id`` and ``file_name``.
+        segmentation: mask form in the file: COCO RLE with ``str`` counts (SA-1B's) or uncompressed RLE.
 
     Returns:
         ``{"image": image_info, "annotations": [{"id", "segmentation" (COCO RLE, str counts), "bbox", "area",
         "predicted_iou", "stability_score", "point_coords", "crop_box"}, ...]}``, ready for ``json.dump`` and
         readable by :class:`samtune.data.SA1BDataset`.
     """
+    if segmentation not in ("coco_rle", "uncompressed_rle"):
+        raise ValueError(f"segmentation must be 'coco_rle' or 'uncompressed_rle', got {segmentation!r}")
     missing = [k for k in ("width", "height") if k not in image_info]
     if missing:
         raise ValueError(f"image_info lacks {missing}; it needs at least 'width' and 'height'")
     size = (int(image_info["height"]), int(image_info["width"]))
     annotations = []
     for i, rec in enumerate(records):
+        seg = rec["segmentation"]
+        if segmentation == "coco_rle":
+            rle = coco_rle(seg, size)
+        elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):
+            rle = {"size": [int(v) for v in seg["size"]], "counts": [int(v) for v in seg["counts"]]}
+            if tuple(rle["size"]) != size or sum(rle["counts"]) != size[0] * size[1]:
+                raise ValueError(f"mask of record {i}: RLE of size {tuple(rle['size'])} differs from the image size {size}")
+        else:
+            rle = masks_to_rle(torch.from_numpy(rle_to_mask(coco_rle(seg, size)))[None])[0]
         annotations.append(
             {
                 "id": i,
-                "segmentation": coco_rle(rec["segmentation"], size),
+                "segmentation": rle,
                 "bbox": [float(v) for v in rec["bbox"]],
                 "area": int(rec["area"]),
                 "predicted_iou": float(rec["predicted_iou"]),

@@ -4,11 +4,11 @@ Random weights make SAM's decoder output near-constant logits that barely depend
 mask generator finds nothing to keep (or one whole-image mask). For comparing two generators we want what a
 trained model gives: for every grid point a few masks of different sizes around the point, with sharp
 boundaries, shapes perturbed by the image, and predicted IoUs spread around the default threshold. This module
-sets the weights of the registered ``sam_tiny`` model (256 px, 64-d decoder, 16x16 embedding, 64x64 logits)
-so that:
+sets the weights of the registered ``sam_tiny`` model (256 px, 64-d decoder, 16x16 embedding, 64x64 logits;
+any ViT model works, e.g. ``sam_vit_b`` for benchmarks) so that:
 
-* the prompt encoder's Fourier features use 4 frequency directions (each repeated), so the positional encoding
-  lives in an 8-d subspace and ``k(x, x') = sum_j cos(2 pi g_j . (x - x'))`` is a smooth, single-peaked kernel;
+* the prompt encoder's Fourier features use 4 frequency directions (each repeated; 8 for SAM's 256-d decoder), so
+  the positional encoding lives in the subspace of one attention head and ``k(x, x') = sum_j cos(2 pi g_j . (x - x'))`` is a smooth, single-peaked kernel;
 * the first decoder layer passes the prompt tokens through unchanged (orthogonal token embeddings attend to
   themselves) and its image-to-token attention compares the image-grid and point encodings in that subspace:
   image tokens near the point attend to the point token and receive a fixed direction ``z``;
@@ -31,7 +31,7 @@ from samtune import Sam, build_sam
 
 from ..modeling.reference import randomize_
 
-IOU_LEVELS = (0.90, 0.878, 0.886, 0.95)  # per mask token: token 1 mostly fails 0.88, token 2 half passes
+IOU_LEVELS = (0.90, 0.875, 0.885, 0.95)  # mean predicted IoU per mask token (0.88: token 1 mostly fails)
 
 
 def _hadamard(n: int) -> torch.Tensor:
@@ -44,18 +44,20 @@ def _hadamard(n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def localized_sam(
+    name: str = "sam_tiny",
     seed: int = 0,
     radius_scale: float = 0.5,
     image_weight: float = 0.3,
     sharpness: float = 0.5,
     value: float = 0.5,
-    levels: tuple[float, float, float, float] = (2.3, 2.0, 2.3, 2.5),
+    levels: tuple[float, float, float, float] = (3.7, 2.65, 3.7, 5.0),
     gain: float = 40.0,
-    iou_spread: float = 0.05,
+    iou_spread: float = 1.0,
 ) -> Sam:
-    """``sam_tiny`` whose masks are nested blobs around the prompt point (see the module docstring).
+    """A registered ViT model whose masks are nested blobs around the prompt point (see the module docstring).
 
     Args:
+        name: registry name of a model with a ViT encoder (``sam_tiny``; ``sam_vit_b`` for benchmarks).
         seed: seed of the random weights that are kept.
         radius_scale: frequency of the Fourier features (larger: smaller blobs).
         image_weight: scale of the image embedding (larger: blobs follow the image texture more).
@@ -63,11 +65,16 @@ def localized_sam(
     Returns:
         The model in eval mode.
     """
-    sam = build_sam("sam_tiny")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        sam = build_sam(name)
     randomize_(sam, seed)
     pe, dec = sam.prompt_encoder, sam.mask_decoder
-    c = pe.embed_dim  # 64
-    groups, rep = 4, c // 2 // 4  # 4 frequency directions, each repeated 8 times
+    c = pe.embed_dim  # 64 for sam_tiny, 256 for SAM
+    i2t = dec.transformer.layers[0].cross_attn_image_to_token
+    heads, head_dim = i2t.num_heads, i2t.internal_dim // i2t.num_heads
+    groups = head_dim // 2  # frequency directions (4 for sam_tiny, 8 for SAM), each repeated `rep` times
+    rep = c // 2 // groups
     # Positional encoding in an 8-d subspace: group j of the sin half and of the cos half share one frequency.
     angles = torch.arange(groups) * math.pi / groups
     freqs = torch.stack([torch.cos(angles), torch.sin(angles)]) * radius_scale
@@ -109,9 +116,6 @@ def localized_sam(
         norm.bias.zero_()
     # Image-to-token attention: the logit of (image token i, point token) is ~2.8 k(x_i, x_point); the other
     # tokens are orthogonal to the PE subspace (logit 0). Only the point token has a value (along u -> z).
-    i2t = layer0.cross_attn_image_to_token
-    heads, head_dim = i2t.num_heads, i2t.internal_dim // i2t.num_heads
-    assert head_dim == 2 * groups
     i2t.q_proj.weight.copy_(sharpness * proj.repeat(heads, 1))
     i2t.k_proj.weight.copy_(sharpness * proj.repeat(heads, 1))
     i2t.q_proj.bias.zero_()
@@ -142,11 +146,22 @@ def localized_sam(
     w2[0, 0] = 1.0
     conv2.weight.copy_(w2[:, :, None, None].expand(-1, -1, 2, 2))
     conv2.bias.copy_(torch.tensor([0.0, 1.0] + [0.0] * (c2 - 2)))
-    gelu_one = 0.5 * (1 + math.erf(1 / math.sqrt(2)))  # GELU(1): the constant channel
+    def gelu(x: float) -> float:
+        return 0.5 * x * (1 + math.erf(x / math.sqrt(2)))
+
     for mlp, level in zip(dec.output_hypernetworks_mlps, levels):
+        # LayerNorm of [s, -s, +-1, ...] gives channel 0 = s * sqrt(c1) / sqrt(2 s^2 + c1 - 2): threshold there.
+        cut = gelu(level * math.sqrt(c1) / math.sqrt(2 * level**2 + c1 - 2))
         mlp.layers[-1].weight.zero_()
-        mlp.layers[-1].bias.copy_(torch.tensor([gain, -gain * level / gelu_one] + [0.0] * (c2 - 2)))
+        mlp.layers[-1].bias.copy_(torch.tensor([gain, -gain * cut / gelu(1.0)] + [0.0] * (c2 - 2)))
     head = dec.iou_prediction_head.layers[-1]
     head.weight.mul_(iou_spread)
-    head.bias.copy_(torch.tensor(IOU_LEVELS))
-    return sam.eval()
+    # Centre each token's predicted IoU on its level: measure the mean over a grid of clicks on a random image.
+    sam.eval()
+    gen = torch.Generator().manual_seed(seed)
+    grid = sam.prompt_encoder.image_embedding_size
+    embedding = torch.randn(1, c, *grid, generator=gen)
+    clicks = torch.rand(64, 1, 2, generator=gen) * sam.image_size
+    _, iou = sam.decode(embedding, point_coords=clicks, point_labels=torch.ones(64, 1), return_all_tokens=True)
+    head.bias.add_(torch.tensor(IOU_LEVELS) - iou.mean(dim=0))
+    return sam
