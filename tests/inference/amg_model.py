@@ -1,4 +1,4 @@
-"""A tiny SAM with hand-set decoder weights whose masks are nested blobs around the clicked point.
+"""A SAM with hand-set decoder weights whose masks are nested blobs around the clicked point.
 
 Random weights make SAM's decoder output near-constant logits that barely depend on the prompt, so an automatic
 mask generator finds nothing to keep (or one whole-image mask). For comparing two generators we want what a
@@ -7,16 +7,17 @@ boundaries, shapes perturbed by the image, and predicted IoUs spread around the 
 sets the weights of the registered ``sam_tiny`` model (256 px, 64-d decoder, 16x16 embedding, 64x64 logits;
 any ViT model works, e.g. ``sam_vit_b`` for benchmarks) so that:
 
-* the prompt encoder's Fourier features use 4 frequency directions (each repeated; 8 for SAM's 256-d decoder), so
-  the positional encoding lives in the subspace of one attention head and ``k(x, x') = sum_j cos(2 pi g_j . (x - x'))`` is a smooth, single-peaked kernel;
+* the prompt encoder's Fourier features use 4 frequency directions (each repeated; 8 for SAM's 256-d decoder),
+  so the positional encoding lives in a subspace as wide as one attention head, and
+  ``k(x, x') = sum_j cos(2 pi g_j . (x - x'))`` is a smooth, single-peaked kernel over the image;
 * the first decoder layer passes the prompt tokens through unchanged (orthogonal token embeddings attend to
   themselves) and its image-to-token attention compares the image-grid and point encodings in that subspace:
   image tokens near the point attend to the point token and receive a fixed direction ``z``;
 * the mask head reads the component of the (layer-normed) image tokens along ``z``, and the three multimask
-  tokens threshold it at three levels: three nested blobs, logits of magnitude ~20;
+  tokens threshold it at three levels: three nested blobs with logits of magnitude ~40;
 * everything else keeps random values (image encoder, the second layer's token path, the IoU head's hidden
-  layers), so the image texture perturbs the blobs and the predicted IoU varies by a few thousandths around a
-  per-token level set by the IoU head's bias.
+  layers), so the image texture perturbs the blobs and the predicted IoU varies by a few hundredths around a
+  per-token level (``IOU_LEVELS``, set through the IoU head's bias).
 
 The same state dict loads into the official ``segment_anything`` model built with the ``sam_tiny``
 architecture (``tests/modeling/reference.py``), which is how the generators are compared.
@@ -61,6 +62,12 @@ def localized_sam(
         seed: seed of the random weights that are kept.
         radius_scale: frequency of the Fourier features (larger: smaller blobs).
         image_weight: scale of the image embedding (larger: blobs follow the image texture more).
+        sharpness: scale of the image-to-token query/key projections (larger: sharper, larger blobs).
+        value: scale of the point token's value (how strongly the click marks the image tokens near it).
+        levels: per mask token (0..3), the level of ``z . token`` above which a pixel is in the mask (larger:
+            smaller blob); tokens 1..3 are the multimask outputs.
+        gain: logit scale (larger: sharper logits, higher stability scores).
+        iou_spread: scale of the IoU head's random last layer (spread of the predicted IoU around its level).
 
     Returns:
         The model in eval mode.
