@@ -1,0 +1,189 @@
+"""``samtune amg``: automatic mask generation over an image or a folder of images.
+
+    samtune amg --checkpoint sam_vit_b_01ec64.pth --model sam_vit_b --input photos/ --output masks/ \\
+        [--points-per-side 32] [--crop-n-layers 1] [--output-mode coco_rle] [--coco-results results.json]
+
+For every image ``<stem>.<ext>`` it writes ``<output>/<stem>.json`` in the SA-1B annotation format
+(``{"image": {"image_id", "file_name", "width", "height"}, "annotations": [{"id", "segmentation", "bbox",
+"area", "predicted_iou", "stability_score", "point_coords", "crop_box"}]}``), readable by
+:class:`samtune.data.SA1BDataset`. ``--output-mode`` chooses the masks' form: ``coco_rle`` (compressed RLE,
+as SA-1B), ``uncompressed_rle`` (run lengths as a list) or ``binary_mask`` (compressed RLE in the JSON plus one
+PNG per mask in ``<output>/<stem>/<index>.png``). ``--coco-results FILE`` also writes one COCO results list for
+all images (class-agnostic, category 1, score = predicted IoU); image ids are the file stems when they are
+integers (COCO file names), else 1, 2, ... in file order.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main", "build_parser", "find_images"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class AmgError(Exception):
+    """A problem with the command's inputs (printed as one line, exit code 1)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="samtune amg",
+        description="Automatic mask generation (point grid, IoU/stability filtering, NMS) over images; writes one "
+        "SA-1B-format JSON per image.",
+    )
+    io = parser.add_argument_group("input / output")
+    io.add_argument("--checkpoint", required=True, help="model weights (official .pth, safetensors, samtune checkpoint)")
+    io.add_argument("--model", default=None, help="registry name of the architecture (e.g. sam_vit_b, lite_medsam)")
+    io.add_argument("--input", required=True, help="an image file or a folder of images (not recursive)")
+    io.add_argument("--output", required=True, help="folder for <stem>.json (created)")
+    io.add_argument(
+        "--output-mode", default="coco_rle", choices=("coco_rle", "uncompressed_rle", "binary_mask"),
+        help="mask form in the JSON; binary_mask also writes one PNG per mask (default: coco_rle)",
+    )
+    io.add_argument("--coco-results", default=None, help="also write a COCO results JSON for all images here")
+    io.add_argument(
+        "--intensity", default="auto", choices=("auto", "none", "minmax", "percentile"),
+        help="mapping of non-uint8 images (16-bit, float) to 0-255 (default: auto)",
+    )
+    run = parser.add_argument_group("model")
+    run.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    run.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    amg = parser.add_argument_group("generator (defaults as the official SamAutomaticMaskGenerator)")
+    amg.add_argument("--points-per-side", type=int, default=32)
+    amg.add_argument("--points-per-batch", type=int, default=64)
+    amg.add_argument("--pred-iou-thresh", type=float, default=0.88)
+    amg.add_argument("--stability-score-thresh", type=float, default=0.95)
+    amg.add_argument("--stability-score-offset", type=float, default=1.0)
+    amg.add_argument("--box-nms-thresh", type=float, default=0.7)
+    amg.add_argument("--crop-n-layers", type=int, default=0)
+    amg.add_argument("--crop-nms-thresh", type=float, default=0.7)
+    amg.add_argument("--crop-overlap-ratio", type=float, default=512 / 1500)
+    amg.add_argument("--crop-n-points-downscale-factor", type=int, default=1)
+    amg.add_argument("--min-mask-region-area", type=int, default=0)
+    return parser
+
+
+def find_images(path: Path) -> list[Path]:
+    """The image files of ``path`` (a file, or a folder's files with an image suffix, sorted by name)."""
+    if not path.exists():
+        raise AmgError(f"input not found: {path}")
+    if path.is_file():
+        return [path]
+    images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise AmgError(f"no images found in {path} (looked for {', '.join(IMAGE_SUFFIXES)})")
+    stems: dict[str, Path] = {}
+    for p in images:
+        if p.stem in stems:
+            raise AmgError(f"{stems[p.stem].name} and {p.name} would both be written to {p.stem}.json; rename one")
+        stems[p.stem] = p
+    return images
+
+
+def _load_predictor(args: argparse.Namespace) -> Any:
+    from samtune.build import available_models, build_sam
+    from samtune.inference.predictor import Predictor
+
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_file():
+        raise AmgError(f"checkpoint not found: {checkpoint}")
+    if args.model is None:
+        if hasattr(Predictor, "from_checkpoint"):
+            return Predictor.from_checkpoint(checkpoint, device=args.device, precision=args.precision)
+        raise AmgError(f"--model is required: the registry name of the checkpoint's architecture ({', '.join(available_models())})")
+    model = build_sam(args.model, checkpoint).to(args.device)
+    return Predictor(model, precision=args.precision)
+
+
+def _image_id(path: Path, index: int) -> int:
+    return int(path.stem) if path.stem.isdigit() else index + 1
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temporary file + rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from samtune.data.errors import SampleError
+    from samtune.data.io import prepare_image, read_image
+    from samtune.inference.amg import AutomaticMaskGenerator, to_coco_results, to_sa1b_json
+
+    images = find_images(Path(args.input))
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise AmgError(f"--output must be a folder, but {output} is a file")
+    output.mkdir(parents=True, exist_ok=True)
+    predictor = _load_predictor(args)
+    generator = AutomaticMaskGenerator(
+        predictor,
+        points_per_side=args.points_per_side,
+        points_per_batch=args.points_per_batch,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_score_thresh,
+        stability_score_offset=args.stability_score_offset,
+        box_nms_thresh=args.box_nms_thresh,
+        crop_n_layers=args.crop_n_layers,
+        crop_nms_thresh=args.crop_nms_thresh,
+        crop_overlap_ratio=args.crop_overlap_ratio,
+        crop_n_points_downscale_factor=args.crop_n_points_downscale_factor,
+        min_mask_region_area=args.min_mask_region_area,
+        output_mode=args.output_mode,
+    )
+    coco_results: list[dict[str, Any]] = []
+    total = 0
+    bar = tqdm(images, unit="image", disable=args.quiet, file=sys.stderr)
+    for index, path in enumerate(bar):
+        bar.set_postfix_str(path.name)
+        try:
+            image = prepare_image(read_image(path), intensity=args.intensity, path=path)
+        except SampleError as err:
+            raise AmgError(f"cannot read image {err}") from err
+        records = generator.generate(image)
+        total += len(records)
+        info = {"image_id": _image_id(path, index), "file_name": path.name, "height": image.shape[0], "width": image.shape[1]}
+        segmentation = "uncompressed_rle" if args.output_mode == "uncompressed_rle" else "coco_rle"
+        _write_json(output / f"{path.stem}.json", to_sa1b_json(records, info, segmentation=segmentation))
+        if args.output_mode == "binary_mask":
+            import cv2
+
+            folder = output / path.stem
+            folder.mkdir(exist_ok=True)
+            for i, rec in enumerate(records):
+                cv2.imwrite(str(folder / f"{i}.png"), rec["segmentation"].astype(np.uint8) * 255)
+        if args.coco_results is not None:
+            coco_results.extend(to_coco_results(records, info["image_id"]))
+    if args.coco_results is not None:
+        target = Path(args.coco_results)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(target, coco_results)
+    if not args.quiet:
+        print(f"samtune amg: {total} masks for {len(images)} image(s) written to {output}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``samtune amg`` (see the module docstring). Returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+    except SystemExit as exit_:  # --help (0) or a usage error (2, message already printed)
+        return int(exit_.code or 0)
+    try:
+        return run(args)
+    except (AmgError, ValueError) as err:  # CheckpointError is a ValueError
+        if os.environ.get("SAMTUNE_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(f"samtune amg: error: {err}", file=sys.stderr)
+        return 1

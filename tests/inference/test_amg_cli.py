@@ -1,0 +1,116 @@
+"""``samtune amg``: SA-1B JSON per image, COCO results, PNG masks, clear errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from samtune.checkpoints import save_checkpoint
+from samtune.inference.amg import AutomaticMaskGenerator
+from samtune.inference.amg_cli import main
+from samtune.inference.amg_utils import rle_to_mask
+
+from ..modeling.reference import make_image
+from .amg_model import localized_sam
+
+FAST = ["--points-per-side", "6", "--pred-iou-thresh", "0", "--stability-score-thresh", "0.5", "--precision", "fp32", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[Path, Path, dict[str, np.ndarray]]:
+    """A saved sam_tiny checkpoint and a folder with two images (PNG and JPEG, different sizes)."""
+    root = tmp_path_factory.mktemp("amg_cli")
+    checkpoint = save_checkpoint(localized_sam("sam_tiny"), root / "tiny.pth")
+    images = root / "images"
+    images.mkdir()
+    arrays = {"000000000042.png": make_image(200, 150, seed=1), "scene.jpg": make_image(160, 210, seed=2)}
+    for name, array in arrays.items():
+        cv2.imwrite(str(images / name), cv2.cvtColor(array, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    (images / "notes.txt").write_text("not an image")
+    return checkpoint, images, arrays
+
+
+def test_folder_to_sa1b_json_coco_results_and_progress(setup, tmp_path, capsys):
+    checkpoint, images, arrays = setup
+    out = tmp_path / "out"
+    code = main(["--checkpoint", str(checkpoint), "--model", "sam_tiny", "--input", str(images), "--output", str(out),
+                 "--coco-results", str(tmp_path / "coco.json"), *[a for a in FAST if a != "--quiet"]])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "2/2" in err and "image" in err  # tqdm progress bar
+    assert "masks for 2 image(s) written to" in err
+    assert sorted(p.name for p in out.iterdir()) == ["000000000042.json", "scene.json"]
+    sa1b = json.loads((out / "000000000042.json").read_text())
+    assert sa1b["image"] == {"image_id": 42, "file_name": "000000000042.png", "height": 200, "width": 150}
+    # The masks are the generator's on the same (PNG, lossless) image.
+    expected = AutomaticMaskGenerator(localized_sam("sam_tiny"), points_per_side=6, pred_iou_thresh=0, stability_score_thresh=0.5, precision="fp32").generate(arrays["000000000042.png"])
+    anns = sa1b["annotations"]
+    assert len(anns) == len(expected) > 3
+    for ann, rec in zip(anns, expected):
+        assert isinstance(ann["segmentation"]["counts"], str)
+        assert np.array_equal(rle_to_mask(ann["segmentation"]), rec["segmentation"])
+        assert ann["bbox"] == rec["bbox"] and ann["area"] == rec["area"] and ann["crop_box"] == rec["crop_box"]
+        assert ann["predicted_iou"] == pytest.approx(rec["predicted_iou"]) and ann["point_coords"] == rec["point_coords"]
+    scene = json.loads((out / "scene.json").read_text())
+    assert scene["image"]["image_id"] == 2 and (scene["image"]["height"], scene["image"]["width"]) == (160, 210)
+    coco = json.loads((tmp_path / "coco.json").read_text())
+    assert len(coco) == len(anns) + len(scene["annotations"])
+    assert {r["image_id"] for r in coco} == {42, 2} and all(r["category_id"] == 1 for r in coco)
+
+
+def test_single_file_binary_masks_and_uncompressed(setup, tmp_path, capsys):
+    checkpoint, images, _ = setup
+    out = tmp_path / "png"
+    assert main(["--checkpoint", str(checkpoint), "--model", "sam_tiny", "--input", str(images / "scene.jpg"),
+                 "--output", str(out), "--output-mode", "binary_mask", *FAST]) == 0
+    anns = json.loads((out / "scene.json").read_text())["annotations"]
+    pngs = sorted((out / "scene").iterdir(), key=lambda p: int(p.stem))
+    assert len(pngs) == len(anns) > 0
+    mask = cv2.imread(str(pngs[0]), cv2.IMREAD_GRAYSCALE) > 0
+    assert np.array_equal(mask, rle_to_mask(anns[0]["segmentation"]))
+    out2 = tmp_path / "unc"
+    assert main(["--checkpoint", str(checkpoint), "--model", "sam_tiny", "--input", str(images / "scene.jpg"),
+                 "--output", str(out2), "--output-mode", "uncompressed_rle", *FAST]) == 0
+    anns2 = json.loads((out2 / "scene.json").read_text())["annotations"]
+    assert isinstance(anns2[0]["segmentation"]["counts"], list)
+    assert np.array_equal(rle_to_mask(anns2[0]["segmentation"]), mask)
+
+
+def test_errors(setup, tmp_path, capsys):
+    checkpoint, images, _ = setup
+    base = ["--checkpoint", str(checkpoint), "--model", "sam_tiny", "--output", str(tmp_path / "o"), *FAST]
+
+    def error(args: list[str]) -> str:
+        assert main(args) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("samtune amg: error: ") and len(err.splitlines()) == 1, err
+        return err
+
+    assert "input not found: " + str(tmp_path / "missing") in error([*base, "--input", str(tmp_path / "missing")])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.md").write_text("x")
+    assert f"no images found in {empty}" in error([*base, "--input", str(empty)])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "bad.png").write_bytes(b"not a png")
+    message = error([*base, "--input", str(broken)])
+    assert "cannot read image" in message and str(broken / "bad.png") in message
+    twins = tmp_path / "twins"
+    twins.mkdir()
+    for name in ("a.png", "a.jpg"):
+        cv2.imwrite(str(twins / name), np.zeros((8, 8, 3), np.uint8))
+    assert "a.jpg and a.png would both be written to a.json" in error([*base, "--input", str(twins)])
+    no_model = ["--checkpoint", str(checkpoint), "--input", str(images), "--output", str(tmp_path / "o"), *FAST]
+    assert "--model is required" in error(no_model)
+    missing_ckpt = [a if a != str(checkpoint) else str(tmp_path / "nope.pth") for a in base]
+    assert "checkpoint not found" in error([*missing_ckpt, "--input", str(images)])
+    wrong_arch = [a if a != "sam_tiny" else "sam_tiny_vit_t" for a in base]
+    assert "image_encoder" in error([*wrong_arch, "--input", str(images)])  # the checkpoint's keys do not fit
+    assert main(["--input", str(images)]) == 2  # usage error (argparse)
+    assert "--checkpoint" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+    assert "SA-1B" in capsys.readouterr().out
