@@ -6,8 +6,9 @@ against the typed ``__init__`` signatures of the task, the datamodule, the Train
 ``--config`` files are merged left to right (``recipes/`` holds complete runs, ``configs/`` fragments);
 ``--print_config`` prints the resolved configuration. Without ``--config``, ``fit`` runs ``recipes/quickstart.yaml``.
 
-Other subcommands: ``samtune data synth`` (synthetic SA-1B-format data), and ``export``, ``evaluate``, ``amg``
-(registered, not available in this version).
+Other subcommands: ``samtune data synth`` (synthetic SA-1B-format data), ``export`` (official .pth, safetensors,
+merged LoRA, ONNX), ``evaluate`` (point / box / click protocols) and ``amg`` (automatic mask generation); each has
+its own ``--help``.
 
 Errors are one line (``samtune: error: ...``) with exit code 1 (2 for command-line usage errors); pass
 ``--traceback`` or set ``SAMTUNE_TRACEBACK=1`` to see the Python traceback.
@@ -46,7 +47,6 @@ TOOL_COMMANDS = {
     "evaluate": ("samtune.evaluation.cli", "IoU per click / NoC of a checkpoint on a dataset"),
     "amg": ("samtune.inference.amg_cli", "automatic mask generation (point grid, IoU/stability filtering, NMS) over images"),
 }
-NOT_AVAILABLE = "not available yet in this version (tracked: inference/export issue)"
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 
 
@@ -257,18 +257,8 @@ def run_lightning(args: list[str], run: bool = True) -> SamtuneCLI:
 def _tool_command(name: str, args: list[str]) -> int:
     """Run a tool command: import its module only now (keeps ``samtune --help`` and ``fit`` start-up light)."""
     import importlib
-    import importlib.util
 
-    module_name, text = TOOL_COMMANDS[name]
-    try:
-        spec = importlib.util.find_spec(module_name)
-    except ModuleNotFoundError:  # the parent package is absent
-        spec = None
-    if spec is None:
-        parser = argparse.ArgumentParser(prog=f"samtune {name}", description=f"{text}. {NOT_AVAILABLE}.")
-        parser.parse_known_args(args)  # --help prints the description and exits 0
-        print(f"samtune {name}: {NOT_AVAILABLE}", file=sys.stderr)
-        return 2
+    module_name, _ = TOOL_COMMANDS[name]
     return int(importlib.import_module(module_name).main(args) or 0)
 
 

@@ -12,6 +12,7 @@ This is the only package that imports peft; it never imports Lightning.
 """
 from samtune.adapt.adapters import AdaptedAttention, BottleneckAdapter, ParallelAdapterMLP
 from samtune.adapt.blocks import attention_blocks, select_blocks
+from samtune.adapt.cache import CacheConfig, CacheError, EmbeddingCache, encoder_fingerprint
 from samtune.adapt.checkpoint import (
     extract_adapter_checkpoint,
     is_adapter_checkpoint,
@@ -36,10 +37,14 @@ __all__ = [
     "AdaptedAttention",
     "AdapterMergeError",
     "BottleneckAdapter",
+    "CacheConfig",
+    "CacheError",
+    "EmbeddingCache",
     "ParallelAdapterMLP",
     "adaptation_of",
     "apply_adaptation",
     "attention_blocks",
+    "encoder_fingerprint",
     "eval_frozen_batchnorm",
     "export_merged",
     "extract_adapter_checkpoint",
