@@ -16,7 +16,18 @@ from lightning.pytorch.callbacks import Callback
 from samtune.cli import run_lightning
 from tests.conftest import REPO_ROOT
 from tests.test_cli import quick_args, run_cli
-from tests.test_reliability import DETERMINISTIC
+
+# One deterministic prompt round (the exact GT box): the loss is a fixed function of weights and data, so the
+# 2-process and 1-process runs can agree exactly (random prompts are drawn per rank).
+DETERMINISTIC = [
+    "--model.init_args.simulation.num_iterations", "1",
+    "--model.init_args.simulation.num_point_iterations", "0",
+    "--model.init_args.simulation.random_mask_only_iteration", "false",
+    "--model.init_args.simulation.final_mask_only_iteration", "false",
+    "--model.init_args.simulation.box_probability", "1.0",
+    "--model.init_args.simulation.box_noise_std_fraction", "0.0",
+    "--data.init_args.max_masks_per_image", "64",
+]
 
 STEPS = 3
 
