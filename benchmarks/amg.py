@@ -128,7 +128,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-official", action="store_true", help="time samtune only")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    sys.path.insert(0, str(ROOT / "tests"))
 
     if args.model == "lite_medsam":
         checkpoint = Path(args.checkpoint or ASSETS / "weights/lite_medsam/lite_medsam.pth")
@@ -136,12 +135,12 @@ def main(argv: list[str] | None = None) -> None:
         weights = f"real ({checkpoint.name})"
         official_model = None if args.skip_official else official_lite_medsam(ours.state_dict())
     else:
-        from modeling.reference import build_reference, randomize_
+        from tests.modeling.reference import build_reference, randomize_
 
         if args.checkpoint:
             ours, weights = build_sam(args.model, args.checkpoint), f"real ({Path(args.checkpoint).name})"
         elif args.weights == "localized":
-            from inference.amg_model import localized_sam
+            from tests.inference.amg_model import localized_sam
 
             ours, weights = localized_sam(args.model), "localized (hand-set decoder)"
         else:

@@ -1,6 +1,6 @@
 """``samtune amg``: automatic mask generation over an image or a folder of images.
 
-    samtune amg --checkpoint sam_vit_b_01ec64.pth --model sam_vit_b --input photos/ --output masks/ \\
+    samtune amg --checkpoint sam_vit_b_01ec64.pth --input photos/ --output masks/ \\
         [--points-per-side 32] [--crop-n-layers 1] [--output-mode coco_rle] [--coco-results results.json]
 
 For every image ``<stem>.<ext>`` it writes ``<output>/<stem>.json`` in the SA-1B annotation format
@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     io = parser.add_argument_group("input / output")
     io.add_argument("--checkpoint", required=True, help="model weights (official .pth, safetensors, samtune checkpoint)")
-    io.add_argument("--model", default=None, help="registry name of the architecture (e.g. sam_vit_b, lite_medsam)")
+    io.add_argument(
+        "--model", default=None,
+        help="registry name of the architecture (e.g. sam_vit_b, lite_medsam); default: inferred from the checkpoint",
+    )
     io.add_argument("--input", required=True, help="an image file or a folder of images (not recursive)")
     io.add_argument("--output", required=True, help="folder for <stem>.json (created)")
     io.add_argument(
@@ -87,18 +90,13 @@ def find_images(path: Path) -> list[Path]:
 
 
 def _load_predictor(args: argparse.Namespace) -> Any:
-    from samtune.build import available_models, build_sam
+    """The checkpoint's model (inferred from the file unless ``--model`` is given) in a Predictor."""
     from samtune.inference.predictor import Predictor
 
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():
         raise AmgError(f"checkpoint not found: {checkpoint}")
-    if args.model is None:
-        if hasattr(Predictor, "from_checkpoint"):
-            return Predictor.from_checkpoint(checkpoint, device=args.device, precision=args.precision)
-        raise AmgError(f"--model is required: the registry name of the checkpoint's architecture ({', '.join(available_models())})")
-    model = build_sam(args.model, checkpoint).to(args.device)
-    return Predictor(model, precision=args.precision)
+    return Predictor.from_checkpoint(checkpoint, model=args.model, device=args.device, precision=args.precision)
 
 
 def _image_id(path: Path, index: int) -> int:

@@ -64,7 +64,8 @@ def test_folder_to_sa1b_json_coco_results_and_progress(setup, tmp_path, capsys):
 def test_single_file_binary_masks_and_uncompressed(setup, tmp_path, capsys):
     checkpoint, images, _ = setup
     out = tmp_path / "png"
-    assert main(["--checkpoint", str(checkpoint), "--model", "sam_tiny", "--input", str(images / "scene.jpg"),
+    # No --model: the architecture is inferred from the checkpoint.
+    assert main(["--checkpoint", str(checkpoint), "--input", str(images / "scene.jpg"),
                  "--output", str(out), "--output-mode", "binary_mask", *FAST]) == 0
     anns = json.loads((out / "scene.json").read_text())["annotations"]
     pngs = sorted((out / "scene").iterdir(), key=lambda p: int(p.stem))
@@ -104,8 +105,6 @@ def test_errors(setup, tmp_path, capsys):
     for name in ("a.png", "a.jpg"):
         cv2.imwrite(str(twins / name), np.zeros((8, 8, 3), np.uint8))
     assert "a.jpg and a.png would both be written to a.json" in error([*base, "--input", str(twins)])
-    no_model = ["--checkpoint", str(checkpoint), "--input", str(images), "--output", str(tmp_path / "o"), *FAST]
-    assert "--model is required" in error(no_model)
     missing_ckpt = [a if a != str(checkpoint) else str(tmp_path / "nope.pth") for a in base]
     assert "checkpoint not found" in error([*missing_ckpt, "--input", str(images)])
     wrong_arch = [a if a != "sam_tiny" else "sam_tiny_vit_t" for a in base]
@@ -114,3 +113,13 @@ def test_errors(setup, tmp_path, capsys):
     assert "--checkpoint" in capsys.readouterr().err
     assert main(["--help"]) == 0
     assert "SA-1B" in capsys.readouterr().out
+
+
+def test_dispatch_from_samtune_cli(setup, tmp_path, capsys):
+    from samtune.cli import main as samtune_main
+
+    checkpoint, _, _ = setup
+    with pytest.raises(SystemExit) as exit_:
+        samtune_main(["amg", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")])
+    assert exit_.value.code == 1
+    assert f"samtune amg: error: input not found: {tmp_path / 'nothing'}" in capsys.readouterr().err
