@@ -231,8 +231,7 @@ def test_views_transform_image_masks_and_boxes_together(data_dir):
 
 # --------------------------------------------------------------------------------------------------- task
 def _loss(task: PromptableSegmentationTask, batch: dict) -> torch.Tensor:
-    torch.manual_seed(123)  # the simulation's generator is seeded from the global RNG
-    task._generator = None
+    task._train_step_counter = 0  # prompts are drawn from (simulation seed, step counter, rank): same step, same prompts
     return task.training_step(batch, 0)
 
 

@@ -110,5 +110,6 @@ def test_upsampler_matches_postprocess(low, size, input_size, original):
     up = MaskUpsampler(low, size, input_size, original)
     ours = up(logits)
     assert ours.shape == (3, *original) and up.size == original and up.chunk >= 1
-    torch.testing.assert_close(ours, ref, rtol=0, atol=2e-5)
+    # float32 rounding of logits up to ~30 in magnitude (the order of the GEMMs differs from two interpolations)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=2e-5)
     assert ((ours > 0) != (ref > 0)).float().mean() < 1e-4
