@@ -125,6 +125,25 @@ def test_gradients_reach_the_encoder_only_when_it_is_trainable() -> None:
     assert frozen.model.prompt_encoder.point_embeddings[1].weight.grad is not None
 
 
+def test_decoder_checkpointing_gives_the_same_loss_and_gradients() -> None:
+    """Recomputing each round's decoder in backward (``decoder_checkpointing``) changes memory, not the result."""
+    batch = make_batch([3, 2])
+    grads, losses = [], []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        task = PromptableSegmentationTask("sam_tiny", decoder_checkpointing=recompute, decoder_dropout=0.1,
+                                          drop_path_rate=0.1)
+        task._train_step_counter = 0
+        loss = task.training_step(batch, 0)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+    assert grads[0].keys() == grads[1].keys() and any("image_encoder" in n for n in grads[0])
+    for name, grad in grads[0].items():  # dropout masks are replayed: identical up to summation order
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_frozen_tiny_vit_keeps_batchnorm_statistics() -> None:
     one_round = SimulationConfig(num_iterations=1, num_point_iterations=0, random_mask_only_iteration=False,
                                  final_mask_only_iteration=False)
