@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 from samtune.data.errors import OnError, SampleError, SkipCounter
 from samtune.data.io import Intensity, image_shape, prepare_image
-from samtune.data.masks import MaskSource, masks_to_boxes
+from samtune.data.masks import DenseMaskSource, MaskSource, masks_to_boxes
 from samtune.data.transforms import Augmenter, AugmentationPreset, resize_longest, to_model_input
 from samtune.modeling.preprocessing import Normalization
 
@@ -80,6 +80,13 @@ class SegmentationDataset(Dataset):
         window: (low, high) raw values for ``intensity="window"``.
         crop_size: when set, training takes a random ``crop_size`` square crop and validation tiles each image
             into ``crop_size`` squares before resizing (large rasters).
+        region: ``(x0, y0, x1, y1)`` in image pixels (end exclusive, clipped to the image): use only this window of
+            every image, before cropping and resizing. Splits one large raster spatially into train and validation
+            parts. Masks are cut at the window's edge; a mask keeps only if at least ``region_min_fraction`` of its
+            pixels lie inside.
+        region_min_fraction: see ``region``.
+        repeats: in training, each image appears this many times per epoch (each time with its own random crop,
+            masks and augmentation): epochs of a useful length on a few large rasters.
         return_original_masks: also return ``"original_masks"`` at the image's resolution.
         on_error: ``"raise"`` a :class:`SampleError` naming the file, or ``"skip"`` to the next valid sample
             (counted in :attr:`num_skipped` and logged).
@@ -101,6 +108,9 @@ class SegmentationDataset(Dataset):
         percentiles: tuple[float, float] = (0.5, 99.5),
         window: tuple[float, float] | None = None,
         crop_size: int | None = None,
+        region: Sequence[int] | None = None,
+        region_min_fraction: float = 0.5,
+        repeats: int = 1,
         return_original_masks: bool = False,
         on_error: OnError = "raise",
         seed: int = 0,
@@ -117,6 +127,14 @@ class SegmentationDataset(Dataset):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if crop_size is not None and crop_size <= 0:
             raise ValueError(f"crop_size must be positive, got {crop_size}")
+        if region is not None:
+            region = tuple(int(v) for v in region)
+            if len(region) != 4 or min(region) < 0 or region[2] <= region[0] or region[3] <= region[1]:
+                raise ValueError(f"region must be (x0, y0, x1, y1) with 0 <= x0 < x1 and 0 <= y0 < y1, got {region}")
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
+        if not 0.0 < region_min_fraction <= 1.0:
+            raise ValueError(f"region_min_fraction must be in (0, 1], got {region_min_fraction}")
         if intensity == "window" and window is None:
             raise ValueError("intensity='window' needs window=(low, high)")
         self.image_size = image_size
@@ -130,6 +148,9 @@ class SegmentationDataset(Dataset):
         self.percentiles = tuple(percentiles)
         self.window = tuple(window) if window is not None else None
         self.crop_size = crop_size
+        self.region = region
+        self.region_min_fraction = region_min_fraction
+        self.repeats = repeats
         self.return_original_masks = return_original_masks
         self.on_error = on_error
         self.seed = seed
@@ -157,7 +178,10 @@ class SegmentationDataset(Dataset):
     # ---------------------------------------------------------------------------------------- indexing
     def _build_index(self) -> None:
         """Index samples: one per image, or one per tile when validating with ``crop_size``. Subclasses call it."""
-        if self.crop_size is None or self.train:
+        if self.train:
+            self._index = [(i, None) for i in range(self._num_images())] * self.repeats
+            return
+        if self.crop_size is None:
             self._index = [(i, None) for i in range(self._num_images())]
             return
         index: list[tuple[int, tuple[int, int] | None]] = []
@@ -167,6 +191,8 @@ class SegmentationDataset(Dataset):
             except SampleError as err:
                 self._handle(err)
                 continue
+            if self.region is not None:
+                height, width = _region_window(self.region, height, width, self._image_path(i))[2:]
             for top in _tile_starts(height, self.crop_size):
                 for left in _tile_starts(width, self.crop_size):
                     index.append((i, (top, left)))
@@ -226,6 +252,9 @@ class SegmentationDataset(Dataset):
                 f"mask size {source.height}x{source.width} differs from the image size {height}x{width} "
                 f"of {raw.path}",
             )
+        if self.region is not None:
+            image, source = self._cut_region(image, source, raw)
+            height, width = image.shape[:2]
         if len(source) == 0:
             raise SampleError(raw.mask_path, f"no masks for image {raw.path}")
         areas = source.areas()
@@ -275,6 +304,17 @@ class SegmentationDataset(Dataset):
             sample["original_masks"] = torch.from_numpy(np.ascontiguousarray(masks[keep])).bool()
         return sample
 
+    def _cut_region(self, image: np.ndarray, source: MaskSource, raw: RawSample) -> tuple[np.ndarray, MaskSource]:
+        """The ``region`` window of the image and the masks with enough of their area inside it."""
+        assert self.region is not None
+        top, left, h, w = _region_window(self.region, image.shape[0], image.shape[1], raw.path)
+        full_areas = source.areas()
+        masks = source.decode(np.arange(len(source)))[:, top : top + h, left : left + w]
+        inside = masks.reshape(len(masks), -1).sum(1)
+        keep = np.flatnonzero((inside > 0) & (inside >= self.region_min_fraction * np.maximum(full_areas, 1)))
+        window_image = np.ascontiguousarray(image[top : top + h, left : left + w])
+        return window_image, DenseMaskSource(np.ascontiguousarray(masks[keep]), source.ids[keep])
+
     def _sample(self, candidates: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if candidates.size <= self.max_masks_per_image:
             return candidates
@@ -310,6 +350,15 @@ class SegmentationDataset(Dataset):
                 return np.ascontiguousarray(image[window]), masks, source.ids[candidates[chosen]], (top, left)
         where = f"tile at ({tile[0]}, {tile[1]})" if tile is not None else f"{attempts} random crops"
         raise SampleError(raw.mask_path, f"no mask of {raw.path} inside the {where} of size {size}")
+
+
+def _region_window(region: tuple[int, ...], height: int, width: int, path: Path) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` of ``region`` ``(x0, y0, x1, y1)`` clipped to an image of ``height x width``."""
+    x0, y0, x1, y1 = region
+    x1, y1 = min(x1, width), min(y1, height)
+    if x0 >= x1 or y0 >= y1:
+        raise SampleError(path, f"region {region} lies outside the image of {height}x{width} (HxW)")
+    return y0, x0, y1 - y0, x1 - x0
 
 
 def _tile_starts(length: int, size: int) -> list[int]:

@@ -60,6 +60,12 @@ class SegmentationDataModule(L.LightningDataModule):
         percentiles: (low, high) percentiles for ``intensity: percentile``.
         window: (low, high) raw values for ``intensity: window``.
         crop_size: random crops (train) / tiles (val) of this size before resizing, for large rasters.
+        train_region, val_region: ``[x0, y0, x1, y1]`` windows (image pixels, end exclusive) that the training /
+            validation samples are taken from: a spatial split of large rasters (see
+            :class:`samtune.data.base.SegmentationDataset`).
+        region_min_fraction: a mask cut by a region's edge keeps if this fraction of it lies inside.
+        train_repeats: each training image appears this many times per epoch (new random crop, masks and
+            augmentation each time).
         val_fraction: fraction of images held out for validation when no explicit validation split is given.
         split_seed: seed of the ratio split.
         seed: seed of mask sampling and augmentation.
@@ -83,6 +89,10 @@ class SegmentationDataModule(L.LightningDataModule):
         percentiles: tuple[float, float] = (0.5, 99.5),
         window: tuple[float, float] | None = None,
         crop_size: int | None = None,
+        train_region: list[int] | None = None,
+        val_region: list[int] | None = None,
+        region_min_fraction: float = 0.5,
+        train_repeats: int = 1,
         val_fraction: float = 0.1,
         split_seed: int = 0,
         seed: int = 0,
@@ -104,16 +114,19 @@ class SegmentationDataModule(L.LightningDataModule):
             image_size=image_size, normalization=normalization, max_masks_per_image=max_masks_per_image,
             max_mask_area_fraction=max_mask_area_fraction, bands=bands, intensity=intensity,
             percentiles=percentiles, window=window, crop_size=crop_size, on_error=on_error, seed=seed,
+            region_min_fraction=region_min_fraction,
         )
+        self._regions = {True: train_region, False: val_region}
+        self.train_repeats = train_repeats
         self._augmentation = dict(augmentation=augmentation, augmentation_pipeline=augmentation_pipeline)
         self.train_dataset: SegmentationDataset | None = None
         self.val_dataset: SegmentationDataset | None = None
 
     def dataset_options(self, train: bool) -> dict[str, Any]:
         """Keyword options for a dataset of the given role."""
-        options = dict(self._common, train=train)
+        options = dict(self._common, train=train, region=self._regions[train])
         if train:
-            options.update(self._augmentation)
+            options.update(self._augmentation, repeats=self.train_repeats)
         else:
             options["return_original_masks"] = self.return_original_masks
         return options
@@ -260,6 +273,10 @@ class COCODataModule(SegmentationDataModule):
         percentiles: tuple[float, float] = (0.5, 99.5),
         window: tuple[float, float] | None = None,
         crop_size: int | None = None,
+        train_region: list[int] | None = None,
+        val_region: list[int] | None = None,
+        region_min_fraction: float = 0.5,
+        train_repeats: int = 1,
         val_fraction: float = 0.1,
         split_seed: int = 0,
         seed: int = 0,
@@ -271,7 +288,9 @@ class COCODataModule(SegmentationDataModule):
             pin_memory=pin_memory, max_masks_per_image=max_masks_per_image,
             max_mask_area_fraction=max_mask_area_fraction, augmentation=augmentation,
             augmentation_pipeline=augmentation_pipeline, bands=bands, intensity=intensity,
-            percentiles=percentiles, window=window, crop_size=crop_size, val_fraction=val_fraction,
+            percentiles=percentiles, window=window, crop_size=crop_size, train_region=train_region,
+            val_region=val_region, region_min_fraction=region_min_fraction, train_repeats=train_repeats,
+            val_fraction=val_fraction,
             split_seed=split_seed, seed=seed, on_error=on_error, return_original_masks=return_original_masks,
         )
         self.train_annotations, self.train_image_dir = train_annotations, train_image_dir
@@ -337,6 +356,10 @@ class MaskFolderDataModule(SegmentationDataModule):
         percentiles: tuple[float, float] = (0.5, 99.5),
         window: tuple[float, float] | None = None,
         crop_size: int | None = None,
+        train_region: list[int] | None = None,
+        val_region: list[int] | None = None,
+        region_min_fraction: float = 0.5,
+        train_repeats: int = 1,
         val_fraction: float = 0.1,
         split_seed: int = 0,
         seed: int = 0,
@@ -348,7 +371,9 @@ class MaskFolderDataModule(SegmentationDataModule):
             pin_memory=pin_memory, max_masks_per_image=max_masks_per_image,
             max_mask_area_fraction=max_mask_area_fraction, augmentation=augmentation,
             augmentation_pipeline=augmentation_pipeline, bands=bands, intensity=intensity,
-            percentiles=percentiles, window=window, crop_size=crop_size, val_fraction=val_fraction,
+            percentiles=percentiles, window=window, crop_size=crop_size, train_region=train_region,
+            val_region=val_region, region_min_fraction=region_min_fraction, train_repeats=train_repeats,
+            val_fraction=val_fraction,
             split_seed=split_seed, seed=seed, on_error=on_error, return_original_masks=return_original_masks,
         )
         self.image_dir, self.mask_dir = Path(image_dir), Path(mask_dir)

@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
@@ -98,3 +99,48 @@ def test_spacenet_uint16_with_rle_annotations(assets):
     np.testing.assert_array_equal(sample["original_masks"].numpy(), reference)
     assert sample["original_size"].tolist() == [600, 900] and sample["input_size"].tolist() == [600, 900]
     assert sample["image"].shape == (3, 900, 900)
+
+
+def test_spatial_regions_split_one_raster(assets):
+    """train_region / val_region: disjoint windows of the SpaceNet chip; masks cut at the edge keep if >= half inside."""
+    root = assets / "data" / "spacenet_buildings"
+    coco = COCO(str(root / "annotations.json"))
+    full = {a["id"]: coco.annToMask(a).astype(bool) for a in coco.loadAnns(coco.getAnnIds())}
+    seen = []
+    for region in ((0, 0, 450, 600), (450, 0, 900, 600)):
+        ds = COCODataset(root / "annotations.json", root, image_size=450, intensity="percentile", region=region,
+                         return_original_masks=True, max_masks_per_image=1000)
+        sample = ds[0]
+        x0, y0, x1, y1 = region
+        assert sample["original_size"].tolist() == [600, 450] and sample["input_size"].tolist() == [450, 338]
+        ids = sample["instance_ids"].tolist()
+        for k, ann_id in enumerate(ids):
+            window = full[ann_id][y0:y1, x0:x1]
+            np.testing.assert_array_equal(sample["original_masks"][k].numpy(), window)
+            assert window.sum() >= 0.5 * full[ann_id].sum()
+        dropped = [i for i, m in full.items() if i not in ids and m[y0:y1, x0:x1].any()]
+        assert all(full[i][y0:y1, x0:x1].sum() < 0.5 * full[i].sum() for i in dropped)
+        seen.append(set(ids))
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 33  # every building lands in exactly one part
+
+
+def test_region_errors(assets, tmp_path):
+    root = assets / "data" / "spacenet_buildings"
+    with pytest.raises(ValueError, match="region must be"):
+        COCODataset(root / "annotations.json", root, region=(10, 0, 5, 100))
+    ds = COCODataset(root / "annotations.json", root, region=(1000, 0, 1200, 100))
+    with pytest.raises(SampleError, match="outside the image"):
+        ds[0]
+
+
+def test_train_repeats_give_new_random_crops(assets):
+    root = assets / "data" / "spacenet_buildings"
+    ds = COCODataset(root / "annotations.json", root, image_size=128, intensity="percentile", crop_size=128,
+                     train=True, repeats=4, max_masks_per_image=1000)
+    assert len(ds) == 4
+    crops = [ds[i]["image"] for i in range(4)]
+    assert all(not torch.equal(crops[0], c) for c in crops[1:])
+    tiles = len(COCODataset(root / "annotations.json", root, crop_size=128))
+    assert tiles > 1 and len(COCODataset(root / "annotations.json", root, crop_size=128, repeats=4)) == tiles
+    with pytest.raises(ValueError, match="repeats"):
+        COCODataset(root / "annotations.json", root, repeats=0)
