@@ -2,6 +2,8 @@
 
 * ``iou_click_{i}``: mean IoU after i clicks (i = 1..k).
 * ``iou_box``: mean IoU after the ground-truth box alone (when box IoUs were given).
+* ``dice_click_{i}``, ``dice_box``: the same rounds' mean Dice coefficient (DSC, the usual medical metric),
+  per mask ``2 |A & B| / (|A| + |B|)``, which equals ``2 IoU / (1 + IoU)`` of the same mask.
 * ``noc_{t}``: mean number of clicks to reach IoU >= t/100 (e.g. ``noc_85``, ``noc_90``); a mask that never
   reaches it within the k clicks counts k (the cap), as in the interactive-segmentation literature.
 * ``nof_{t}``: fraction of masks that never reach IoU >= t/100 within the k clicks.
@@ -21,7 +23,13 @@ from torchmetrics import Metric
 
 from samtune.prompts.evaluator import EvaluationResult
 
-__all__ = ["ClickIoU", "number_of_clicks"]
+__all__ = ["ClickIoU", "dice_from_iou", "number_of_clicks"]
+
+
+def dice_from_iou(iou: torch.Tensor) -> torch.Tensor:
+    """Per-mask Dice coefficient from the same mask's IoU: ``2 IoU / (1 + IoU)`` (0 where IoU is 0)."""
+    iou = iou.float()
+    return 2.0 * iou / (1.0 + iou)
 
 
 def number_of_clicks(click_ious: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -62,6 +70,8 @@ class ClickIoU(Metric):
         self.noc_thresholds = tuple(float(t) for t in noc_thresholds)
         n_thr = len(self.noc_thresholds)
         self.add_state("click_iou_sum", torch.zeros(num_clicks), dist_reduce_fx="sum")
+        self.add_state("click_dice_sum", torch.zeros(num_clicks), dist_reduce_fx="sum")
+        self.add_state("box_dice_sum", torch.zeros(()), dist_reduce_fx="sum")
         self.add_state("num_masks", torch.zeros(()), dist_reduce_fx="sum")
         self.add_state("noc_sum", torch.zeros(n_thr), dist_reduce_fx="sum")
         self.add_state("failures", torch.zeros(n_thr), dist_reduce_fx="sum")
@@ -106,6 +116,7 @@ class ClickIoU(Metric):
         w = valid.float()
         ious = click_ious.float()
         self.click_iou_sum += (ious * w[:, None]).sum(dim=0)
+        self.click_dice_sum += (dice_from_iou(ious) * w[:, None]).sum(dim=0)
         self.num_masks += w.sum()
         for i, threshold in enumerate(self.noc_thresholds):
             noc = number_of_clicks(ious, threshold).float()
@@ -113,6 +124,7 @@ class ClickIoU(Metric):
             self.failures[i] += (~(ious >= threshold).any(dim=1)).float().mul(w).sum()
         if box_ious is not None:
             self.box_iou_sum += (box_ious.float() * w).sum()
+            self.box_dice_sum += (dice_from_iou(box_ious) * w).sum()
             self.num_box += w.sum()
         if click_iou_pred is not None:
             self.iou_abs_err_sum += ((click_iou_pred.float() - ious).abs() * w[:, None]).sum()
@@ -134,15 +146,17 @@ class ClickIoU(Metric):
         """The metrics (see the module docstring); box and IoU-head entries only when such data was given."""
         n = self.num_masks.clamp_min(1.0)
         out: dict[str, torch.Tensor] = {}
-        per_click = self.click_iou_sum / n
+        per_click, dice_per_click = self.click_iou_sum / n, self.click_dice_sum / n
         for i in range(self.num_clicks):
             out[f"iou_click_{i + 1}"] = per_click[i]
+            out[f"dice_click_{i + 1}"] = dice_per_click[i]
         for i, threshold in enumerate(self.noc_thresholds):
             tag = f"{round(threshold * 100):d}"
             out[f"noc_{tag}"] = self.noc_sum[i] / n
             out[f"nof_{tag}"] = self.failures[i] / n
         if self.num_box > 0:
             out["iou_box"] = self.box_iou_sum / self.num_box
+            out["dice_box"] = self.box_dice_sum / self.num_box
         if self.num_iou_pred > 0:
             out["iou_pred_mae"] = self.iou_abs_err_sum / self.num_iou_pred
         return out

@@ -103,3 +103,24 @@ def test_ddp_sync_with_two_processes() -> None:
     whole.update(IOUS)
     for key, value in whole.compute().items():
         assert got[key] == pytest.approx(value.item()), key
+
+
+def test_dice_equals_the_dice_of_the_masks() -> None:
+    """dice_click_i / dice_box: the mean over masks of 2|A&B|/(|A|+|B|), computed here from the masks directly."""
+    g = torch.Generator().manual_seed(0)
+    gt = torch.rand(6, 32, 32, generator=g) > 0.5
+    preds = [torch.rand(6, 32, 32, generator=g) > 0.4 for _ in range(3)]
+    preds[0][0] = False  # an empty prediction: IoU 0, Dice 0
+
+    def iou(p: torch.Tensor) -> torch.Tensor:
+        return (p & gt).sum((1, 2)) / (p | gt).sum((1, 2))
+
+    def dice(p: torch.Tensor) -> torch.Tensor:
+        return 2 * (p & gt).sum((1, 2)) / (p.sum((1, 2)) + gt.sum((1, 2)))
+
+    metric = ClickIoU(num_clicks=2)
+    metric.update(torch.stack([iou(preds[0]), iou(preds[1])], dim=1), box_ious=iou(preds[2]))
+    out = metric.compute()
+    assert out["dice_click_1"].item() == pytest.approx(dice(preds[0]).mean().item(), abs=1e-6)
+    assert out["dice_click_2"].item() == pytest.approx(dice(preds[1]).mean().item(), abs=1e-6)
+    assert out["dice_box"].item() == pytest.approx(dice(preds[2]).mean().item(), abs=1e-6)

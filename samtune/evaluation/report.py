@@ -9,10 +9,11 @@ Files written by :func:`write_report` into an output folder (several datasets ma
   optional dependency matplotlib; without it the other files are still written and the reason is returned).
 
 Metric names (flat summary): ``point_miou`` (click 1, the configured output), ``point_miou_oracle`` (best of the
-three multimask outputs), ``point_miou_single_output`` (token 0), ``box_miou``, ``box_as_mask_miou`` (IoU of the
-filled box: the baseline), ``box_jitter_miou``, ``click_1..click_k`` (mIoU after i clicks), ``noc_85`` /
-``noc_90`` (mean clicks to reach the IoU, k when never reached), ``nof_85`` / ``nof_90`` (fraction never
-reaching it in k clicks) and ``*_iou_pred_mae`` (mean absolute error of the IoU head).
+three multimask outputs), ``point_miou_single_output`` (token 0), ``box_miou``, ``box_mdice`` (mean Dice),
+``box_as_mask_miou`` (IoU of the filled box: the baseline), ``box_jitter_miou``, ``click_1..click_k`` (mIoU after
+i clicks), ``click_dice_1..click_dice_k`` (mean Dice after i clicks), ``noc_85`` / ``noc_90`` (mean clicks to
+reach the IoU, k when never reached), ``nof_85`` / ``nof_90`` (fraction never reaching it in k clicks) and
+``*_iou_pred_mae`` (mean absolute error of the IoU head).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from typing import Any, Sequence
 import torch
 
 from samtune.evaluation.protocols import ProtocolConfig
-from samtune.metrics import ClickIoU
+from samtune.metrics import ClickIoU, dice_from_iou
 
 __all__ = [
     "FORMAT",
@@ -79,6 +80,7 @@ def summarize(per_mask: dict[str, Any], config: ProtocolConfig) -> dict[str, Any
     if "box" in config.protocols:
         out["box"] = {
             "miou": _mean(per_mask["box_iou"]),
+            "mdice": _mean(dice_from_iou(per_mask["box_iou"])),
             "box_as_mask_miou": _mean(per_mask["box_as_mask_iou"]),
             "iou_pred_mae": _mae(per_mask["box_iou_pred"], per_mask["box_iou"]),
         }
@@ -99,6 +101,7 @@ def summarize(per_mask: dict[str, Any], config: ProtocolConfig) -> dict[str, Any
         out["clicks"] = {
             "max_clicks": config.num_clicks,
             "miou": [values.get(f"iou_click_{i + 1}") for i in range(config.num_clicks)],
+            "mdice": [values.get(f"dice_click_{i + 1}") for i in range(config.num_clicks)],
             "noc": {tag: values.get(f"noc_{tag}") for tag in tags},
             "nof": {tag: values.get(f"nof_{tag}") for tag in tags},
             "iou_pred_mae": values.get("iou_pred_mae"),
@@ -115,13 +118,15 @@ def flatten_metrics(metrics: dict[str, Any]) -> dict[str, float | None]:
                     point_miou_single_output=p["miou_single_output"], point_iou_pred_mae=p["iou_pred_mae"])
     if "box" in metrics:
         b = metrics["box"]
-        flat.update(box_miou=b["miou"], box_as_mask_miou=b["box_as_mask_miou"], box_iou_pred_mae=b["iou_pred_mae"])
+        flat.update(box_miou=b["miou"], box_mdice=b["mdice"], box_as_mask_miou=b["box_as_mask_miou"],
+                    box_iou_pred_mae=b["iou_pred_mae"])
     if "box_jitter" in metrics:
         j = metrics["box_jitter"]
         flat.update(box_jitter_miou=j["miou"], box_jitter_iou_pred_mae=j["iou_pred_mae"])
     if "clicks" in metrics:
         c = metrics["clicks"]
         flat.update({f"click_{i + 1}": v for i, v in enumerate(c["miou"])})
+        flat.update({f"click_dice_{i + 1}": v for i, v in enumerate(c["mdice"])})
         flat.update({f"noc_{t}": v for t, v in c["noc"].items()})
         flat.update({f"nof_{t}": v for t, v in c["nof"].items()})
         flat["clicks_iou_pred_mae"] = c["iou_pred_mae"]
@@ -214,7 +219,8 @@ def format_table(report: EvaluationReport) -> str:
                      f"single output {_fmt(p['miou_single_output'])}")
     if "box" in m:
         b = m["box"]
-        lines.append(f"  {'box':<12}{_fmt(b['miou']):>8}   box as mask {_fmt(b['box_as_mask_miou'])}")
+        lines.append(f"  {'box':<12}{_fmt(b['miou']):>8}   Dice {_fmt(b['mdice'])}, "
+                     f"box as mask {_fmt(b['box_as_mask_miou'])}")
     if "box_jitter" in m:
         cfg = report.config
         lines.append(f"  {'box_jitter':<12}{_fmt(m['box_jitter']['miou']):>8}   noise std "

@@ -54,7 +54,9 @@ def test_summary_hand_values() -> None:
     # NoC@85: 2, 3, never (3) -> 8/3; NoC@90: 2, never, never -> 8/3; NoF@90 = 2/3.
     assert metrics["clicks"]["noc"] == {"85": pytest.approx(8 / 3), "90": pytest.approx(8 / 3)}
     assert metrics["clicks"]["nof"] == {"85": pytest.approx(1 / 3), "90": pytest.approx(2 / 3)}
+    box_ious = torch.as_tensor(_report("d").per_mask["box_iou"], dtype=torch.float64)
     assert metrics["box"] == {"miou": pytest.approx(0.9), "box_as_mask_miou": pytest.approx(0.6),
+                              "mdice": pytest.approx(float((2 * box_ious / (1 + box_ious)).mean())),
                               "iou_pred_mae": pytest.approx(0.2 / 3)}  # (0.1 + 0 + 0.1) / 3
     table = format_table(_report("d"))
     assert "box as mask 0.6000" in table and "3: 0.8700" in table and "NoC@90 2.67" in table
