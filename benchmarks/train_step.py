@@ -7,7 +7,8 @@ logits fed back), focal 20 : dice 1 : IoU-MSE 1 per round, one backward, one Ada
 * reference: the official modules called directly (not ``Sam.forward``, which runs under no_grad), one decoder
   call per mask per round, the next point drawn on the host with numpy, fp32 eager;
 * samtune: ``PromptableSegmentationTask.training_step`` (one batched decoder call per round, sampling on device)
-  with bf16 autocast where the hardware runs it natively, and activation checkpointing of the encoder blocks.
+  with bf16 autocast where the hardware runs it natively, activation checkpointing of the encoder blocks and
+  ``decoder_checkpointing`` (each round's decoder recomputed in backward instead of kept).
 
 Each side runs in its own spawned process (so its peak memory, ``ru_maxrss``, is its own), one after the other
 and interleaved over the repetitions (ref, samtune, ref, samtune, ...). Reported: median seconds per step (the
@@ -166,6 +167,7 @@ def _samtune_side(model: str, num_masks: int, iterations: int, steps: int, seed:
     simulation = SimulationConfig(num_iterations=iterations, num_point_iterations=points,
                                   random_mask_only_iteration=iterations > 2, final_mask_only_iteration=iterations > 1)
     task = PromptableSegmentationTask(model, simulation=simulation, activation_checkpointing=True,
+                                      decoder_checkpointing=True,
                                       optimizer=OptimizerConfig(lr=1e-5, schedule="constant"))
     optimizer = task.configure_optimizers()["optimizer"]
     size = task.model.image_size
