@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
-
 from torch.utils.checkpoint import checkpoint
 
 from samtune.prompts.geometry import check_masks, mask_scale, resize_logits, resize_masks
