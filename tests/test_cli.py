@@ -141,7 +141,7 @@ def test_fragment_composes_with_quickstart(fragment, capsys):
 
 
 def test_medical_recipe_instantiates_with_real_assets(assets, monkeypatch):
-    """The medical recipe builds LiteMedSAM from the real weights, frozen encoder, and reads the EM mask folder."""
+    """The medical recipe builds LiteMedSAM from the real weights with LoRA on the encoder, reads the EM slices."""
     from samtune.cli import run_lightning
 
     monkeypatch.chdir(REPO_ROOT)
@@ -153,12 +153,17 @@ def test_medical_recipe_instantiates_with_real_assets(assets, monkeypatch):
         "--data.init_args.num_workers", "0",
     ], run=False)
     task = cli.model
-    assert not any(p.requires_grad for p in task.model.image_encoder.parameters())
+    encoder = dict(task.model.image_encoder.named_parameters())
+    trainable = [name for name, p in encoder.items() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    assert any(not p.requires_grad for p in encoder.values())
     assert all(p.requires_grad for p in task.model.mask_decoder.parameters())
+    assert not any(p.requires_grad for p in task.model.prompt_encoder.parameters())
     cli.datamodule.setup("fit")
+    assert len(cli.datamodule.train_dataset) == 15 and len(cli.datamodule.val_dataset) == 5
     batch = next(iter(cli.datamodule.train_dataloader()))
-    assert batch["images"].shape == (4, 3, 256, 256)
-    assert batch["mask_valid"].sum() > 0
+    assert batch["images"].shape == (2, 3, 256, 256)
+    assert 0 < batch["mask_valid"].sum() <= 2 * 16
 
 
 # ----------------------------------------------------------------------------------------------- errors
