@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from samtune.data.errors import OnError, SampleError, SkipCounter
-from samtune.data.io import Intensity, image_shape, prepare_image
+from samtune.data.io import Intensity, prepare_image
 from samtune.data.masks import DenseMaskSource, MaskSource, masks_to_boxes
 from samtune.data.transforms import Augmenter, AugmentationPreset, resize_longest, to_model_input
 from samtune.modeling.preprocessing import Normalization
@@ -177,7 +177,8 @@ class SegmentationDataset(Dataset):
 
     # ---------------------------------------------------------------------------------------- indexing
     def _build_index(self) -> None:
-        """Index samples: one per image, or one per tile when validating with ``crop_size``. Subclasses call it."""
+        """Index samples: one per image, or, when validating with ``crop_size``, one per tile that holds a mask
+        (each validation image is read once here to find them). Subclasses call it."""
         if self.train:
             self._index = [(i, None) for i in range(self._num_images())] * self.repeats
             return
@@ -187,16 +188,30 @@ class SegmentationDataset(Dataset):
         index: list[tuple[int, tuple[int, int] | None]] = []
         for i in range(self._num_images()):
             try:
-                height, width = image_shape(self._image_path(i))
-            except SampleError as err:
-                self._handle(err)
+                covered = self._mask_coverage(i)
+            except Exception as exc:  # noqa: BLE001 - reported as a SampleError naming the file
+                self._handle(exc if isinstance(exc, SampleError) else SampleError(
+                    self._image_path(i), f"unexpected {type(exc).__name__} while indexing tiles: {exc}"))
                 continue
-            if self.region is not None:
-                height, width = _region_window(self.region, height, width, self._image_path(i))[2:]
+            height, width = covered.shape
             for top in _tile_starts(height, self.crop_size):
                 for left in _tile_starts(width, self.crop_size):
-                    index.append((i, (top, left)))
+                    if covered[top : top + self.crop_size, left : left + self.crop_size].any():
+                        index.append((i, (top, left)))  # tiles without any mask pixel are not validated
         self._index = index
+
+    def _mask_coverage(self, i: int) -> np.ndarray:
+        """``[H, W]`` bool: where image ``i`` (its ``region`` when set) has a pixel of a usable mask."""
+        raw = self._load(i)
+        source = raw.masks
+        height, width = source.height, source.width
+        if self.region is not None:
+            (_, _, height, width), source = self._region_masks(source, raw)
+        areas = source.areas()
+        usable = np.flatnonzero((areas > 0) & (areas <= self.max_mask_area_fraction * height * width))
+        if usable.size == 0:
+            return np.zeros((height, width), dtype=bool)
+        return source.decode(usable).any(0)
 
     def __len__(self) -> int:
         return len(self._index)
@@ -306,14 +321,18 @@ class SegmentationDataset(Dataset):
 
     def _cut_region(self, image: np.ndarray, source: MaskSource, raw: RawSample) -> tuple[np.ndarray, MaskSource]:
         """The ``region`` window of the image and the masks with enough of their area inside it."""
+        (top, left, h, w), window_masks = self._region_masks(source, raw)
+        return np.ascontiguousarray(image[top : top + h, left : left + w]), window_masks
+
+    def _region_masks(self, source: MaskSource, raw: RawSample) -> tuple[tuple[int, int, int, int], MaskSource]:
+        """``(top, left, h, w)`` of the ``region`` window and the masks with enough of their area inside it."""
         assert self.region is not None
-        top, left, h, w = _region_window(self.region, image.shape[0], image.shape[1], raw.path)
+        window = top, left, h, w = _region_window(self.region, source.height, source.width, raw.path)
         full_areas = source.areas()
         masks = source.decode(np.arange(len(source)))[:, top : top + h, left : left + w]
         inside = masks.reshape(len(masks), -1).sum(1)
         keep = np.flatnonzero((inside > 0) & (inside >= self.region_min_fraction * np.maximum(full_areas, 1)))
-        window_image = np.ascontiguousarray(image[top : top + h, left : left + w])
-        return window_image, DenseMaskSource(np.ascontiguousarray(masks[keep]), source.ids[keep])
+        return window, DenseMaskSource(np.ascontiguousarray(masks[keep]), source.ids[keep])
 
     def _sample(self, candidates: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if candidates.size <= self.max_masks_per_image:

@@ -124,6 +124,23 @@ def test_spatial_regions_split_one_raster(assets):
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 33  # every building lands in exactly one part
 
 
+def test_validation_tiles_without_masks_are_left_out(assets):
+    """Tiling the right half of the chip in 128 px squares: exactly the tiles that hold a building pixel remain."""
+    root = assets / "data" / "spacenet_buildings"
+    coco = COCO(str(root / "annotations.json"))
+    union = np.any([coco.annToMask(a).astype(bool) for a in coco.loadAnns(coco.getAnnIds())], axis=0)
+    ds = COCODataset(root / "annotations.json", root, image_size=256, intensity="percentile", crop_size=128,
+                     region=(450, 0, 900, 600), region_min_fraction=1e-9, max_masks_per_image=1000)
+    window = union[:, 450:]
+    expected = [(top, left) for top in (0, 128, 256, 384, 472) for left in (0, 128, 256, 322)
+                if window[top : top + 128, left : left + 128].any()]
+    assert 0 < len(expected) < 20  # the half has empty tiles
+    assert [tile for _, tile in ds._index] == expected
+    for i in range(len(ds)):
+        sample = ds[i]
+        assert sample["masks"].shape[0] > 0 and sample["original_size"].tolist() == [128, 128]
+
+
 def test_region_errors(assets, tmp_path):
     root = assets / "data" / "spacenet_buildings"
     with pytest.raises(ValueError, match="region must be"):
