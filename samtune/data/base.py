@@ -79,7 +79,11 @@ class SegmentationDataset(Dataset):
         percentiles: (low, high) for ``intensity="percentile"``.
         window: (low, high) raw values for ``intensity="window"``.
         crop_size: when set, training takes a random ``crop_size`` square crop and validation tiles each image
-            into ``crop_size`` squares before resizing (large rasters).
+            into ``crop_size`` squares before resizing (large rasters). Every validation instance is evaluated
+            once, in one tile: the first tile (row-major) that holds it whole, else the tile holding most of it
+            (cut at the tile's edge); tiles left with no instance are not validated.
+        tile_overlap: pixels shared by neighbouring validation tiles. With an overlap of at least the largest
+            object's side, every object lies whole in some tile and none is evaluated cut.
         region: ``(x0, y0, x1, y1)`` in image pixels (end exclusive, clipped to the image): use only this window of
             every image, before cropping and resizing. Splits one large raster spatially into train and validation
             parts. Masks are cut at the window's edge; a mask keeps only if at least ``region_min_fraction`` of its
@@ -108,6 +112,7 @@ class SegmentationDataset(Dataset):
         percentiles: tuple[float, float] = (0.5, 99.5),
         window: tuple[float, float] | None = None,
         crop_size: int | None = None,
+        tile_overlap: int = 0,
         region: Sequence[int] | None = None,
         region_min_fraction: float = 0.5,
         repeats: int = 1,
@@ -127,6 +132,8 @@ class SegmentationDataset(Dataset):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if crop_size is not None and crop_size <= 0:
             raise ValueError(f"crop_size must be positive, got {crop_size}")
+        if tile_overlap < 0 or (crop_size is not None and tile_overlap >= crop_size):
+            raise ValueError(f"tile_overlap must be in [0, crop_size={crop_size}), got {tile_overlap}")
         if region is not None:
             region = tuple(int(v) for v in region)
             if len(region) != 4 or min(region) < 0 or region[2] <= region[0] or region[3] <= region[1]:
@@ -148,6 +155,7 @@ class SegmentationDataset(Dataset):
         self.percentiles = tuple(percentiles)
         self.window = tuple(window) if window is not None else None
         self.crop_size = crop_size
+        self.tile_overlap = tile_overlap
         self.region = region
         self.region_min_fraction = region_min_fraction
         self.repeats = repeats
@@ -156,6 +164,7 @@ class SegmentationDataset(Dataset):
         self.seed = seed
         self.skips = SkipCounter()
         self._index: list[tuple[int, tuple[int, int] | None]] = []
+        self._tile_members: dict[tuple[int, tuple[int, int]], np.ndarray] = {}
         self._rng_state: tuple[int, np.random.Generator] | None = None
 
     # ---------------------------------------------------------------------------------------- format hooks
@@ -177,8 +186,8 @@ class SegmentationDataset(Dataset):
 
     # ---------------------------------------------------------------------------------------- indexing
     def _build_index(self) -> None:
-        """Index samples: one per image, or, when validating with ``crop_size``, one per tile that holds a mask
-        (each validation image is read once here to find them). Subclasses call it."""
+        """Index samples: one per image, or, when validating with ``crop_size``, one per tile that is assigned an
+        instance (each validation image is read once here to assign them). Subclasses call it."""
         if self.train:
             self._index = [(i, None) for i in range(self._num_images())] * self.repeats
             return
@@ -186,22 +195,26 @@ class SegmentationDataset(Dataset):
             self._index = [(i, None) for i in range(self._num_images())]
             return
         index: list[tuple[int, tuple[int, int] | None]] = []
+        self._tile_members = {}
         for i in range(self._num_images()):
             try:
-                covered = self._mask_coverage(i)
+                tiles = self._assign_tiles(i)
             except Exception as exc:  # noqa: BLE001 - reported as a SampleError naming the file
                 self._handle(exc if isinstance(exc, SampleError) else SampleError(
                     self._image_path(i), f"unexpected {type(exc).__name__} while indexing tiles: {exc}"))
                 continue
-            height, width = covered.shape
-            for top in _tile_starts(height, self.crop_size):
-                for left in _tile_starts(width, self.crop_size):
-                    if covered[top : top + self.crop_size, left : left + self.crop_size].any():
-                        index.append((i, (top, left)))  # tiles without any mask pixel are not validated
+            for tile, members in tiles:
+                index.append((i, tile))
+                self._tile_members[(i, tile)] = members
         self._index = index
 
-    def _mask_coverage(self, i: int) -> np.ndarray:
-        """``[H, W]`` bool: where image ``i`` (its ``region`` when set) has a pixel of a usable mask."""
+    def _assign_tiles(self, i: int) -> list[tuple[tuple[int, int], np.ndarray]]:
+        """Validation tiles of image ``i`` (its ``region`` when set) with the usable masks each one evaluates.
+
+        Each mask goes to the first tile (row-major) that holds all of its pixels, else to the tile holding
+        most of them; tiles given no mask are dropped. Mask numbers index the image's (region's) mask source.
+        """
+        assert self.crop_size is not None
         raw = self._load(i)
         source = raw.masks
         height, width = source.height, source.width
@@ -210,9 +223,14 @@ class SegmentationDataset(Dataset):
         areas = source.areas()
         usable = np.flatnonzero((areas > 0) & (areas <= self.max_mask_area_fraction * height * width))
         if usable.size == 0:
-            return np.zeros((height, width), dtype=bool)
-        return source.decode(usable).any(0)
-
+            return []
+        masks = source.decode(usable)
+        size, stride = self.crop_size, self.crop_size - self.tile_overlap
+        tiles = [(top, left) for top in _tile_starts(height, size, stride) for left in _tile_starts(width, size, stride)]
+        inside = np.stack([masks[:, t : t + size, l : l + size].sum((1, 2)) for t, l in tiles], axis=1)  # [N, T]
+        whole = inside >= areas[usable][:, None]
+        home = np.where(whole.any(1), whole.argmax(1), inside.argmax(1))
+        return [(tile, usable[home == k]) for k, tile in enumerate(tiles) if (home == k).any()]
     def __len__(self) -> int:
         return len(self._index)
 
@@ -282,7 +300,7 @@ class SegmentationDataset(Dataset):
             )
         image_id = raw.image_id
         if self.crop_size is not None:
-            image, masks, ids, top_left = self._crop(image, source, candidates, tile, rng, raw)
+            image, masks, ids, top_left = self._crop(image, source, candidates, image_index, tile, rng, raw)
             if tile is not None:
                 image_id = f"{image_id}@{top_left[0]},{top_left[1]}"
         else:
@@ -344,6 +362,7 @@ class SegmentationDataset(Dataset):
         image: np.ndarray,
         source: MaskSource,
         candidates: np.ndarray,
+        image_index: int,
         tile: tuple[int, int] | None,
         rng: np.random.Generator,
         raw: RawSample,
@@ -353,6 +372,7 @@ class SegmentationDataset(Dataset):
         height, width = image.shape[:2]
         size = self.crop_size
         all_masks = source.decode(candidates)  # [N, H, W]
+        members = self._tile_members.get((image_index, tile), np.empty(0, np.int64)) if tile is not None else None
         attempts = 1 if tile is not None else MAX_CROP_ATTEMPTS
         for _ in range(attempts):
             if tile is not None:
@@ -362,7 +382,10 @@ class SegmentationDataset(Dataset):
                 left = int(rng.integers(0, max(width - size, 0) + 1))
             window = (slice(top, top + size), slice(left, left + size))
             cropped = all_masks[(slice(None), *window)]
-            present = np.flatnonzero(cropped.reshape(len(cropped), -1).any(1))
+            if tile is not None:  # the masks assigned to this tile (see _assign_tiles)
+                present = np.flatnonzero(np.isin(candidates, members))
+            else:
+                present = np.flatnonzero(cropped.reshape(len(cropped), -1).any(1))
             if present.size:
                 chosen = self._sample(present, rng)
                 masks = np.ascontiguousarray(cropped[chosen])
@@ -380,11 +403,12 @@ def _region_window(region: tuple[int, ...], height: int, width: int, path: Path)
     return y0, x0, y1 - y0, x1 - x0
 
 
-def _tile_starts(length: int, size: int) -> list[int]:
-    """Start offsets of tiles of ``size`` covering ``length`` (the last one flush with the end)."""
+def _tile_starts(length: int, size: int, stride: int | None = None) -> list[int]:
+    """Start offsets of tiles of ``size`` every ``stride`` (default ``size``) covering ``length`` (the last one
+    flush with the end)."""
     if length <= size:
         return [0]
-    starts = list(range(0, length - size, size))
+    starts = list(range(0, length - size, stride or size))
     starts.append(length - size)
     return starts
 

@@ -60,6 +60,8 @@ class SegmentationDataModule(L.LightningDataModule):
         percentiles: (low, high) percentiles for ``intensity: percentile``.
         window: (low, high) raw values for ``intensity: window``.
         crop_size: random crops (train) / tiles (val) of this size before resizing, for large rasters.
+        tile_overlap: pixels shared by neighbouring validation tiles (each instance is validated once, whole
+            where a tile holds it whole; see :class:`samtune.data.base.SegmentationDataset`).
         train_region, val_region: ``[x0, y0, x1, y1]`` windows (image pixels, end exclusive) that the training /
             validation samples are taken from: a spatial split of large rasters (see
             :class:`samtune.data.base.SegmentationDataset`).
@@ -89,6 +91,7 @@ class SegmentationDataModule(L.LightningDataModule):
         percentiles: tuple[float, float] = (0.5, 99.5),
         window: tuple[float, float] | None = None,
         crop_size: int | None = None,
+        tile_overlap: int = 0,
         train_region: list[int] | None = None,
         val_region: list[int] | None = None,
         region_min_fraction: float = 0.5,
@@ -114,7 +117,7 @@ class SegmentationDataModule(L.LightningDataModule):
             image_size=image_size, normalization=normalization, max_masks_per_image=max_masks_per_image,
             max_mask_area_fraction=max_mask_area_fraction, bands=bands, intensity=intensity,
             percentiles=percentiles, window=window, crop_size=crop_size, on_error=on_error, seed=seed,
-            region_min_fraction=region_min_fraction,
+            region_min_fraction=region_min_fraction, tile_overlap=tile_overlap,
         )
         self._regions = {True: train_region, False: val_region}
         self.train_repeats = train_repeats
@@ -273,6 +276,7 @@ class COCODataModule(SegmentationDataModule):
         percentiles: tuple[float, float] = (0.5, 99.5),
         window: tuple[float, float] | None = None,
         crop_size: int | None = None,
+        tile_overlap: int = 0,
         train_region: list[int] | None = None,
         val_region: list[int] | None = None,
         region_min_fraction: float = 0.5,
@@ -288,7 +292,8 @@ class COCODataModule(SegmentationDataModule):
             pin_memory=pin_memory, max_masks_per_image=max_masks_per_image,
             max_mask_area_fraction=max_mask_area_fraction, augmentation=augmentation,
             augmentation_pipeline=augmentation_pipeline, bands=bands, intensity=intensity,
-            percentiles=percentiles, window=window, crop_size=crop_size, train_region=train_region,
+            percentiles=percentiles, window=window, crop_size=crop_size, tile_overlap=tile_overlap,
+            train_region=train_region,
             val_region=val_region, region_min_fraction=region_min_fraction, train_repeats=train_repeats,
             val_fraction=val_fraction,
             split_seed=split_seed, seed=seed, on_error=on_error, return_original_masks=return_original_masks,
@@ -356,6 +361,7 @@ class MaskFolderDataModule(SegmentationDataModule):
         percentiles: tuple[float, float] = (0.5, 99.5),
         window: tuple[float, float] | None = None,
         crop_size: int | None = None,
+        tile_overlap: int = 0,
         train_region: list[int] | None = None,
         val_region: list[int] | None = None,
         region_min_fraction: float = 0.5,
@@ -371,7 +377,8 @@ class MaskFolderDataModule(SegmentationDataModule):
             pin_memory=pin_memory, max_masks_per_image=max_masks_per_image,
             max_mask_area_fraction=max_mask_area_fraction, augmentation=augmentation,
             augmentation_pipeline=augmentation_pipeline, bands=bands, intensity=intensity,
-            percentiles=percentiles, window=window, crop_size=crop_size, train_region=train_region,
+            percentiles=percentiles, window=window, crop_size=crop_size, tile_overlap=tile_overlap,
+            train_region=train_region,
             val_region=val_region, region_min_fraction=region_min_fraction, train_repeats=train_repeats,
             val_fraction=val_fraction,
             split_seed=split_seed, seed=seed, on_error=on_error, return_original_masks=return_original_masks,

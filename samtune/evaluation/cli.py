@@ -32,7 +32,8 @@ GENERIC_FOLDER_NAMES = {"image", "images", "img", "imgs", "jpegimages", "input_i
                         "annotations", "label", "labels", "masks"}
 DATA_FLAGS = ("data", "images", "masks", "annotations", "split_file", "mask_suffix", "mask_type", "background",
               "ignore_values", "min_area", "connectivity", "category_ids", "include_crowd", "intensity",
-              "percentiles", "window", "bands", "crop_size", "max_mask_area_fraction", "on_error")
+              "percentiles", "window", "bands", "crop_size", "tile_overlap", "max_mask_area_fraction",
+              "on_error")
 
 
 def load_model(checkpoint: str | Path, model: str | None) -> torch.nn.Module:
@@ -134,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--window", type=_list_of(float, 2), help="LO,HI raw values for --intensity window")
     g.add_argument("--bands", type=_list_of(int), help="1 or 3 band indices of multi-band images")
     g.add_argument("--crop-size", type=_positive_int, help="tile images into squares of this size first")
+    g.add_argument("--tile-overlap", type=int, help="pixels shared by neighbouring tiles (each instance is "
+                   "evaluated once, whole where a tile holds it whole)")
     g.add_argument("--max-mask-area-fraction", type=float,
                    help="drop masks covering more of the image (default: the format's: 1.0, SA-1B 0.9)")
     g.add_argument("--on-error", choices=("raise", "skip"), help="bad samples: stop (default) or skip them")
@@ -186,7 +189,8 @@ def _default_name(*paths: str | None) -> str:
 
 def _image_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"seed": args.seed}
-    for key in ("intensity", "bands", "crop_size", "max_mask_area_fraction", "on_error"):
+    for key in ("intensity", "bands", "crop_size", "tile_overlap", "max_mask_area_fraction",
+              "on_error"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
     for key in ("percentiles", "window"):

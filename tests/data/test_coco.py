@@ -124,21 +124,43 @@ def test_spatial_regions_split_one_raster(assets):
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 33  # every building lands in exactly one part
 
 
-def test_validation_tiles_without_masks_are_left_out(assets):
-    """Tiling the right half of the chip in 128 px squares: exactly the tiles that hold a building pixel remain."""
-    root = assets / "data" / "spacenet_buildings"
+def _spacenet_masks(root):
     coco = COCO(str(root / "annotations.json"))
-    union = np.any([coco.annToMask(a).astype(bool) for a in coco.loadAnns(coco.getAnnIds())], axis=0)
+    return {a["id"]: coco.annToMask(a).astype(bool) for a in coco.loadAnns(coco.getAnnIds())}
+
+
+def test_validation_tiles_evaluate_each_instance_once(assets):
+    """128 px tiles of the right half of the chip: every building in exactly one tile (whole if a tile holds it
+    whole, else where most of it is); tiles without an assigned building are left out."""
+    root = assets / "data" / "spacenet_buildings"
+    full = _spacenet_masks(root)
+    region = dict(region=(450, 0, 900, 600), region_min_fraction=1e-9)
+    half = {i: m[:, 450:] for i, m in full.items() if m[:, 450:].any()}
     ds = COCODataset(root / "annotations.json", root, image_size=256, intensity="percentile", crop_size=128,
-                     region=(450, 0, 900, 600), region_min_fraction=1e-9, max_masks_per_image=1000)
-    window = union[:, 450:]
-    expected = [(top, left) for top in (0, 128, 256, 384, 472) for left in (0, 128, 256, 322)
-                if window[top : top + 128, left : left + 128].any()]
-    assert 0 < len(expected) < 20  # the half has empty tiles
-    assert [tile for _, tile in ds._index] == expected
+                     return_original_masks=True, max_masks_per_image=1000, **region)
+    assert 0 < len(ds) < 20  # 5 x 4 tiles, some with no building
+    seen = []
     for i in range(len(ds)):
+        top, left = ds._index[i][1]
         sample = ds[i]
         assert sample["masks"].shape[0] > 0 and sample["original_size"].tolist() == [128, 128]
+        for ann_id, mask in zip(sample["instance_ids"].tolist(), sample["original_masks"]):
+            np.testing.assert_array_equal(mask.numpy(), half[ann_id][top : top + 128, left : left + 128])
+            seen.append(ann_id)
+    assert sorted(seen) == sorted(half)  # each once
+
+    # with 64 px of overlap every building (at most 56 px) lies whole in one tile
+    ds = COCODataset(root / "annotations.json", root, image_size=256, intensity="percentile", crop_size=128,
+                     tile_overlap=64, return_original_masks=True, max_masks_per_image=1000, **region)
+    seen = []
+    for i in range(len(ds)):
+        sample = ds[i]
+        for ann_id, mask in zip(sample["instance_ids"].tolist(), sample["original_masks"]):
+            assert mask.sum() == half[ann_id].sum()  # whole
+            seen.append(ann_id)
+    assert sorted(seen) == sorted(half)
+    with pytest.raises(ValueError, match="tile_overlap"):
+        COCODataset(root / "annotations.json", root, crop_size=128, tile_overlap=128)
 
 
 def test_region_errors(assets, tmp_path):
