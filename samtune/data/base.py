@@ -226,11 +226,13 @@ class SegmentationDataset(Dataset):
             return []
         masks = source.decode(usable)
         size, stride = self.crop_size, self.crop_size - self.tile_overlap
-        tiles = [(top, left) for top in _tile_starts(height, size, stride) for left in _tile_starts(width, size, stride)]
+        tops, lefts = _tile_starts(height, size, stride), _tile_starts(width, size, stride)
+        tiles = [(top, left) for top in tops for left in lefts]
         inside = np.stack([masks[:, t : t + size, l : l + size].sum((1, 2)) for t, l in tiles], axis=1)  # [N, T]
         whole = inside >= areas[usable][:, None]
         home = np.where(whole.any(1), whole.argmax(1), inside.argmax(1))
         return [(tile, usable[home == k]) for k, tile in enumerate(tiles) if (home == k).any()]
+
     def __len__(self) -> int:
         return len(self._index)
 

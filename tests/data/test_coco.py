@@ -102,7 +102,7 @@ def test_spacenet_uint16_with_rle_annotations(assets):
 
 
 def test_spatial_regions_split_one_raster(assets):
-    """train_region / val_region: disjoint windows of the SpaceNet chip; masks cut at the edge keep if >= half inside."""
+    """train_region / val_region: disjoint windows of the SpaceNet chip; cut masks keep if >= half inside."""
     root = assets / "data" / "spacenet_buildings"
     coco = COCO(str(root / "annotations.json"))
     full = {a["id"]: coco.annToMask(a).astype(bool) for a in coco.loadAnns(coco.getAnnIds())}
