@@ -134,6 +134,8 @@ class SegmentationDataset(Dataset):
             raise ValueError(f"crop_size must be positive, got {crop_size}")
         if tile_overlap < 0 or (crop_size is not None and tile_overlap >= crop_size):
             raise ValueError(f"tile_overlap must be in [0, crop_size={crop_size}), got {tile_overlap}")
+        if tile_overlap and crop_size is None:
+            raise ValueError(f"tile_overlap={tile_overlap} needs crop_size (validation tiles)")
         if region is not None:
             region = tuple(int(v) for v in region)
             if len(region) != 4 or min(region) < 0 or region[2] <= region[0] or region[3] <= region[1]:
@@ -174,7 +176,7 @@ class SegmentationDataset(Dataset):
 
     @abstractmethod
     def _image_path(self, i: int) -> Path:
-        """Path of image ``i`` (read for tiling, named in errors)."""
+        """Path of image ``i`` (named in errors)."""
 
     @abstractmethod
     def _image_id(self, i: int) -> str:
@@ -183,6 +185,12 @@ class SegmentationDataset(Dataset):
     @abstractmethod
     def _load(self, i: int) -> RawSample:
         """Read image ``i`` and its candidate masks; raise :class:`SampleError` on bad input."""
+
+    def _load_masks(self, i: int) -> tuple[MaskSource, Path]:
+        """The candidate masks of image ``i`` and the image's path (for errors), for planning validation tiles.
+        Formats override it to skip reading the image's pixels; the default loads the whole sample."""
+        raw = self._load(i)
+        return raw.masks, raw.path
 
     # ---------------------------------------------------------------------------------------- indexing
     def _build_index(self) -> None:
@@ -215,11 +223,10 @@ class SegmentationDataset(Dataset):
         most of them; tiles given no mask are dropped. Mask numbers index the image's (region's) mask source.
         """
         assert self.crop_size is not None
-        raw = self._load(i)
-        source = raw.masks
+        source, path = self._load_masks(i)
         height, width = source.height, source.width
         if self.region is not None:
-            (_, _, height, width), source = self._region_masks(source, raw)
+            (_, _, height, width), source = self._region_masks(source, path)
         areas = source.areas()
         usable = np.flatnonzero((areas > 0) & (areas <= self.max_mask_area_fraction * height * width))
         if usable.size == 0:
@@ -341,13 +348,14 @@ class SegmentationDataset(Dataset):
 
     def _cut_region(self, image: np.ndarray, source: MaskSource, raw: RawSample) -> tuple[np.ndarray, MaskSource]:
         """The ``region`` window of the image and the masks with enough of their area inside it."""
-        (top, left, h, w), window_masks = self._region_masks(source, raw)
+        (top, left, h, w), window_masks = self._region_masks(source, raw.path)
         return np.ascontiguousarray(image[top : top + h, left : left + w]), window_masks
 
-    def _region_masks(self, source: MaskSource, raw: RawSample) -> tuple[tuple[int, int, int, int], MaskSource]:
-        """``(top, left, h, w)`` of the ``region`` window and the masks with enough of their area inside it."""
+    def _region_masks(self, source: MaskSource, path: Path) -> tuple[tuple[int, int, int, int], MaskSource]:
+        """``(top, left, h, w)`` of the ``region`` window (of the image at ``path``) and the masks with enough
+        of their area inside it."""
         assert self.region is not None
-        window = top, left, h, w = _region_window(self.region, source.height, source.width, raw.path)
+        window = top, left, h, w = _region_window(self.region, source.height, source.width, path)
         full_areas = source.areas()
         masks = source.decode(np.arange(len(source)))[:, top : top + h, left : left + w]
         inside = masks.reshape(len(masks), -1).sum(1)
@@ -374,7 +382,7 @@ class SegmentationDataset(Dataset):
         height, width = image.shape[:2]
         size = self.crop_size
         all_masks = source.decode(candidates)  # [N, H, W]
-        members = self._tile_members.get((image_index, tile), np.empty(0, np.int64)) if tile is not None else None
+        members = self._tile_members[(image_index, tile)] if tile is not None else None
         attempts = 1 if tile is not None else MAX_CROP_ATTEMPTS
         for _ in range(attempts):
             if tile is not None:

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from samtune.data.base import RawSample, SegmentationDataset
 from samtune.data.errors import SampleError
-from samtune.data.io import read_image
+from samtune.data.io import image_shape, read_image
 from samtune.data.masks import RLEMaskSource, file_label, segmentation_to_rle
 
 logger = logging.getLogger("samtune.data")
@@ -110,6 +110,20 @@ class COCODataset(SegmentationDataset):
                 file_label(self.annotation_file, f"image {image_id}"),
                 f"annotated size {info['height']}x{info['width']} differs from {image_path} ({height}x{width})",
             )
+        return RawSample(image, self._mask_source(image_id, height, width), image_path, self.annotation_file,
+                         str(image_id))
+
+    def _load_masks(self, i: int) -> tuple[RLEMaskSource, Path]:
+        """The masks alone, sized from the annotation (or the image file's header): no pixels read."""
+        image_id, image_path = self.image_ids[i], self._image_path(i)
+        info = self.images[image_id]
+        if "height" in info and "width" in info:
+            height, width = int(info["height"]), int(info["width"])
+        else:
+            height, width = image_shape(image_path)
+        return self._mask_source(image_id, height, width), image_path
+
+    def _mask_source(self, image_id: Any, height: int, width: int) -> RLEMaskSource:
         rles, ids = [], []
         for ann in self.annotations[image_id]:
             where = file_label(self.annotation_file, f"annotation {ann.get('id')} of image {image_id}")
@@ -117,5 +131,4 @@ class COCODataset(SegmentationDataset):
                 raise SampleError(where, "annotation has no 'segmentation'")
             rles.append(segmentation_to_rle(ann["segmentation"], height, width, where))
             ids.append(int(ann.get("id", len(ids))))
-        return RawSample(image, RLEMaskSource(rles, ids, height, width), image_path, self.annotation_file,
-                         str(image_id))
+        return RLEMaskSource(rles, ids, height, width)

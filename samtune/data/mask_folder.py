@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from samtune.data.base import RawSample, SegmentationDataset, read_name_list
 from samtune.data.errors import SampleError
 from samtune.data.io import IMAGE_SUFFIXES, read_image, read_label_map
-from samtune.data.masks import Connectivity, MaskType, label_map_to_source
+from samtune.data.masks import Connectivity, MaskSource, MaskType, label_map_to_source
 
 
 def _files_by_stem(folder: Path) -> dict[str, Path]:
@@ -97,14 +97,18 @@ class MaskFolderDataset(SegmentationDataset):
         return self.names[i]
 
     def _load(self, i: int) -> RawSample:
+        source, image_path = self._load_masks(i)
+        return RawSample(read_image(image_path), source, image_path, self._mask_path(i), self.names[i])
+
+    def _load_masks(self, i: int) -> tuple[MaskSource, Path]:
+        """The masks alone, from the label image: the image's pixels are not read."""
         image_path, mask_path = self._image_path(i), self._mask_path(i)
         if self.names[i] not in self._images:
             raise SampleError(image_path, f"no image named {self.names[i]!r} in {self.image_dir}")
         if self.names[i] + self.mask_suffix not in self._masks:
             raise SampleError(mask_path, f"no mask for image {image_path} in {self.mask_dir}")
-        image = read_image(image_path)
         labels = read_label_map(mask_path)
         source = label_map_to_source(
             labels, self.mask_type, self.background, self.ignore_values, self.min_area, self.connectivity
         )
-        return RawSample(image, source, image_path, mask_path, self.names[i])
+        return source, image_path

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from samtune.data.base import RawSample, SegmentationDataset, read_name_list
 from samtune.data.errors import SampleError
-from samtune.data.io import read_image
+from samtune.data.io import image_shape, read_image
 from samtune.data.masks import RLEMaskSource, file_label, validate_rle
 
 
@@ -60,16 +60,8 @@ class SA1BDataset(SegmentationDataset):
         return self.names[i]
 
     def _load(self, i: int) -> RawSample:
-        json_path = self.root / f"{self.names[i]}.json"
+        json_path, record = self._record(i)
         image_path = self._image_path(i)
-        if not json_path.is_file():
-            raise SampleError(json_path, "annotation file not found")
-        try:
-            record = json.loads(json_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise SampleError(json_path, f"invalid JSON ({exc})") from exc
-        if not isinstance(record, dict) or not isinstance(record.get("annotations"), list):
-            raise SampleError(json_path, "expected an object with an 'annotations' list (SA-1B format)")
         image = read_image(image_path)
         height, width = image.shape[:2]
         info = record.get("image", {})
@@ -78,11 +70,40 @@ class SA1BDataset(SegmentationDataset):
                 json_path, f"annotated image size {info['height']}x{info['width']} differs from {image_path} "
                 f"({height}x{width})"
             )
-        rles, ids = [], []
-        for n, ann in enumerate(record["annotations"]):
-            where = file_label(json_path, f"annotation {ann.get('id', n)}")
-            if "segmentation" not in ann:
-                raise SampleError(where, "annotation has no 'segmentation'")
-            rles.append(validate_rle(ann["segmentation"], height, width, where))
-            ids.append(int(ann.get("id", n)))
-        return RawSample(image, RLEMaskSource(rles, ids, height, width), image_path, json_path, self.names[i])
+        return RawSample(image, _mask_source(record, json_path, height, width), image_path, json_path,
+                         self.names[i])
+
+    def _load_masks(self, i: int) -> tuple[RLEMaskSource, Path]:
+        """The masks alone, sized from the JSON's image record (or the image file's header): no pixels read."""
+        json_path, record = self._record(i)
+        image_path = self._image_path(i)
+        info = record.get("image", {})
+        if "height" in info and "width" in info:
+            height, width = int(info["height"]), int(info["width"])
+        else:
+            height, width = image_shape(image_path)
+        return _mask_source(record, json_path, height, width), image_path
+
+    def _record(self, i: int) -> tuple[Path, dict[str, Any]]:
+        """The image's SA-1B JSON file and its parsed, shape-checked content."""
+        json_path = self.root / f"{self.names[i]}.json"
+        if not json_path.is_file():
+            raise SampleError(json_path, "annotation file not found")
+        try:
+            record = json.loads(json_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SampleError(json_path, f"invalid JSON ({exc})") from exc
+        if not isinstance(record, dict) or not isinstance(record.get("annotations"), list):
+            raise SampleError(json_path, "expected an object with an 'annotations' list (SA-1B format)")
+        return json_path, record
+
+
+def _mask_source(record: dict[str, Any], json_path: Path, height: int, width: int) -> RLEMaskSource:
+    rles, ids = [], []
+    for n, ann in enumerate(record["annotations"]):
+        where = file_label(json_path, f"annotation {ann.get('id', n)}")
+        if "segmentation" not in ann:
+            raise SampleError(where, "annotation has no 'segmentation'")
+        rles.append(validate_rle(ann["segmentation"], height, width, where))
+        ids.append(int(ann.get("id", n)))
+    return RLEMaskSource(rles, ids, height, width)

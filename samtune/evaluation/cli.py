@@ -189,8 +189,7 @@ def _default_name(*paths: str | None) -> str:
 
 def _image_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"seed": args.seed}
-    for key in ("intensity", "bands", "crop_size", "tile_overlap", "max_mask_area_fraction",
-              "on_error"):
+    for key in ("intensity", "bands", "crop_size", "tile_overlap", "max_mask_area_fraction", "on_error"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
     for key in ("percentiles", "window"):

@@ -161,6 +161,22 @@ def test_validation_tiles_evaluate_each_instance_once(assets):
     assert sorted(seen) == sorted(half)
     with pytest.raises(ValueError, match="tile_overlap"):
         COCODataset(root / "annotations.json", root, crop_size=128, tile_overlap=128)
+    with pytest.raises(ValueError, match="needs crop_size"):
+        COCODataset(root / "annotations.json", root, tile_overlap=64)
+
+
+def test_planning_validation_tiles_reads_no_pixels(assets, monkeypatch):
+    """Tiles are planned from the annotations alone; the raster is read when a tile is loaded."""
+    import samtune.data.coco as coco_module
+
+    root = assets / "data" / "spacenet_buildings"
+    reads = []
+    real_read = coco_module.read_image
+    monkeypatch.setattr(coco_module, "read_image", lambda path: reads.append(path) or real_read(path))
+    ds = COCODataset(root / "annotations.json", root, image_size=256, intensity="percentile", crop_size=128)
+    assert len(ds) > 1 and reads == []
+    ds[0]
+    assert len(reads) == 1
 
 
 def test_region_errors(assets, tmp_path):

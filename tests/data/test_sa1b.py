@@ -148,3 +148,23 @@ def test_synth_objects_differ_from_background(tmp_path):
         for ann in record["annotations"]:
             union |= mask_utils.decode(ann["segmentation"]).astype(bool)
         assert np.abs(image[union].mean(0) - image[~union].mean(0)).max() > 20
+
+
+def test_validation_tiles_assign_each_annotation_once(sa1b_dir):
+    """Tiles of a 96x128 SA-1B image, planned from the JSON alone: every usable annotation lands in one tile,
+    with its pixels inside that tile."""
+    record = json.loads((sa1b_dir / "sa_1.json").read_text())
+    by_id = {a["id"]: mask_utils.decode(a["segmentation"]).astype(bool) for a in record["annotations"]}
+    ds = SA1BDataset(sa1b_dir, image_size=64, crop_size=48, tile_overlap=16, return_original_masks=True,
+                     max_masks_per_image=1000)
+    seen = []
+    for i, (image_index, (top, left)) in enumerate(ds._index):
+        if image_index != 0:
+            continue
+        sample = ds[i]
+        assert sample["image_id"] == f"sa_1@{top},{left}"
+        for mask, ident in zip(sample["original_masks"], sample["instance_ids"].tolist()):
+            np.testing.assert_array_equal(mask.numpy(), by_id[ident][top : top + 48, left : left + 48])
+            seen.append(ident)
+    usable = [i for i, m in by_id.items() if 0 < m.sum() <= 0.9 * m.size]
+    assert sorted(seen) == sorted(usable)
