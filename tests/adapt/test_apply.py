@@ -225,8 +225,10 @@ def test_untrained_adaptation_is_the_identity(name, method):
     before = eval_outputs(model, inputs)
     apply_adaptation(model, dict(method=method, lora_include_decoder=True))
     after = eval_outputs(model, inputs)
+    # Equal to float rounding: LoRA-wrapped decoder projections take the plain attention path, the bare ones
+    # the factorised one (mask_decoder.Attention), which sums the same terms in another order.
     for a, b in zip(before, after):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(("name", "method"),

@@ -142,6 +142,66 @@ def test_batched_mask_inputs_equal_per_image_loop(models, name):
     _check_batched_equals_loop(models, name)
 
 
+@pytest.fixture(scope="module")
+def models_vit_b():
+    """ViT-B's full-size decoder (256-d, 8 heads, 64x64 image tokens), official and samtune, same weights.
+
+    Its attention between a few prompt tokens and 4096 image tokens takes the factorised paths of
+    ``Attention._few_keys`` / ``_few_queries``, which the tiny decoder (32-d internal width) never takes.
+    """
+    ref = randomize_(build_reference("sam_vit_b"), seed=3)
+    ours = build_sam("sam_vit_b")
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ours.eval(), ref.eval()
+
+
+@pytest.mark.parametrize("name", ["points", "points_boxes", "points_masks"])
+def test_full_size_decoder_batched_equals_official(models_vit_b, name, monkeypatch):
+    from samtune.modeling.mask_decoder import Attention
+
+    calls = {"_few_keys": 0, "_few_queries": 0}
+    for path in calls:
+        def counted(self, *args, _path=path, _method=getattr(Attention, path)):
+            calls[_path] += 1
+            return _method(self, *args)
+
+        monkeypatch.setattr(Attention, path, counted)
+    _check_batched_equals_loop(models_vit_b, name)
+    assert calls["_few_keys"] > 0 and calls["_few_queries"] > 0, calls
+
+
+@pytest.mark.parametrize("few", ["keys", "queries"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_factorised_attention_equals_official(few, shared):
+    """Few tokens against many image tokens: values and gradients equal the official Attention's."""
+    from segment_anything.modeling.transformer import Attention as OfficialAttention
+
+    from samtune.modeling.mask_decoder import Attention
+
+    torch.manual_seed(0)
+    ours, ref = Attention(256, 8, downsample_rate=2), OfficialAttention(256, 8, downsample_rate=2)
+    ref.load_state_dict(ours.state_dict())
+    m, many, tokens = 3, 300, 7
+    image = torch.randn(1 if shared else m, many, 256)
+    token = torch.randn(m, tokens, 256)
+    if few == "keys":  # image -> tokens
+        args = (image, token, token)
+    else:  # tokens -> image; a shared image side takes the plain path (projected once per image)
+        args = (token, image, image)
+    ours_in = [a.clone().requires_grad_() for a in args]
+    ref_in = [a.clone().requires_grad_() for a in args]
+    out = ours(*ours_in, per_image="q" if few == "keys" else "kv")
+    expected = ref(*[a.expand(m, -1, -1) for a in ref_in])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    for a, b in zip(ours_in, ref_in):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
 def test_box_as_labels_equals_boxes_argument(models):
     """A box given as two points labelled 2 / 3 equals the same box passed as ``boxes=``."""
     ours, _ = models
