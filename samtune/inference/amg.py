@@ -22,6 +22,7 @@ Where the time goes and what is done differently (same results, to float roundin
   (:class:`~samtune.inference.amg_utils.MaskUpsampler`), to compute stability and boxes; survivors are kept as
   packed bits and RLE-encoded in one batch at the end, only for the masks that survive NMS (the official code
   encodes every survivor of the filters, with a loop that is quadratic in the number of masks);
+* the decoder runs on a few clicks at a time (see :class:`_TwoStageDecoder`), whatever ``points_per_batch``;
 * the image encoder and the decoder run at the :class:`~samtune.inference.Predictor`'s precision (bf16 by
   default where the hardware supports it natively; pass ``precision="fp32"`` for the official numbers).
 
@@ -56,6 +57,8 @@ from samtune.modeling.precision import Precision, autocast
 from samtune.modeling.sam import Sam
 
 __all__ = ["AutomaticMaskGenerator", "OutputMode", "to_sa1b_json", "to_coco_results"]
+
+_CHUNK_BYTES = 8 << 20  # bound on one decoder call's per-click intermediates (see _TwoStageDecoder)
 
 OutputMode = Literal["binary_mask", "uncompressed_rle", "coco_rle"]
 _OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
@@ -126,8 +129,8 @@ class AutomaticMaskGenerator:
             or a :class:`Predictor` (its precision is used).
         points_per_side: clicks per side of the grid (``points_per_side**2`` in all); None when ``point_grids``
             is given.
-        points_per_batch: clicks decoded per decoder call; bounds memory (the low-res logits and the decoder's
-            per-click image features of one batch).
+        points_per_batch: clicks whose masks are filtered together; bounds the memory of the low-res logits
+            held at once (the decoder itself runs on a few clicks at a time).
         pred_iou_thresh: keep masks with predicted IoU above this (0 disables the filter).
         stability_score_thresh: keep masks with stability score at least this (0 disables the filter).
         stability_score_offset: logit offset around the mask threshold for the stability score.
@@ -262,14 +265,16 @@ class AutomaticMaskGenerator:
         predictor.set_image(crop)
         model = self.model
         upsampler = MaskUpsampler(
-            model.low_res_size, model.image_size, predictor.input_size, crop_size, device=predictor.device
+            model.low_res_size, model.image_size, predictor.input_size, crop_size, device=predictor.device,
+            max_pixels=_CHUNK_BYTES // 4,
         )
+        decoder = _TwoStageDecoder(model, predictor.features, predictor.precision)
         points = self.point_grids[layer] * np.array(crop_size[::-1], dtype=np.float64)[None]  # (x, y) crop pixels
         coords = torch.as_tensor(predictor.transform.apply_coords(points, crop_size), dtype=torch.float32, device=predictor.device)
         out = _Masks()
         for start in range(0, len(points), self.points_per_batch):
             batch = self._process_batch(
-                coords[start : start + self.points_per_batch], upsampler, crop_box, image_size
+                decoder, coords[start : start + self.points_per_batch], upsampler, crop_box, image_size
             )
             if batch is None:
                 continue
@@ -291,7 +296,7 @@ class AutomaticMaskGenerator:
         return data
 
     def _process_batch(
-        self, coords: torch.Tensor, upsampler: MaskUpsampler, crop_box: list[int], image_size: tuple[int, int]
+        self, decoder: "_TwoStageDecoder", coords: torch.Tensor, upsampler: MaskUpsampler, crop_box: list[int], image_size: tuple[int, int]
     ) -> tuple[list[np.ndarray], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Decode ``[B, 2]`` clicks (model-input pixels) and filter their masks.
 
@@ -299,19 +304,23 @@ class AutomaticMaskGenerator:
             Packed masks, boxes ``[K, 4]`` (crop frame), IoU ``[K]``, stability ``[K]`` and the index of each
             mask's click in the batch ``[K]`` (CPU tensors), or None when no mask survives.
         """
-        model = self.model
-        threshold = model.mask_threshold
-        decoder = _TwoStageDecoder(model, self.predictor.features, self.predictor.precision)
-        iou = decoder.run_transformer(coords)  # [B, 3]
-        keep = iou > self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else torch.ones_like(iou, dtype=torch.bool)
-        if not keep.any():
+        threshold = self.model.mask_threshold
+        ious, low_res_parts, click_parts = [], [], []
+        for chunk in decoder.chunks(coords.shape[0], decoder.transformer_chunk):
+            iou, tokens, image_tokens = decoder.run_transformer(coords[chunk])  # [c, 3]
+            keep = iou > self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else torch.ones_like(iou, dtype=torch.bool)
+            prompts = keep.any(dim=1).nonzero().squeeze(1)  # clicks with at least one mask to look at
+            if len(prompts):
+                low_res = decoder.masks(tokens[prompts], image_tokens[prompts])  # [p, 3, L, L]
+                sel = keep[prompts]
+                low_res_parts.append(low_res[sel])
+                click_parts.append(prompts[:, None].expand_as(sel)[sel] + chunk.start)
+                ious.append(iou[prompts][sel])
+        if not low_res_parts:
             return None
-        prompts = keep.any(dim=1).nonzero().squeeze(1)  # clicks with at least one mask to look at
-        low_res = decoder.masks(prompts)  # [P, 3, L, L]
-        sel = keep[prompts]
-        low_res = low_res[sel]  # [K, L, L]
-        point_idx = prompts[:, None].expand_as(sel)[sel]
-        iou = iou[prompts][sel]
+        low_res = torch.cat(low_res_parts)  # [K, L, L]
+        point_idx = torch.cat(click_parts)
+        iou = torch.cat(ious)
         stability_parts, bits, boxes, kept = [], [], [], []
         h, w = upsampler.size
         for start in range(0, low_res.shape[0], upsampler.chunk):
@@ -401,9 +410,15 @@ class AutomaticMaskGenerator:
 class _TwoStageDecoder:
     """SAM's mask decoder for single positive clicks, split where the IoU prediction is known.
 
-    Stage 1 (:meth:`run_transformer`) runs the prompt encoder, the two-way transformer and the IoU head for
-    every click; stage 2 (:meth:`masks`) runs the output upscaling and the hypernetwork products only for the
-    clicks asked for. Together they compute what ``Sam.decode(..., multimask_output=True)`` computes.
+    Stage 1 (:meth:`run_transformer`) runs the prompt encoder, the two-way transformer and the IoU head;
+    stage 2 (:meth:`masks`) runs the output upscaling and the hypernetwork products, called only for clicks with
+    a mask worth looking at. Together they compute what ``Sam.decode(..., multimask_output=True)`` computes.
+
+    Both stages run on a few clicks at a time (:attr:`transformer_chunk`, :attr:`masks_chunk`), sized so that
+    one call's per-click intermediates stay under ``_CHUNK_BYTES``. On the CPU this is much of the speed: an
+    intermediate of more than 32 MB is a fresh ``mmap`` for glibc's allocator on every call, and faulting its
+    pages in can cost more than the arithmetic (ViT-B's decoder on 64 clicks at once spent about half its time
+    so, see BENCHMARKS.md). Small chunks stay in reused heap memory and in cache.
 
     Args:
         model: the SAM model.
@@ -415,42 +430,51 @@ class _TwoStageDecoder:
         self.model = model
         self.features = features
         self.precision = precision
-        self.tokens: torch.Tensor | None = None
-        self.image_tokens: torch.Tensor | None = None
+        c, h, w = features.shape[1:]
+        itemsize = 2 if precision == "bf16" else 4
+        per_click = h * w * c * itemsize  # one click's image tokens
+        self.transformer_chunk = max(1, _CHUNK_BYTES // per_click)
+        self.masks_chunk = max(1, _CHUNK_BYTES // (2 * per_click))  # the upscaled features are twice as large
+        dec, prompt_encoder = model.mask_decoder, model.prompt_encoder
+        self._output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        # No mask prompt: the dense embedding is one vector for all clicks, so the image tokens are shared.
+        self._src = (features.flatten(2).transpose(1, 2) + prompt_encoder.no_mask_embed.weight[None]).contiguous()
+        self._pos = prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2)
 
-    def run_transformer(self, coords: torch.Tensor) -> torch.Tensor:
-        """``[B, 2]`` clicks (model-input pixels) -> IoU predictions ``[B, 3]`` of the multimask outputs."""
+    @staticmethod
+    def chunks(n: int, size: int) -> list[slice]:
+        return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+    def run_transformer(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[B, 2]`` clicks (model-input pixels) -> IoU predictions ``[B, 3]`` of the multimask outputs, and the
+        transformer's output tokens ``[B, T, C]`` and image tokens ``[B, h*w, C]`` for :meth:`masks`."""
         model, dec = self.model, self.model.mask_decoder
         device = self.features.device
         labels = torch.ones(coords.shape[0], 1, dtype=torch.int, device=device)
         with autocast(device, self.precision):
             sparse, _ = model.prompt_encoder((coords[:, None, :], labels), None, None)
-            output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-            tokens = torch.cat([output_tokens.expand(sparse.shape[0], -1, -1).to(sparse.dtype), sparse], dim=1)
-            # No mask prompt: the dense embedding is one vector for all clicks, so the image tokens are shared.
-            src = (self.features.flatten(2).transpose(1, 2) + model.prompt_encoder.no_mask_embed.weight[None]).contiguous()
-            pos = model.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2)
-            hs, keys = dec.transformer(src, pos, tokens, None)
+            tokens = torch.cat([self._output_tokens.expand(sparse.shape[0], -1, -1).to(sparse.dtype), sparse], dim=1)
+            hs, keys = dec.transformer(self._src, self._pos, tokens, None)
             iou = dec.iou_prediction_head(hs[:, 0])
-        self.tokens, self.image_tokens = hs, keys
-        return iou[:, 1:].float()
+        return iou[:, 1:].float(), hs, keys
 
-    def masks(self, prompts: torch.Tensor) -> torch.Tensor:
-        """Low-res logits ``[P, 3, L, L]`` of the multimask outputs of the clicks ``prompts`` (``[P]`` long)."""
-        if self.tokens is None or self.image_tokens is None:
-            raise RuntimeError("run_transformer must be called first")
+    def masks(self, tokens: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Low-res logits ``[P, 3, L, L]`` of the multimask outputs from :meth:`run_transformer`'s outputs."""
         dec = self.model.mask_decoder
         h, w = self.features.shape[-2:]
+        out = []
         with autocast(self.features.device, self.precision):
-            hs = self.tokens[prompts]
-            keys = self.image_tokens[prompts]
-            mask_tokens = hs[:, 1 : 1 + dec.num_mask_tokens]
-            hyper_in = torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1)
-            features = dec._upscale(keys, h, w)  # [P, h*w*16, C/8] in sub-pixel order
-            logits = features @ hyper_in.transpose(1, 2)  # [P, h*w*16, 4]
-        m = logits.shape[0]
-        logits = logits.view(m, h, w, 2, 2, 2, 2, -1).permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(m, -1, 4 * h, 4 * w)
-        return logits[:, 1:].float()
+            for chunk in self.chunks(tokens.shape[0], self.masks_chunk):
+                mask_tokens = tokens[chunk, 1 : 1 + dec.num_mask_tokens]
+                hyper_in = torch.stack(
+                    [mlp(mask_tokens[:, i]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1
+                )
+                features = dec._upscale(image_tokens[chunk], h, w)  # [p, h*w*16, C/8] in sub-pixel order
+                logits = features @ hyper_in[:, 1:].transpose(1, 2)  # [p, h*w*16, 3]
+                m = logits.shape[0]
+                logits = logits.view(m, h, w, 2, 2, 2, 2, -1).permute(0, 7, 1, 3, 5, 2, 4, 6)
+                out.append(logits.reshape(m, -1, 4 * h, 4 * w).float())
+        return torch.cat(out)
 
 
 # ---------------------------------------------------------------------------- writers

@@ -167,16 +167,19 @@ def test_two_stage_decoder_equals_decode(sam):
     gen = torch.Generator().manual_seed(0)
     features = torch.randn(1, 64, 16, 16, generator=gen)
     coords = torch.rand(10, 2, generator=gen) * 256
-    decoder = _TwoStageDecoder(sam, features, "fp32")
     with torch.no_grad():
-        iou = decoder.run_transformer(coords)
+        decoder = _TwoStageDecoder(sam, features, "fp32")
+        assert decoder.transformer_chunk >= 10  # tiny model: one chunk; force several below
+        decoder.masks_chunk = 2
+        iou, tokens, image_tokens = decoder.run_transformer(coords)
         chosen = torch.tensor([7, 2, 3])
-        low = decoder.masks(chosen)
+        low = decoder.masks(tokens[chosen], image_tokens[chosen])
+        parts = [decoder.run_transformer(coords[c])[0] for c in decoder.chunks(10, 4)]
         ref_low, ref_iou = sam.decode(features, point_coords=coords[:, None], point_labels=torch.ones(10, 1, dtype=torch.int))
+    assert [(c.start, c.stop) for c in decoder.chunks(10, 4)] == [(0, 4), (4, 8), (8, 10)]
     torch.testing.assert_close(iou, ref_iou, rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.cat(parts), ref_iou, rtol=0, atol=1e-6)
     torch.testing.assert_close(low, ref_low[chosen], rtol=0, atol=1e-4)
-    with pytest.raises(RuntimeError, match="run_transformer"):
-        _TwoStageDecoder(sam, features, "fp32").masks(chosen)
 
 
 @pytest.mark.parametrize(
