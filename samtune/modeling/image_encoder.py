@@ -11,7 +11,9 @@ decomposed relative-position terms as a broadcast 5-d sum, and runs softmax and 
 kernels. Here the relative-position bias is built directly as one ``[B, heads, N, N]`` tensor and handed to
 ``scaled_dot_product_attention`` as an additive mask, so the score matrix itself is never written to memory,
 softmax and value product are fused, and the same code takes the fused (memory-efficient / flash-style) kernels
-on GPU and CPU. The bias is built in query chunks so that its peak size stays bounded.
+on GPU and CPU. The bias is built in query chunks so that its peak size stays bounded. In training on CPU the
+bias needs a gradient, which PyTorch's CPU kernels only give through their slow fp32 reference path; there the
+attention is computed here instead, a few query rows at a time (see ``RelPosAttention._attention_for_backward``).
 """
 from __future__ import annotations
 
@@ -55,6 +57,8 @@ class _BiasWorkspace(threading.local):
 
 
 _BIAS_WORKSPACE = _BiasWorkspace()
+# Largest score-sized intermediate of the CPU training attention (below glibc's 32 MB mmap threshold).
+_TRAIN_CHUNK_BYTES = 16 << 20
 
 
 def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
@@ -160,6 +164,38 @@ class RelPosAttention(nn.Module):
             bias = rel_h + rel_w
         return bias.reshape(b, n, r * w, kh * kw)
 
+    def _attention_for_backward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
+        dropout_p: float,
+    ) -> torch.Tensor:
+        """Attention with a bias that needs a gradient, on CPU: ``[B, nH, N, d]`` in the queries' dtype.
+
+        The bias depends on the queries, so in training its gradient (the score gradient, ``N x N`` per head) is
+        needed, and PyTorch's CPU ``scaled_dot_product_attention`` then takes its reference ("math") kernel,
+        which copies bf16 inputs to fp32 and writes several fp32 score-sized tensors per call (about 1 GB per
+        1024 queries of a ViT-B global block). Here scores, softmax and value product run in the inputs' dtype
+        (bf16 under autocast: the precision the fused kernels use), a few query rows at a time, so that no
+        intermediate exceeds ``_TRAIN_CHUNK_BYTES``: glibc then serves them from its heap and reuses the memory,
+        where larger blocks would each be a fresh ``mmap`` whose pages the kernel zero-fills on first touch.
+        """
+        b, n_heads, n, d = q.shape
+        h, w = rel_h.shape[2], rel_h.shape[3]
+        keys = k.shape[2]
+        row_bytes = b * n_heads * w * keys * q.element_size()
+        rows = max(1, min(h, _TRAIN_CHUNK_BYTES // row_bytes))
+        kt = k.reshape(b * n_heads, keys, d).transpose(1, 2)
+        v3 = v.reshape(b * n_heads, keys, d)
+        outs = []
+        for r0 in range(0, h, rows):
+            r1 = min(h, r0 + rows)
+            bias = self._bias(rel_h[:, :, r0:r1], rel_w[:, :, r0:r1]).reshape(b * n_heads, (r1 - r0) * w, keys)
+            q3 = q[:, :, r0 * w : r1 * w].reshape(b * n_heads, (r1 - r0) * w, d)
+            attn = torch.baddbmm(bias, q3, kt, alpha=self.scale).softmax(dim=-1)
+            if dropout_p > 0:
+                attn = F.dropout(attn, p=dropout_p)
+            outs.append(torch.bmm(attn, v3))
+        return torch.cat(outs, dim=1).view(b, n_heads, n, d)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, H, W, C] -> [B, H, W, C]``."""
         b, h, w, c = x.shape
@@ -172,7 +208,9 @@ class RelPosAttention(nn.Module):
         else:
             rel_h, rel_w = self._rel_pos_terms(q, (h, w))
             rows = max(1, self.bias_chunk // w)
-            if rows >= h:
+            if rel_h.requires_grad and q.device.type == "cpu":
+                out = self._attention_for_backward(q, k, v, rel_h, rel_w, dropout_p)
+            elif rows >= h:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._bias(rel_h, rel_w), dropout_p=dropout_p)
             else:
                 # Large grids (the global blocks): whole rows of queries at a time keep the bias cache-sized.

@@ -58,3 +58,52 @@ def test_dense_pe_cache_follows_the_gaussian_matrix() -> None:
     torch.testing.assert_close(second, pe.pe_layer(pe.image_embedding_size).unsqueeze(0), rtol=0, atol=0)
     pe.to(torch.float64)
     assert pe.get_dense_pe().dtype == torch.float64
+
+
+def test_training_attention_equals_official_values_and_gradients(monkeypatch) -> None:
+    """CPU training path (bias that needs a gradient, computed a few query rows at a time) vs the official
+    ``Attention``: outputs and the gradients of the input, the projections and both relative-position tables."""
+    from segment_anything.modeling.image_encoder import Attention as OfficialAttention
+
+    torch.manual_seed(0)
+    dim, heads, grid = 64, 4, (12, 10)
+    ours = image_encoder.RelPosAttention(dim, heads, use_rel_pos=True, input_size=grid)
+    ref = OfficialAttention(dim, heads, qkv_bias=True, use_rel_pos=True, input_size=grid)
+    for p in ours.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    ref.load_state_dict(ours.state_dict())
+    taken = []
+    original = image_encoder.RelPosAttention._attention_for_backward
+    monkeypatch.setattr(image_encoder.RelPosAttention, "_attention_for_backward",
+                        lambda self, *a: taken.append(1) or original(self, *a))
+    # 3 query rows per chunk: 4 chunks over the 12 rows, the last one partial when the row count does not divide
+    monkeypatch.setattr(image_encoder, "_TRAIN_CHUNK_BYTES", 3 * 2 * heads * grid[1] * grid[0] * grid[1] * 4)
+
+    x = torch.randn(2, *grid, dim)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out_ours, out_ref = ours(xa), ref(xb)
+    weight = torch.randn_like(out_ref)
+    (out_ours * weight).sum().backward()
+    (out_ref * weight).sum().backward()
+    assert taken, "the CPU training path was not taken"
+    torch.testing.assert_close(out_ours, out_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-4)  # |grad| up to ~10
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, dict(ref.named_parameters())[name].grad, rtol=1e-4, atol=1e-4, msg=name)
+
+    # bf16 autocast (the training precision on CPUs with bf16): as close to the fp32 result as the official
+    # module under the same autocast (scores, bias and softmax in bf16 there too)
+    def bf16_error(module: torch.nn.Module) -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(x.clone().requires_grad_(True))
+        assert out.dtype == torch.bfloat16
+        return (out.float() - out_ref).abs().mean().item()
+
+    error, official_error = bf16_error(ours), bf16_error(ref)
+    assert 0 < error <= 1.1 * official_error, (error, official_error)
+
+    # without gradients the fused kernel runs as before
+    taken.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), out_ref.detach(), rtol=1e-5, atol=1e-5)
+    assert not taken
