@@ -5,7 +5,11 @@ rounds over N masks (first prompt a point or the noisy box, 8 error-point rounds
 logits fed back), focal 20 : dice 1 : IoU-MSE 1 per round, one backward, one AdamW step.
 
 * reference: the official modules called directly (not ``Sam.forward``, which runs under no_grad), one decoder
-  call per mask per round, the next point drawn on the host with numpy, fp32 eager;
+  call per mask per round, the next point drawn on the host with numpy, fp32 eager. ``--reference-backward one``
+  (default) keeps every mask's rounds in one graph and back-propagates once; at 16 ViT-B masks that graph needs
+  about 30 GB. ``per-mask`` back-propagates each mask's rounds into the detached image embedding as soon as they
+  are done, then runs one encoder backward with the summed embedding gradient: the same arithmetic with one
+  mask's decoder graphs alive at a time (a leaner reference: its peak memory is the lower one);
 * samtune: ``PromptableSegmentationTask.training_step`` (one batched decoder call per round, sampling on device)
   with bf16 autocast where the hardware runs it natively, activation checkpointing of the encoder blocks and
   ``decoder_checkpointing`` (each round's decoder recomputed in backward instead of kept).
@@ -15,6 +19,7 @@ and interleaved over the repetitions (ref, samtune, ref, samtune, ...). Reported
 first step of every process is a warm-up and is not timed) and peak resident memory.
 
     python benchmarks/train_step.py                         # ViT-B at 1024, 16 masks, 11 rounds
+    python benchmarks/train_step.py --reference-backward per-mask   # the same where the reference needs > RAM
     python benchmarks/train_step.py --model sam_tiny --masks 4 --iterations 3
 """
 from __future__ import annotations
@@ -41,7 +46,8 @@ def _masks(num: int, size: int, seed: int) -> "Any":
     return ((xx - c[:, 0, None, None]) / r[:, 0, None, None]) ** 2 + ((yy - c[:, 1, None, None]) / r[:, 1, None, None]) ** 2 <= 1
 
 
-def _reference_side(model: str, num_masks: int, iterations: int, steps: int, seed: int) -> dict[str, Any]:
+def _reference_side(model: str, num_masks: int, iterations: int, steps: int, seed: int,
+                    backward: str = "one") -> dict[str, Any]:
     import numpy as np
     import resource
     import torch
@@ -97,54 +103,53 @@ def _reference_side(model: str, num_masks: int, iterations: int, steps: int, see
         best = mask_loss.argmin(dim=1)
         return mask_loss[0, best[0]] + ((iou_pred - actual) ** 2).mean()
 
+    def rounds(k: int, embeddings: torch.Tensor, dense_pe: torch.Tensor, mask_only: set[int]) -> torch.Tensor:
+        """All simulated rounds of mask ``k``, one decoder call each; the sum of their losses."""
+        ys, xs = np.nonzero(gt_low_np[k])
+        if rng.random() < 0.5:  # noisy box
+            x0, x1, y0, y1 = xs.min() * 4, xs.max() * 4, ys.min() * 4, ys.max() * 4
+            noise = rng.normal(0, 1, 4) * np.minimum(0.1 * np.array([x1 - x0, y1 - y0] * 2), 20)
+            box: np.ndarray | None = np.array([x0, y0, x1, y1], np.float32) + noise.astype(np.float32)
+            coords, labels = np.zeros((0, 2), np.float32), np.zeros((0,), np.int64)
+        else:
+            j = rng.integers(len(ys))
+            box = None
+            coords, labels = np.array([[xs[j] * 4 + 2, ys[j] * 4 + 2]], np.float32), np.array([1], np.int64)
+        previous: torch.Tensor | None = None
+        total = torch.zeros(())
+        for it in range(iterations):
+            if it > 0 and it not in mask_only:  # a new point from the error region, on the host
+                pred = previous[0, 0].numpy() > 0
+                fn, fp = gt_low_np[k] & ~pred, pred & ~gt_low_np[k]
+                err = np.argwhere(fn | fp)
+                if len(err):
+                    y, x = err[rng.integers(len(err))]
+                    coords = np.concatenate([coords, [[x * 4 + 2, y * 4 + 2]]]).astype(np.float32)
+                    labels = np.concatenate([labels, [1 if fn[y, x] else 0]])
+            pts = (torch.from_numpy(coords)[None], torch.from_numpy(labels)[None]) if len(labels) else None
+            boxes = None if box is None else torch.from_numpy(box)[None]
+            sparse, dense = sam.prompt_encoder(points=pts, boxes=boxes, masks=previous)
+            logits, iou_pred = sam.mask_decoder(
+                image_embeddings=embeddings, image_pe=dense_pe, sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense, multimask_output=it == 0 and box is None,
+            )
+            total = total + loss_of(logits, iou_pred, gt_low[k][None, None])
+            best = int(iou_pred.argmax(1)[0])
+            previous = logits[:, best : best + 1].detach()
+        return total
+
     def step() -> None:
         embeddings = sam.image_encoder(image)
         dense_pe = sam.prompt_encoder.get_dense_pe()
         mask_only = {int(rng.integers(1, iterations - 1)), iterations - 1} if iterations > 2 else set()
-        coords: list[np.ndarray] = []
-        labels: list[np.ndarray] = []
-        boxes: list[np.ndarray | None] = []
-        for k in range(num_masks):
-            ys, xs = np.nonzero(gt_low_np[k])
-            if rng.random() < 0.5:  # noisy box
-                x0, x1, y0, y1 = xs.min() * 4, xs.max() * 4, ys.min() * 4, ys.max() * 4
-                noise = rng.normal(0, 1, 4) * np.minimum(0.1 * np.array([x1 - x0, y1 - y0] * 2), 20)
-                boxes.append(np.array([x0, y0, x1, y1], np.float32) + noise.astype(np.float32))
-                coords.append(np.zeros((0, 2), np.float32))
-                labels.append(np.zeros((0,), np.int64))
-            else:
-                j = rng.integers(len(ys))
-                boxes.append(None)
-                coords.append(np.array([[xs[j] * 4 + 2, ys[j] * 4 + 2]], np.float32))
-                labels.append(np.array([1], np.int64))
-        previous: list[torch.Tensor | None] = [None] * num_masks
-        total = torch.zeros(())
-        for it in range(iterations):
-            outputs = []
-            for k in range(num_masks):  # one decoder call per mask
-                if it > 0 and it not in mask_only:  # a new point from the error region, on the host
-                    pred = previous[k][0, 0].detach().numpy() > 0
-                    fn, fp = gt_low_np[k] & ~pred, pred & ~gt_low_np[k]
-                    err = np.argwhere(fn | fp)
-                    if len(err):
-                        y, x = err[rng.integers(len(err))]
-                        coords[k] = np.concatenate([coords[k], [[x * 4 + 2, y * 4 + 2]]]).astype(np.float32)
-                        labels[k] = np.concatenate([labels[k], [1 if fn[y, x] else 0]])
-                pts = None
-                if len(labels[k]):
-                    pts = (torch.from_numpy(coords[k])[None], torch.from_numpy(labels[k])[None])
-                box = None if boxes[k] is None else torch.from_numpy(boxes[k])[None]
-                sparse, dense = sam.prompt_encoder(points=pts, boxes=box, masks=previous[k])
-                multimask = it == 0 and boxes[k] is None
-                logits, iou_pred = sam.mask_decoder(
-                    image_embeddings=embeddings, image_pe=dense_pe, sparse_prompt_embeddings=sparse,
-                    dense_prompt_embeddings=dense, multimask_output=multimask,
-                )
-                total = total + loss_of(logits, iou_pred, gt_low[k][None, None])
-                best = iou_pred.argmax(1)
-                outputs.append(logits[:, best[0] : best[0] + 1].detach())
-            previous = outputs
-        (total / num_masks).backward()
+        if backward == "one":  # every mask's rounds in one graph, one backward
+            total = sum(rounds(k, embeddings, dense_pe, mask_only) for k in range(num_masks))
+            (total / num_masks).backward()
+        else:  # each mask's rounds back-propagated into the embedding as soon as they are done
+            leaf = embeddings.detach().requires_grad_(True)
+            for k in range(num_masks):
+                (rounds(k, leaf, dense_pe, mask_only) / num_masks).backward()
+            embeddings.backward(leaf.grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -228,6 +233,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=1, help="processes per side (interleaved)")
     parser.add_argument("--steps", type=int, default=2, help="steps per process; the first is an untimed warm-up")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reference-backward", choices=("one", "per-mask"), default="one",
+                        help="one: all masks' rounds in one graph, one backward (the straightforward loop; at 16 "
+                             "ViT-B masks it needs ~30 GB); per-mask: each mask's rounds back-propagated into the "
+                             "detached embedding when done, then one encoder backward (same arithmetic, the "
+                             "decoder graphs of one mask alive at a time)")
     args = parser.parse_args(argv)
     if args.iterations < 1 or args.masks < 1 or args.steps < 1 or args.repeats < 1:
         parser.error("--iterations, --masks, --steps and --repeats must be >= 1")
@@ -237,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, list[dict[str, Any]]] = {"reference": [], "samtune": []}
     for _ in range(args.repeats):
         for side in ("reference", "samtune"):
-            results[side].append(_run(side, args.model, args.masks, args.iterations, args.steps, args.seed))
+            extra = (args.reference_backward,) if side == "reference" else ()
+            results[side].append(_run(side, args.model, args.masks, args.iterations, args.steps, args.seed, *extra))
             print(f"  {side}: {results[side][-1]}", flush=True)
     summary = {
         side: (statistics.median(t for r in runs for t in r["times"]), max(r["peak_gb"] for r in runs))
@@ -249,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
           f"step; samtune precision {results['samtune'][0]['precision']}, activation checkpointing\n")
     print("| side | s/step | peak GB (max RSS) |")
     print("|---|---|---|")
-    print(f"| reference (official modules, per-mask decoder, numpy sampling, fp32) | {ref_s:.2f} | {ref_gb:.2f} |")
+    print(f"| reference (official modules, per-mask decoder, numpy sampling, fp32, backward: "
+          f"{args.reference_backward}) | {ref_s:.2f} | {ref_gb:.2f} |")
     print(f"| samtune PromptableSegmentationTask | {ours_s:.2f} | {ours_gb:.2f} |")
     print(f"| ratio | {ref_s / ours_s:.2f}x faster | {ours_gb / ref_gb:.0%} of the reference's memory |")
 
