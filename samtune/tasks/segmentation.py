@@ -38,6 +38,7 @@ from samtune.losses import SamLoss
 from samtune.metrics import ClickIoU
 from samtune.prompts import InteractiveEvaluator, InteractiveSimulator, SimulationConfig
 from samtune.prompts.deterministic import region_centers
+from samtune.prompts.geometry import resize_masks
 from samtune.prompts.sampling import PAD_LABEL
 from samtune.tasks.config import LossConfig, OptimizerConfig, to_plain
 from samtune.tasks.optim import WarmupSchedule, param_groups
@@ -272,8 +273,11 @@ class PromptableSegmentationTask(L.LightningModule):
             generator = self._simulation_generator(gt.device)
             self._train_step_counter += 1
 
+            # The loss's ground truth, resized once per step rather than in every round (and every recomputation).
+            targets = gt if self.loss_fn.resolution == "gt" else resize_masks(gt, self.model.low_res_size)
+
             def loss_fn(logits, iou_pred, gt_masks, valid, multimask):  # losses in fp32 under autocast
-                return self.loss_fn(logits.float(), iou_pred.float(), gt_masks, valid, multimask)
+                return self.loss_fn(logits.float(), iou_pred.float(), targets, valid, multimask)
 
             valid = torch.ones(m, dtype=torch.bool, device=gt.device)
             sums = self.simulator.loss(
