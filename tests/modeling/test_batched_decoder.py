@@ -289,3 +289,40 @@ def test_official_style_forward_keeps_gradients():
     loss.backward()
     assert not _grads_missing(model.image_encoder)
     assert model.mask_decoder.iou_token.weight.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["points", "boxes_masks"])
+def test_cpu_prompt_chunks_equal_one_pass(models, monkeypatch, kind) -> None:
+    """Decoding the prompts a few at a time (CPU, see MaskDecoder.predict_masks) changes no value or gradient,
+    with the shared no-mask embedding and with per-prompt mask inputs, prompts of several images interleaved."""
+    from samtune.modeling import mask_decoder
+
+    ours, _ = models
+    prompts = _flat(_prompt_sets(ours)[kind])
+    emb = _embeddings(ours)
+    index = torch.arange(B).repeat_interleave(N)[torch.randperm(B * N, generator=torch.Generator().manual_seed(0))]
+    calls = []
+    original = mask_decoder.MaskDecoder._predict_masks
+    monkeypatch.setattr(mask_decoder.MaskDecoder, "_predict_masks",
+                        lambda self, *a: calls.append(a[2].shape[0]) or original(self, *a))
+
+    def run(chunk_bytes: int):
+        monkeypatch.setattr(mask_decoder, "_CPU_CHUNK_BYTES", chunk_bytes)
+        e = emb.clone().requires_grad_(True)
+        ours.zero_grad(set_to_none=True)
+        logits, iou = ours.decode(e, index, multimask_output=True, **prompts)
+        (logits.square().mean() + iou.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in ours.mask_decoder.named_parameters() if p.grad is not None}
+        return logits.detach(), iou.detach(), e.grad, grads
+
+    c, h, w = emb.shape[1:]
+    one = run(1 << 40)
+    assert calls == [B * N]
+    calls.clear()
+    chunked = run(4 * h * w * c * 4)  # 4 prompts per chunk: 15 = 4 + 4 + 4 + 3
+    assert calls == [4, 4, 4, 3]
+    for a, b in zip(one[:3], chunked[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert one[3].keys() == chunked[3].keys() and one[3]
+    for name in one[3]:
+        torch.testing.assert_close(one[3][name], chunked[3][name], rtol=1e-4, atol=1e-5, msg=name)
