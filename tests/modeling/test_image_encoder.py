@@ -76,6 +76,8 @@ def test_training_attention_equals_official_values_and_gradients(monkeypatch) ->
     original = image_encoder.RelPosAttention._attention_for_backward
     monkeypatch.setattr(image_encoder.RelPosAttention, "_attention_for_backward",
                         lambda self, *a: taken.append(1) or original(self, *a))
+    # fp32 too (it keeps PyTorch's kernel in use): the arithmetic compared exactly with the official module
+    monkeypatch.setattr(image_encoder, "_TRAIN_PATH_DTYPES", (torch.float32, torch.bfloat16))
     # 3 query rows per chunk: 4 chunks over the 12 rows, the last one partial when the row count does not divide
     monkeypatch.setattr(image_encoder, "_TRAIN_CHUNK_BYTES", 3 * 2 * heads * grid[1] * grid[0] * grid[1] * 4)
 
@@ -102,8 +104,13 @@ def test_training_attention_equals_official_values_and_gradients(monkeypatch) ->
     error, official_error = bf16_error(ours), bf16_error(ref)
     assert 0 < error <= 1.1 * official_error, (error, official_error)
 
-    # without gradients the fused kernel runs as before
+    # without gradients the fused kernel runs as before; by default fp32 with gradients keeps PyTorch's kernel
     taken.clear()
     with torch.no_grad():
         torch.testing.assert_close(ours(x), out_ref.detach(), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(image_encoder, "_TRAIN_PATH_DTYPES", (torch.bfloat16, torch.float16))
+    torch.testing.assert_close(ours(x.clone().requires_grad_(True)), out_ref, rtol=1e-5, atol=1e-5)
     assert not taken
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours(x.clone().requires_grad_(True))
+    assert taken
