@@ -181,7 +181,7 @@ class RelPosAttention(nn.Module):
         the memory, where larger blocks would each be a fresh ``mmap`` whose pages the kernel zero-fills on
         first touch. fp32 keeps the reference kernel, which copies nothing there: chunked in fp32, this path was
         faster (ViT-B encoder forward + backward 22.6 vs 28.4 s) but fragmented glibc's heap (peak RSS 6-11 GB
-        instead of 3.6 GB, varying between identical runs).
+        instead of 3.6 GB, varying between runs).
         """
         b, n_heads, n, d = q.shape
         h, w = rel_h.shape[2], rel_h.shape[3]
