@@ -465,16 +465,9 @@ class _TwoStageDecoder:
         out = []
         with autocast(self.features.device, self.precision):
             for chunk in self.chunks(tokens.shape[0], self.masks_chunk):
-                # Multimask outputs only: mask tokens 1..3 (decoder tokens 2..4; token 0 is the IoU token).
-                hyper_in = torch.stack(
-                    [dec.output_hypernetworks_mlps[i](tokens[chunk, 1 + i]) for i in range(1, dec.num_mask_tokens)],
-                    dim=1,
-                )  # [p, 3, C/8]
-                features = dec._upscale(image_tokens[chunk], h, w)  # [p, h*w*16, C/8] in sub-pixel order
-                logits = features @ hyper_in.transpose(1, 2)  # [p, h*w*16, 3]
-                m = logits.shape[0]
-                logits = logits.view(m, h, w, 2, 2, 2, 2, -1).permute(0, 7, 1, 3, 5, 2, 4, 6)
-                out.append(logits.reshape(m, -1, 4 * h, 4 * w).float())
+                # Multimask outputs only: mask tokens 1..3 (the single-mask token 0 is not computed).
+                multimask = range(1, dec.num_mask_tokens)
+                out.append(dec.mask_logits(tokens[chunk], image_tokens[chunk], h, w, multimask).float())
         return torch.cat(out)
 
 

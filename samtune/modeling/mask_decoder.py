@@ -406,24 +406,24 @@ class MaskDecoder(nn.Module):
         """
         m = sparse_prompt_embeddings.shape[0]
         b, c, h, w = image_embeddings.shape
+        if image_index is None and b not in (1, m):
+            raise ValueError(
+                f"{b} image embeddings for {m} prompts: pass image_index to say which image each prompt belongs to"
+            )
         chunk = max(1, _CPU_CHUNK_BYTES // (h * w * c * 4))
         if image_embeddings.device.type != "cpu" or m <= chunk or _exporting() or torch.compiler.is_compiling():
             return self._predict_masks(
                 image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, image_index
             )
-        if image_index is None:
-            if b not in (1, m):
-                raise ValueError(
-                    f"{b} image embeddings for {m} prompts: pass image_index to say which image each prompt belongs to"
-                )
-            image_index = torch.arange(m, device=image_embeddings.device) if b == m else None
+        if image_index is None and b == m:  # one prompt per image: a chunk's prompts need their images named
+            image_index = torch.arange(m, device=image_embeddings.device)
         dense = dense_prompt_embeddings
         outs = [
             self._predict_masks(
                 image_embeddings,
                 image_pe,
                 sparse_prompt_embeddings[i : i + chunk],
-                dense[i : i + chunk] if dense.shape[0] == m else dense.expand(min(chunk, m - i), -1, -1, -1),
+                dense[i : i + chunk] if dense.shape[0] == m else dense,
                 None if image_index is None else image_index[i : i + chunk],
             )
             for i in range(0, m, chunk)
@@ -441,11 +441,7 @@ class MaskDecoder(nn.Module):
         m = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.expand(m, -1, -1).to(sparse_prompt_embeddings.dtype), sparse_prompt_embeddings], 1)
-        b, c, h, w = image_embeddings.shape
-        if image_index is None and b not in (1, m):
-            raise ValueError(
-                f"{b} image embeddings for {m} prompts: pass image_index to say which image each prompt belongs to"
-            )
+        h, w = image_embeddings.shape[-2:]
         # Token-major image features [B, h*w, C], contiguous, so every projection below is one plain GEMM.
         image_tokens = image_embeddings.flatten(2).transpose(1, 2)
         dense = dense_prompt_embeddings
@@ -462,16 +458,22 @@ class MaskDecoder(nn.Module):
             key_index = None
         pos = image_pe.flatten(2).transpose(1, 2)
         hs, keys = self.transformer(src, pos, tokens, key_index)
-        iou_token_out = hs[:, 0]
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]
+        return self.mask_logits(hs, keys, h, w), self.iou_prediction_head(hs[:, 0])
+
+    def mask_logits(
+        self, hs: torch.Tensor, keys: torch.Tensor, h: int, w: int, outputs: range | None = None
+    ) -> torch.Tensor:
+        """Logits ``[M, len(outputs), 4h, 4w]`` from the transformer's output tokens ``hs`` ``[M, T, C]`` (IoU
+        token first) and image tokens ``keys`` ``[M, h*w, C]``; ``outputs``: the mask tokens wanted (all)."""
+        outputs = range(self.num_mask_tokens) if outputs is None else outputs
         hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
+            [self.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in outputs], dim=1
         )  # [M, T, C/8]
         features = self._upscale(keys, h, w)  # [M, h*w*16, C/8], sub-pixel order (y, x, i1, j1, i2, j2)
         logits = features @ hyper_in.transpose(1, 2)  # [M, h*w*16, T]
+        m = logits.shape[0]
         logits = logits.view(m, h, w, 2, 2, 2, 2, -1).permute(0, 7, 1, 3, 5, 2, 4, 6)
-        masks = logits.reshape(m, -1, 4 * h, 4 * w)
-        return masks, self.iou_prediction_head(iou_token_out)
+        return logits.reshape(m, -1, 4 * h, 4 * w)
 
     def _upscale(self, keys: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Apply ``output_upscaling`` to token-major features ``[M, h*w, C]`` -> ``[M, h*w*16, C/8]``."""
