@@ -257,3 +257,12 @@ def test_bf16_trainer_steps_and_weights_only_checkpoint(tmp_path) -> None:
     reloaded = PromptableSegmentationTask.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     assert reloaded.optimizer_config == task.optimizer_config
     assert reloaded.simulation_config == task.simulation_config
+
+
+def test_loss_config_focal_alpha_null_reaches_the_loss():
+    """``focal_alpha: null`` (YAML) weighs foreground and background equally; out-of-range values are rejected."""
+    task = PromptableSegmentationTask(model="sam_tiny", loss={"focal_alpha": None})
+    assert task.loss_config.focal_alpha is None and task.loss_fn.focal_alpha is None
+    assert task.hparams["loss"]["focal_alpha"] is None
+    with pytest.raises(ValueError, match="focal_alpha"):
+        LossConfig(focal_alpha=1.5)
