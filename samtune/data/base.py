@@ -377,19 +377,27 @@ class SegmentationDataset(Dataset):
         rng: np.random.Generator,
         raw: RawSample,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
-        """Cut a crop (training: random, retried until it holds a mask) or the given tile; sample its masks."""
+        """Cut a crop or the given tile; sample its masks.
+
+        Training crops are uniform over the image, retried until one holds a mask; where objects are sparse
+        (small crops of a large raster) and ``MAX_CROP_ATTEMPTS`` uniform crops miss them all, the last crop is
+        placed uniformly among the windows holding one random pixel of one random mask, so a random crop never
+        fails on an image that has masks.
+        """
         assert self.crop_size is not None
         height, width = image.shape[:2]
         size = self.crop_size
         all_masks = source.decode(candidates)  # [N, H, W]
         members = self._tile_members[(image_index, tile)] if tile is not None else None
-        attempts = 1 if tile is not None else MAX_CROP_ATTEMPTS
-        for _ in range(attempts):
+        attempts = 1 if tile is not None else MAX_CROP_ATTEMPTS + 1
+        for attempt in range(attempts):
             if tile is not None:
                 top, left = tile
-            else:
+            elif attempt < MAX_CROP_ATTEMPTS:
                 top = int(rng.integers(0, max(height - size, 0) + 1))
                 left = int(rng.integers(0, max(width - size, 0) + 1))
+            else:
+                top, left = _window_holding_a_mask_pixel(all_masks, size, rng)
             window = (slice(top, top + size), slice(left, left + size))
             cropped = all_masks[(slice(None), *window)]
             if tile is not None:  # the masks assigned to this tile (see _assign_tiles)
@@ -402,6 +410,23 @@ class SegmentationDataset(Dataset):
                 return np.ascontiguousarray(image[window]), masks, source.ids[candidates[chosen]], (top, left)
         where = f"tile at ({tile[0]}, {tile[1]})" if tile is not None else f"{attempts} random crops"
         raise SampleError(raw.mask_path, f"no mask of {raw.path} inside the {where} of size {size}")
+
+
+def _window_holding_a_mask_pixel(masks: np.ndarray, size: int, rng: np.random.Generator) -> tuple[int, int]:
+    """``(top, left)`` of a ``size`` window, uniform among those inside the image that hold one pixel drawn at
+    random from one mask drawn at random (of the non-empty ones; ``masks`` is ``[N, H, W]``)."""
+    height, width = masks.shape[1:]
+    nonempty = np.flatnonzero(masks.reshape(len(masks), -1).any(1))
+    if nonempty.size == 0:
+        return 0, 0  # nothing to hold: the caller reports the image
+    ys, xs = np.nonzero(masks[rng.choice(nonempty)])
+    k = int(rng.integers(len(ys)))
+
+    def start(pixel: int, length: int) -> int:
+        low, high = max(0, pixel - size + 1), min(pixel, max(length - size, 0))
+        return int(rng.integers(low, high + 1))
+
+    return start(int(ys[k]), height), start(int(xs[k]), width)
 
 
 def _region_window(region: tuple[int, ...], height: int, width: int, path: Path) -> tuple[int, int, int, int]:

@@ -1,5 +1,6 @@
 import json
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -7,6 +8,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from samtune.data import COCODataset, SampleError
+from tests.data.conftest import encode_rle
 
 
 def _reference(coco_file, ann_ids):
@@ -199,3 +201,23 @@ def test_train_repeats_give_new_random_crops(assets):
     assert tiles > 1 and len(COCODataset(root / "annotations.json", root, crop_size=128, repeats=4)) == tiles
     with pytest.raises(ValueError, match="repeats"):
         COCODataset(root / "annotations.json", root, repeats=0)
+
+
+def test_random_crops_find_sparse_objects(tmp_path):
+    """A crop far smaller than the image still finds the one small object (uniform crops would miss it ~99%)."""
+    cv2.imwrite(str(tmp_path / "big.png"), np.full((400, 400, 3), 90, np.uint8))
+    mask = np.zeros((400, 400), bool)
+    mask[301:305, 52:57] = True
+    data = {"images": [{"id": 1, "file_name": "big.png", "height": 400, "width": 400}],
+            "annotations": [{"id": 7, "image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": encode_rle(mask),
+                             "area": int(mask.sum()), "bbox": [52, 301, 5, 4]}],
+            "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    ds = COCODataset(tmp_path / "a.json", tmp_path, image_size=32, crop_size=16, train=True, repeats=40,
+                     return_original_masks=True)
+    windows = set()
+    for i in range(len(ds)):
+        sample = ds[i]
+        assert sample["instance_ids"].tolist() == [7] and sample["original_masks"][0].any()
+        windows.add(sample["image"].numpy().tobytes() + sample["original_masks"][0].numpy().tobytes())
+    assert len(windows) > 5  # still random crops, not one fixed window
