@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import netrc
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -320,9 +321,31 @@ def _root_cause(err: BaseException) -> BaseException:
         err = inner
 
 
+_WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker process (\d+)\.")
+
+
+def _worker_message(err: BaseException, lines: list[str]) -> list[str]:
+    """The original message of an error re-raised from a DataLoader worker.
+
+    torch re-raises a worker's exception in the main process with the message ``Caught X in DataLoader worker
+    process N. Original Traceback ...`` followed by the traceback; the useful part (for a SampleError: the file
+    and the problem) is the traceback's last entry, ``X: message``.
+    """
+    caught = _WORKER_ERROR.match(lines[0]) if lines else None
+    if caught is None:
+        return lines
+    last_entry = re.compile(rf"([\w.]+\.)?{re.escape(caught.group(1))}: ")  # qualified: samtune.data.errors.X
+    for i in range(len(lines) - 1, 0, -1):
+        if last_entry.match(lines[i]):
+            message = " ".join(lines[i:]).split(": ", 1)[1].strip()
+            return [f"{message} (in DataLoader worker process {caught.group(2)})"]
+    return lines
+
+
 def _one_line(err: BaseException) -> str:
     err = _root_cause(err)
-    text = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    text = " ".join(_worker_message(err, lines))
     if len(text) > 600:
         text = text[:600] + " ..."
     name = type(err).__name__

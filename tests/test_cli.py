@@ -278,3 +278,26 @@ def test_synthetic_data_is_generated_once(tmp_path):
     assert not ensure_synthetic_data(root, SyntheticData(num_images=2, image_size=64))
     assert len(list(root.glob("*.json"))) == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_dataloader_worker_error_keeps_its_message():
+    """torch re-raises a worker's error with the traceback as message: the one line shows the original message."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from samtune.cli import _one_line
+    from samtune.data import SampleError
+
+    class Bad(Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            raise SampleError("/data/a.json", "no mask of /data/a.tif inside the tile at (0, 64) of size 64")
+
+    with pytest.raises(SampleError) as caught:
+        next(iter(DataLoader(Bad(), num_workers=1)))
+    assert _one_line(caught.value) == (
+        "SampleError: /data/a.json: no mask of /data/a.tif inside the tile at (0, 64) of size 64 "
+        "(in DataLoader worker process 0)"
+    )
+    assert _one_line(ValueError("plain\nmessage")) == "ValueError: plain message"
