@@ -414,12 +414,9 @@ class SegmentationDataset(Dataset):
 
 def _window_holding_a_mask_pixel(masks: np.ndarray, size: int, rng: np.random.Generator) -> tuple[int, int]:
     """``(top, left)`` of a ``size`` window, uniform among those inside the image that hold one pixel drawn at
-    random from one mask drawn at random (of the non-empty ones; ``masks`` is ``[N, H, W]``)."""
+    random from one mask drawn at random (``masks`` is ``[N, H, W]``, every mask non-empty: the candidates)."""
     height, width = masks.shape[1:]
-    nonempty = np.flatnonzero(masks.reshape(len(masks), -1).any(1))
-    if nonempty.size == 0:
-        return 0, 0  # nothing to hold: the caller reports the image
-    ys, xs = np.nonzero(masks[rng.choice(nonempty)])
+    ys, xs = np.nonzero(masks[rng.integers(len(masks))])
     k = int(rng.integers(len(ys)))
 
     def start(pixel: int, length: int) -> int:
