@@ -324,7 +324,7 @@ def _root_cause(err: BaseException) -> BaseException:
 _WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker process (\d+)\.")
 
 
-def _worker_message(err: BaseException, lines: list[str]) -> list[str]:
+def _worker_message(lines: list[str]) -> list[str]:
     """The original message of an error re-raised from a DataLoader worker.
 
     torch re-raises a worker's exception in the main process with the message ``Caught X in DataLoader worker
@@ -345,7 +345,7 @@ def _worker_message(err: BaseException, lines: list[str]) -> list[str]:
 def _one_line(err: BaseException) -> str:
     err = _root_cause(err)
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    text = " ".join(_worker_message(err, lines))
+    text = " ".join(_worker_message(lines))
     if len(text) > 600:
         text = text[:600] + " ..."
     name = type(err).__name__
