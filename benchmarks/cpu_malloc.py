@@ -7,7 +7,7 @@ freed blocks are reused as they are, and the resident memory stays at its peak. 
 a process starts, so each side runs in its own process; the sides alternate over the repetitions.
 
 One step is the recipe's task on its own training data: ``training_step`` under the trainer's precision, backward
-and an AdamW step (the first two steps of each process are a warm-up). Reported: median seconds per step and
+and the recipe's AdamW step (the first two steps of each process are a warm-up). Reported: median seconds per step and
 the peak resident memory of each process (``ru_maxrss``; DataLoader workers not included).
 
     python benchmarks/cpu_malloc.py                               # recipes/satellite.yaml, 10 steps, 2 repetitions
@@ -32,20 +32,22 @@ KEEP_FREED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
 
 def worker(recipe: Path, steps: int, warmup: int = 2) -> dict[str, float | list[float]]:
     """Time ``steps`` training steps of a materialised recipe in this process."""
-    import contextlib
     import resource
 
     import torch
 
     from samtune.cli import run_lightning
+    from samtune.modeling.precision import autocast
+    from samtune.tasks import param_groups
 
     cli = run_lightning(["fit", "--config", str(recipe)], run=False)
     task, data = cli.model, cli.datamodule
     data.setup("fit")
     task.train()
     task.log = lambda *args, **kwargs: None  # no Trainer attached: logging is not part of the timed step
-    optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-4)
-    bf16 = "bf16" in str(cli.trainer.precision)
+    cfg = task.optimizer_config  # the recipe's AdamW and parameter groups (the lr schedule does not change the cost)
+    optimizer = torch.optim.AdamW(param_groups(task.model, cfg), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    precision = "bf16" if "bf16" in str(cli.trainer.precision) else "fp32"
     loader = data.train_dataloader()
 
     def batches():
@@ -57,8 +59,7 @@ def worker(recipe: Path, steps: int, warmup: int = 2) -> dict[str, float | list[
     for i in range(warmup + steps):
         batch = next(stream)
         start = time.perf_counter()
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        with autocast:
+        with autocast("cpu", precision):
             loss = task.training_step(batch, i)
         loss.backward()
         optimizer.step()
