@@ -222,6 +222,38 @@ def _uses_config(args: Sequence[str]) -> bool:
                or a.startswith(("--model", "--data")) for a in args)
 
 
+_YAML_NULLS = ("null", "Null", "NULL", "~")
+
+
+def _null_overrides(args: Sequence[str]) -> list[str]:
+    """Rewrite ``--model[.init_args].GROUP.FIELD null`` as ``--model[.init_args].GROUP '{"FIELD": null}'``.
+
+    jsonargparse (4.53) rejects null for a field of a dataclass-typed argument (``loss.focal_alpha``,
+    ``adaptation.last_k``) given as a dotted flag: it arrives as the string 'None' and fails the ``float | None``
+    check. The same value given as a one-key mapping of the group parses, and merges with the group's other
+    settings from the config files. Other flags, and nulls for the task's or datamodule's own arguments
+    (``--data.init_args.train_region null``), which parse as they are, pass through unchanged.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        key, value, width = arg, None, 1
+        if arg.startswith("--") and "=" in arg:
+            key, value = arg.split("=", 1)
+        elif arg.startswith("--") and i + 1 < len(args):
+            value, width = args[i + 1], 2
+        parts = key[2:].split(".") if key.startswith(("--model.", "--data.")) else []
+        fields = parts[2:] if len(parts) > 1 and parts[1] == "init_args" else parts[1:]
+        if value is not None and value.strip() in _YAML_NULLS and len(fields) >= 2 and all(fields):
+            out += [key.rsplit(".", 1)[0], f'{{"{fields[-1]}": null}}']
+            i += width
+        else:
+            out.append(arg)
+            i += 1
+    return out
+
+
 def run_lightning(args: list[str], run: bool = True) -> SamtuneCLI:
     """``fit``/``validate``/``test``/``predict`` through :class:`SamtuneCLI`.
 
@@ -238,6 +270,7 @@ def run_lightning(args: list[str], run: bool = True) -> SamtuneCLI:
                              "pass --config RECIPE.yaml")
         print(f"samtune: no --config given: running {QUICKSTART}", file=sys.stderr)
         args = [args[0], "--config", str(QUICKSTART), *args[1:]]
+    args = _null_overrides(args)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
         return SamtuneCLI(

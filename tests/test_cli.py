@@ -140,6 +140,34 @@ def test_fragment_composes_with_quickstart(fragment, capsys):
             assert config["trainer"][key] == value, key
 
 
+def test_null_overrides_of_config_fields(capsys):
+    """``null`` on the command line reaches a dataclass field (jsonargparse alone rejects it) and keeps the
+    group's other values; nulls of plain arguments keep working."""
+    satellite = str(REPO_ROOT / "recipes" / "satellite.yaml")
+    for flag in (["--model.init_args.loss.focal_alpha", "null"], ["--model.loss.focal_alpha=~"]):
+        config = _printed_config(capsys, ["fit", "--config", str(QUICKSTART), *flag])
+        loss = config["model"]["init_args"]["loss"]
+        assert loss["focal_alpha"] is None and loss["focal_weight"] == 20.0, flag
+    config = _printed_config(capsys, [
+        "fit", "--config", satellite, "--model.init_args.adaptation.last_k", "4",
+        "--model.init_args.adaptation.last_k", "null", "--data.init_args.train_region", "null",
+    ])
+    adaptation = config["model"]["init_args"]["adaptation"]
+    assert adaptation["last_k"] is None and (adaptation["method"], adaptation["lora_rank"]) == ("lora", 8)
+    assert config["data"]["init_args"]["train_region"] is None
+    assert config["data"]["init_args"]["val_region"] == [450, 0, 900, 600]
+
+
+def test_null_override_rewrite_touches_only_config_fields():
+    from samtune.cli import _null_overrides
+
+    unchanged = ["fit", "--config", "r.yaml", "--trainer.logger", "null", "--data.init_args.val_region", "null",
+                 "--model.init_args.loss.focal_alpha", "0.5", "--model.init_args.checkpoint=null", "--data", "null"]
+    assert _null_overrides(unchanged) == unchanged
+    assert _null_overrides(["--model.init_args.loss.focal_alpha", "NULL", "--trainer.max_steps", "3"]) == [
+        "--model.init_args.loss", '{"focal_alpha": null}', "--trainer.max_steps", "3"]
+
+
 def test_medical_recipe_instantiates_with_real_assets(assets, monkeypatch):
     """The medical recipe builds LiteMedSAM from the real weights with LoRA on the encoder, reads the EM slices."""
     from samtune.cli import run_lightning
