@@ -1,12 +1,14 @@
-"""Lightning callbacks of the ``samtune`` CLI: progress bar, parameter counts, validation overlays, config logging.
+"""Lightning callbacks of the ``samtune`` CLI: progress bar, parameter counts, validation overlays, final
+checkpoint, config logging.
 
-The CLI adds :class:`SamtuneProgressBar`, :class:`ParameterCounts` and :class:`ValidationOverlays` to every
-Trainer unless the configuration already has a callback of that type (put one in ``trainer.callbacks`` to change
+The CLI adds :class:`SamtuneProgressBar`, :class:`ParameterCounts`, :class:`ValidationOverlays` and
+:class:`FinalCheckpoint` to every Trainer unless the configuration already has a callback of that type (put one in ``trainer.callbacks`` to change
 its arguments), and uses :class:`SaveConfigToLoggers` as its save-config callback.
 """
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +16,15 @@ import cv2
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from samtune.modeling.preprocessing import PIXEL_MEAN, PIXEL_STD
 
-__all__ = ["SamtuneProgressBar", "ParameterCounts", "ValidationOverlays", "SaveConfigToLoggers", "render_overlays"]
+__all__ = ["SamtuneProgressBar", "ParameterCounts", "ValidationOverlays", "FinalCheckpoint", "SaveConfigToLoggers",
+           "render_overlays"]
 
 log = logging.getLogger("samtune")
 
@@ -57,6 +60,35 @@ class ParameterCounts(Callback):
         if trainer.is_global_zero:
             log.info("parameters: %s total, %s trainable (%.1f%%)", f"{total:,}", f"{trainable:,}",
                      100.0 * trainable / max(total, 1))
+
+
+class FinalCheckpoint(Callback):
+    """Writes each ``ModelCheckpoint``'s ``last`` checkpoint when ``fit`` ends, if training went on after its last save.
+
+    With a monitored metric, Lightning saves ``last.ckpt`` only together with a monitored checkpoint, after a
+    validation; the steps after the last validation (``max_steps`` not a multiple of the validation interval: 300
+    steps validated every 40) would be missing from it, and ``last.ckpt`` would not be the trained model. With
+    ``save_last: link`` the final save is a file, not a link to an older checkpoint.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.fast_dev_run or trainer.sanity_checking:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            if not isinstance(callback, ModelCheckpoint) or not callback.save_last:
+                continue
+            if callback._last_global_step_saved == trainer.global_step:
+                continue  # saved at the final step already (or never trained)
+            candidates = callback._monitor_candidates(trainer)
+            if callback.save_last == "link":
+                path = callback.format_checkpoint_name(candidates, ModelCheckpoint.CHECKPOINT_NAME_LAST)
+                if trainer.is_global_zero and os.path.islink(path):
+                    os.remove(path)  # else the save would write through the link into the checkpoint it names
+                trainer.strategy.barrier()
+                callback._last_checkpoint_saved = ""  # makes _save_last_checkpoint write a file
+            callback._save_last_checkpoint(trainer, candidates)
+            if trainer.is_global_zero:
+                log.info("saved the final step %d to %s", trainer.global_step, callback.last_model_path)
 
 
 def _to_uint8_image(image: torch.Tensor, normalization: str) -> np.ndarray:

@@ -35,7 +35,9 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 import samtune.data.datamodules  # noqa: F401  (registers the datamodules for class_path short names)
 import samtune.tasks  # noqa: F401  (registers PromptableSegmentationTask for class_path short names)
-from samtune.callbacks import ParameterCounts, SamtuneProgressBar, SaveConfigToLoggers, ValidationOverlays
+from samtune.callbacks import (
+    FinalCheckpoint, ParameterCounts, SamtuneProgressBar, SaveConfigToLoggers, ValidationOverlays,
+)
 from samtune.checkpoint_io import AtomicCheckpointIO
 from samtune.resumable import make_resumable
 
@@ -157,8 +159,8 @@ class SamtuneCLI(LightningCLI):
     - ``seed_everything`` defaults to 0 (reproducible by default).
     - ``synthetic_data:`` (optional) generates the synthetic dataset at ``data.init_args.root`` when absent.
     - Trainer extras unless already configured: :class:`AtomicCheckpointIO`, :class:`SamtuneProgressBar`,
-      :class:`ParameterCounts`, :class:`ValidationOverlays`; the training loader gets a resumable, epoch-seeded,
-      sharded order (:mod:`samtune.resumable`).
+      :class:`ParameterCounts`, :class:`ValidationOverlays`, :class:`FinalCheckpoint` (``last.ckpt`` holds the final
+      step); the training loader gets a resumable, epoch-seeded, sharded order (:mod:`samtune.resumable`).
     - W&B loggers go offline automatically without credentials.
     """
 
@@ -206,7 +208,7 @@ class SamtuneCLI(LightningCLI):
         if config.get("enable_progress_bar", True) is not False and not any(
                 isinstance(c, ProgressBar) for c in configured):
             extras.append(SamtuneProgressBar())
-        for cls in (ParameterCounts, ValidationOverlays):
+        for cls in (ParameterCounts, ValidationOverlays, FinalCheckpoint):
             if not any(isinstance(c, cls) for c in configured):
                 extras.append(cls())
         plugins = config.get("plugins")

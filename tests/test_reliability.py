@@ -127,6 +127,25 @@ def test_cli_trainer_writes_checkpoints_atomically(tmp_path, monkeypatch):
     assert not [p for p in last.parent.iterdir() if p.suffix == ".tmp"]
 
 
+@pytest.mark.parametrize("save_last", [True, "link"])
+def test_last_checkpoint_holds_the_final_step(tmp_path, monkeypatch, save_last):
+    """Training goes on after the last validation (5 steps, validated at step 3): last.ckpt still holds step 5, a
+    file (not a link to the best), and the best checkpoint keeps step 3."""
+    monkeypatch.chdir(tmp_path)
+    checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"dirpath": "ckpts", "monitor": "val/iou_click_1", "mode": "max", "save_top_k": 1,
+                                "save_last": save_last, "filename": "best"}}
+    args = quick_args(steps=5, *["--trainer.callbacks", json.dumps([checkpoint])])
+    assert run_cli([*args, "--trainer.val_check_interval", "3"]) == 0
+    last, best = tmp_path / "ckpts" / "last.ckpt", tmp_path / "ckpts" / "best.ckpt"
+    assert not last.is_symlink()
+    final = torch.load(last, weights_only=False, map_location="cpu")
+    assert final["global_step"] == 5
+    assert torch.load(best, weights_only=False, map_location="cpu")["global_step"] == 3
+    state = torch.load(best, weights_only=False, map_location="cpu")["state_dict"]
+    assert any(not torch.equal(state[k], v) for k, v in final["state_dict"].items())
+
+
 # ------------------------------------------------------------------------------------------------- resume
 def test_resume_after_kill_continues_exactly(tmp_path, monkeypatch):
     """Killed (SIGKILL) after step 4 of 8, restarted with --ckpt_path last: steps 5..8 see the same images,
