@@ -2,8 +2,8 @@
 checkpoint, config logging.
 
 The CLI adds :class:`SamtuneProgressBar`, :class:`ParameterCounts`, :class:`ValidationOverlays` and
-:class:`FinalCheckpoint` to every Trainer unless the configuration already has a callback of that type (put one in ``trainer.callbacks`` to change
-its arguments), and uses :class:`SaveConfigToLoggers` as its save-config callback.
+:class:`FinalCheckpoint` to every Trainer unless the configuration already has a callback of that type (put one in
+``trainer.callbacks`` to change its arguments), and uses :class:`SaveConfigToLoggers` as its save-config callback.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ class ParameterCounts(Callback):
 
 
 class FinalCheckpoint(Callback):
-    """Writes each ``ModelCheckpoint``'s ``last`` checkpoint when ``fit`` ends, if training went on after its last save.
+    """Writes each ``ModelCheckpoint``'s ``last`` checkpoint when ``fit`` ends if training went on after its last save.
 
     With a monitored metric, Lightning saves ``last.ckpt`` only together with a monitored checkpoint, after a
     validation; the steps after the last validation (``max_steps`` not a multiple of the validation interval: 300

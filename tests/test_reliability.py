@@ -139,11 +139,10 @@ def test_last_checkpoint_holds_the_final_step(tmp_path, monkeypatch, save_last):
     assert run_cli([*args, "--trainer.val_check_interval", "3"]) == 0
     last, best = tmp_path / "ckpts" / "last.ckpt", tmp_path / "ckpts" / "best.ckpt"
     assert not last.is_symlink()
-    final = torch.load(last, weights_only=False, map_location="cpu")
-    assert final["global_step"] == 5
-    assert torch.load(best, weights_only=False, map_location="cpu")["global_step"] == 3
-    state = torch.load(best, weights_only=False, map_location="cpu")["state_dict"]
-    assert any(not torch.equal(state[k], v) for k, v in final["state_dict"].items())
+    final = torch.load(last, weights_only=True, map_location="cpu")
+    earlier = torch.load(best, weights_only=True, map_location="cpu")
+    assert (final["global_step"], earlier["global_step"]) == (5, 3)
+    assert any(not torch.equal(earlier["state_dict"][k], v) for k, v in final["state_dict"].items())
 
 
 # ------------------------------------------------------------------------------------------------- resume
