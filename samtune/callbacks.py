@@ -72,7 +72,7 @@ class FinalCheckpoint(Callback):
     """
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.fast_dev_run or trainer.sanity_checking:
+        if trainer.fast_dev_run:
             return
         for callback in trainer.checkpoint_callbacks:
             if not isinstance(callback, ModelCheckpoint) or not callback.save_last:
