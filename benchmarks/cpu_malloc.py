@@ -45,7 +45,9 @@ def worker(recipe: Path, steps: int, warmup: int = 2) -> dict[str, float | list[
     data.setup("fit")
     task.train()
     task.log = lambda *args, **kwargs: None  # no Trainer attached: logging is not part of the timed step
-    cfg = task.optimizer_config  # the recipe's AdamW and parameter groups (the lr schedule does not change the cost)
+    # The recipe's AdamW and parameter groups, as configure_optimizers builds them; that method also sizes the cosine
+    # schedule from a fitting Trainer, which this loop has not (and the schedule does not change the cost).
+    cfg = task.optimizer_config
     optimizer = torch.optim.AdamW(param_groups(task.model, cfg), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     precision = "bf16" if "bf16" in str(cli.trainer.precision) else "fp32"
     loader = data.train_dataloader()
