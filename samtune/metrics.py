@@ -143,8 +143,11 @@ class ClickIoU(Metric):
         self.update(result.click_ious, valid, result.click_iou_pred, result.box_ious, result.box_iou_pred)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """The metrics (see the module docstring); box and IoU-head entries only when such data was given."""
-        n = self.num_masks.clamp_min(1.0)
+        """The metrics (see the module docstring); box and IoU-head entries only when such data was given.
+
+        Without any mask the click entries are NaN, not 0: a NoC of 0 would read as a perfect score.
+        """
+        n = torch.where(self.num_masks > 0, self.num_masks, torch.full_like(self.num_masks, float("nan")))
         out: dict[str, torch.Tensor] = {}
         per_click, dice_per_click = self.click_iou_sum / n, self.click_dice_sum / n
         for i in range(self.num_clicks):

@@ -55,6 +55,13 @@ def test_padding_masks_are_ignored_and_batches_accumulate() -> None:
     assert metric.compute()["iou_pred_mae"].item() == 0.0
 
 
+def test_no_masks_gives_nan_not_a_perfect_score() -> None:
+    metric = ClickIoU(num_clicks=2)
+    metric.update(torch.zeros(0, 2))
+    out = metric.compute()
+    assert all(torch.isnan(out[k]) for k in ("iou_click_1", "iou_click_2", "noc_85", "nof_90", "dice_click_1"))
+
+
 def test_states_merge_like_one_big_batch() -> None:
     a, b, whole = ClickIoU(num_clicks=3), ClickIoU(num_clicks=3), ClickIoU(num_clicks=3)
     a.update(IOUS[:1], box_ious=torch.tensor([0.3]))
