@@ -147,6 +147,19 @@ def test_resize_masks_area_rule() -> None:
     assert resize_masks(m, 4) is m
 
 
+def test_resize_masks_keeps_structures_thinner_than_the_grid() -> None:
+    """A 1 px line or a single pixel would vanish at 4x coarser resolution; it keeps its most covered cells."""
+    m = torch.zeros(3, 16, 16, dtype=torch.bool)
+    m[0, 5, 2:14] = True  # 1 px horizontal line: every coarse cell it crosses is 1/4 covered
+    m[1, 9, 9] = True  # one pixel: 1/16 of one cell
+    m[2, 4:12, 4:12] = True  # a large mask keeps the half-coverage rule
+    low = resize_masks(m, 4)
+    assert low[0].tolist() == [[False] * 4, [True] * 4, [False] * 4, [False] * 4]
+    assert low[1].nonzero().tolist() == [[2, 2]]
+    assert low[2].tolist() == resize_masks(m[2:], 4)[0].tolist() and low[2].sum() == 4
+    assert not resize_masks(torch.zeros(1, 16, 16, dtype=torch.bool), 4).any()  # empty stays empty
+
+
 def test_bad_arguments_raise() -> None:
     with pytest.raises(ValueError, match="region must be a bool tensor"):
         uniform_pixel(torch.zeros(2, 3, 3), _gen())

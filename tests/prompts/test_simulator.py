@@ -148,9 +148,9 @@ def test_all_point_or_all_box_first_rounds(fake_sam, embeddings, box_probability
     steps = list(sim.iterate(fake_sam, embeddings, IMAGE_INDEX, _masks(), torch.Generator().manual_seed(0)))
     assert steps[0].low_res_logits.shape[1] == channels
     labels0 = fake_sam.calls[0]["point_labels"]
-    # Mask 3 is empty (padding); mask 2 is one pixel, which vanishes on the 16x16 sampling grid (>= 0.5 rule)
-    # so it gets a padding point when point-first, but still has a box.
-    expected = [2, 2, 2, -1, 2] if box_probability else [1, 1, -1, -1, 1]
+    # Mask 3 is empty (padding). Mask 2 is one pixel, less than half of a cell of the 16x16 sampling grid: it keeps
+    # that cell, so it gets a positive first click too.
+    expected = [2, 2, 2, -1, 2] if box_probability else [1, 1, 1, -1, 1]
     assert labels0[:, 0].tolist() == expected
     out = SamLoss()(steps[0].low_res_logits, steps[0].iou_pred, _masks(), torch.ones(5, dtype=torch.bool),
                     steps[0].multimask)
