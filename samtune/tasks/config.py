@@ -68,7 +68,7 @@ class OptimizerConfig:
     encoder_lr_scale: float = 1.0
     warmup_steps: int = 250
     schedule: Schedule = "step"
-    step_milestones: tuple[float, ...] = (0.6667, 0.963)
+    step_milestones: tuple[float, ...] = (60000 / 90000, 86666 / 90000)
     step_gamma: float = 0.1
     min_lr_ratio: float = 0.0
 

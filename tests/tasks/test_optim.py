@@ -104,8 +104,9 @@ def test_step_schedule_warmup_and_milestones() -> None:
 def test_paper_milestones_on_90k_steps() -> None:
     schedule = WarmupSchedule.from_config(OptimizerConfig(), 90_000)
     assert schedule(249) == pytest.approx(1.0)
-    assert schedule(59_999) == pytest.approx(1.0) and schedule(60_003) == pytest.approx(0.1)
-    assert schedule(86_669) == pytest.approx(0.1) and schedule(86_670) == pytest.approx(0.01)  # 0.963 * 90k
+    assert schedule.milestones == [60_000, 86_666]  # the paper's steps, by default
+    assert schedule(59_999) == pytest.approx(1.0) and schedule(60_000) == pytest.approx(0.1)
+    assert schedule(86_665) == pytest.approx(0.1) and schedule(86_666) == pytest.approx(0.01)
 
 
 def test_cosine_and_constant_schedules() -> None:
