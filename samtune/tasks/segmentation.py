@@ -3,7 +3,8 @@
 Training step (SAM paper, Appendix A): each image of the batch is encoded once; the interactive simulator runs
 its rounds (11 by default), each decoding all valid masks of all images in ONE batched decoder call; the per-round
 loss sums (focal 20 : dice 1 : IoU 1, min over the multimask outputs) are added up and divided by the number of
-valid masks over all devices.
+valid masks over all devices and, with ``accumulate_grad_batches``, over all micro-batches of the optimizer step
+(gradients are rescaled before the step, so that a mask weighs the same whichever micro-batch holds it).
 
 Validation: deterministic prompts (:class:`samtune.prompts.InteractiveEvaluator`): IoU after 1..k clicks, after
 the ground-truth box, NoC@85/90 and the IoU head's error, accumulated with :class:`samtune.metrics.ClickIoU`.
@@ -183,6 +184,10 @@ class PromptableSegmentationTask(L.LightningModule):
         # Seed of the prompt simulation: from the global RNG, so `seed_everything` fixes it; kept in checkpoints.
         self.simulation_seed = int(torch.randint(0, 2**62, (1,)).item())
         self._train_step_counter = 0  # training_step calls (micro-batches), kept in checkpoints
+        # Gradient accumulation: the first micro-batch's global mask count (each micro-batch's loss is divided by it)
+        # and the window's global mask count so far; on_before_optimizer_step rescales the gradients.
+        self._window_reference: torch.Tensor | None = None
+        self._window_masks: torch.Tensor | None = None
         self.train()  # build_sam returns an eval-mode model; Lightning keeps the mode it finds
 
     # ------------------------------------------------------------------------------------------ modes
@@ -268,10 +273,12 @@ class PromptableSegmentationTask(L.LightningModule):
         gt, image_index, sizes = self._flatten_valid(batch)
         m = gt.shape[0]
         terms = ("loss", "focal", "dice", "iou")
+        # Every step advances the prompt seed, with or without masks, so that the DDP ranks' counters stay equal
+        # (a checkpoint stores rank 0's) and a resumed run draws the prompts of the uninterrupted one.
+        generator = self._simulation_generator(gt.device)
+        self._train_step_counter += 1
         if m > 0:
             embeddings = self._image_embeddings(batch)
-            generator = self._simulation_generator(gt.device)
-            self._train_step_counter += 1
 
             # The loss's ground truth, resized once per step rather than in every round (and every recomputation).
             targets = gt if self.loss_fn.resolution == "gt" else resize_masks(gt, self.model.low_res_size)
@@ -294,6 +301,13 @@ class PromptableSegmentationTask(L.LightningModule):
         if not torch.isfinite(stats[: len(terms)]).all():
             return self._nonfinite(dict(zip(terms, local.tolist())))
         denominator = total_masks.clamp_min(1.0)
+        if self._trainer is not None and self.trainer.accumulate_grad_batches > 1:
+            # The optimizer step's mask count is known only after its last micro-batch: divide every micro-batch by
+            # the first one's count now, and correct the summed gradients in on_before_optimizer_step.
+            if self._window_reference is None:
+                self._window_reference = denominator
+            self._window_masks = total_masks if self._window_masks is None else self._window_masks + total_masks
+            denominator = self._window_reference
         # DDP averages gradients over processes: scale so that the average is (global sum) / (global count).
         # The zero term ties every trainable parameter to the loss: prompts of one kind (e.g. boxes only) leave some
         # embeddings unused, which DDP with find_unused_parameters=False would reject.
@@ -306,6 +320,24 @@ class PromptableSegmentationTask(L.LightningModule):
                      batch_size=batch_size)
         self.log("train/num_masks", total_masks, on_step=True, on_epoch=False, batch_size=batch_size)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """With gradient accumulation, rescale the summed gradients to (window's loss sum) / (window's mask count).
+
+        Lightning divides each micro-batch's loss by ``accumulate_grad_batches``, and :meth:`training_step` divides
+        it by the window's first global mask count; the gradient is therefore multiplied by
+        ``first count x accumulate_grad_batches / window count``. Runs before gradient clipping.
+        Callbacks' ``on_before_optimizer_step`` hooks run before this one and see the uncorrected gradients.
+        """
+        reference, masks = self._window_reference, self._window_masks
+        self._window_reference = self._window_masks = None
+        if reference is None or masks is None:
+            return
+        factor = reference * self.trainer.accumulate_grad_batches / masks.clamp_min(1.0)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(factor)
 
     def _nonfinite(self, terms: dict[str, float]) -> None:
         described = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())

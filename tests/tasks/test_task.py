@@ -112,6 +112,46 @@ def test_loss_is_normalised_by_the_global_mask_count(monkeypatch) -> None:
     assert distributed.item() == pytest.approx(single.item() * 4 * 2 / (4 + 6), rel=1e-5)
 
 
+# Boxes only, exact, one round: prompts that do not depend on the simulation's random draws.
+EXACT_BOXES = SimulationConfig(num_iterations=1, num_point_iterations=0, random_mask_only_iteration=False,
+                               final_mask_only_iteration=False, box_probability=1.0, box_noise_std_fraction=0.0)
+
+
+def _gradients_after_one_step(tmp_path, batches: list[list[int]], accumulate: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    task = PromptableSegmentationTask("sam_tiny", simulation=EXACT_BOXES,
+                                      optimizer=OptimizerConfig(warmup_steps=0, schedule="constant"))
+    samples, seed = [], 0
+    for counts in batches:
+        for c in counts:
+            samples.append(make_sample(c, seed=seed))
+            seed += 1
+    data = DataLoader(samples, batch_size=len(batches[0]), collate_fn=collate_samples)
+    quick_trainer(tmp_path, max_steps=1, accumulate_grad_batches=accumulate, enable_checkpointing=False,
+                  limit_val_batches=0).fit(task, data)
+    # Lightning zeroes gradients at the start of a step, so the last step's gradients are still there.
+    return {n: p.grad.clone() for n, p in task.model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_accumulation_weighs_every_mask_of_the_step_equally(tmp_path) -> None:
+    """Micro-batches of 1 and 3 masks accumulated give the gradient of one batch holding all 4 masks."""
+    accumulated = _gradients_after_one_step(tmp_path / "a", [[1], [3]], accumulate=2)
+    whole = _gradients_after_one_step(tmp_path / "b", [[1, 3]], accumulate=1)
+    assert accumulated.keys() == whole.keys() and len(whole) > 10
+    for name, g in whole.items():
+        torch.testing.assert_close(accumulated[name], g, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_prompt_seed_advances_on_steps_without_masks() -> None:
+    """DDP ranks keep equal step counters (a checkpoint stores rank 0's) even when one gets no valid mask."""
+    task = PromptableSegmentationTask("sam_tiny", simulation=SHORT)
+    empty = make_batch([1])
+    empty["mask_valid"][:] = False
+    task.training_step(empty, 0)
+    task.training_step(make_batch([2]), 1)
+    assert task._train_step_counter == 2
+
+
 def test_gradients_reach_the_encoder_only_when_it_is_trainable() -> None:
     trainable = PromptableSegmentationTask("sam_tiny", simulation=SHORT)
     trainable.training_step(make_batch([2]), 0).backward()
