@@ -15,6 +15,7 @@ User pipelines are albumentations' own serialisation (``A.to_dict`` form), given
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any, Literal
 
@@ -116,14 +117,15 @@ class Augmenter:
         Args:
             image: ``[h, w, 3]`` uint8.
             masks: ``[K, h, w]`` uint8.
-            rng: source of all randomness (albumentations is re-seeded from it).
+            rng: source of all randomness (albumentations is re-seeded from it, each transform of the preset and
+                the user pipeline with a stream of its own: see :func:`seed_transforms`).
 
         Returns:
             image ``[h', w', 3]`` uint8 and masks ``[K, h', w']`` uint8 (same K, possibly empty masks) with
             ``max(h', w') <= S``.
         """
         if self.compose is not None:
-            self.compose.set_random_seed(int(rng.integers(2**31 - 1)))
+            seed_transforms(self.compose, int(rng.integers(2**31 - 1)))
             out = self.compose(image=image, masks=masks)
             image, masks = out["image"], np.asarray(out["masks"], dtype=np.uint8).reshape(-1, *out["image"].shape[:2])
         if self.jitter:
@@ -133,6 +135,27 @@ class Augmenter:
             size = get_preprocess_shape(h, w, self.image_size)
             image, masks = resize_image(image, size), resize_masks(masks, size)
         return image, masks
+
+
+def seed_transforms(transform: A.BasicTransform | A.BaseCompose, seed: int | np.random.SeedSequence) -> None:
+    """Give ``transform`` and every transform nested in it random generators of their own, all derived from ``seed``.
+
+    albumentations' ``set_random_seed`` hands the *same* seed to every transform of a Compose (nested Composes
+    included), so every transform draws the same numbers: two ``p=0.5`` transforms always fire together, e.g.
+    horizontal and vertical flips only ever happen jointly. Here each node of the tree gets independent numpy and
+    Python generators spawned from one :class:`numpy.random.SeedSequence`: the transforms draw independently and
+    the whole pipeline stays reproducible from ``seed``.
+    """
+    sequence = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    children = [t for t in transform.transforms if isinstance(t, (A.BasicTransform, A.BaseCompose))] \
+        if isinstance(transform, A.BaseCompose) else []
+    own, *child_sequences = sequence.spawn(1 + len(children))
+    numpy_sequence, python_sequence = own.spawn(2)
+    # on a Compose this also hands the generators down to its children; they are replaced just below
+    transform.set_random_state(np.random.default_rng(numpy_sequence),
+                               random.Random(int(python_sequence.generate_state(1, np.uint64)[0])))
+    for child, child_sequence in zip(children, child_sequences):
+        seed_transforms(child, child_sequence)
 
 
 def large_scale_jitter(
