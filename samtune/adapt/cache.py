@@ -19,7 +19,8 @@ Layout of a cache folder::
   ``"content"`` (default: SHA-256 of the file's bytes; survives moving or copying the dataset, notices any
   change) or ``"stat"`` (resolved path + size + modification time in ns; no reading, for huge datasets on slow
   file systems, but it misses a file replaced with the same size and mtime, and moving the dataset invalidates
-  the cache).
+  the cache). A dataset restricted to a ``region`` of its images (a spatial train/val split of one raster) adds
+  the region to the identity (:meth:`samtune.data.cached.CachedEmbeddingDataset.keys`).
 * Each file carries its key, source image, view, dtype and a SHA-256 of the tensor bytes in the safetensors
   metadata; :meth:`EmbeddingCache.load` checks all of them and raises :class:`CorruptCacheError` naming the file.
   safetensors holds raw tensors only: loading never executes code.

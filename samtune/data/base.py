@@ -15,9 +15,13 @@ Sample contract (``SegmentationDataset.__getitem__``), with ``S`` the model inpu
 * ``"original_masks"`` (only with ``return_original_masks``): bool ``[K, H, W]``, the same instances at the
   image's own resolution (meaningful for evaluation; training augmentation is not applied to them).
 
-Randomness: validation samples are a fixed function of ``(seed, index)``; training draws from a generator per
-process seeded by ``(seed, torch.initial_seed())``, which DataLoader makes distinct per worker and per epoch
-(and reproducible under ``seed_everything``).
+Randomness: validation samples are a fixed function of ``(seed, index)``. Training samples draw from generators
+seeded by ``seed``, the process's torch random state and the distributed global rank
+(:func:`samtune.data.collate.global_rank`): in a DataLoader worker, one generator per worker seeded by
+``(seed, torch.initial_seed())``, which DataLoader makes distinct per worker and per epoch; in the main process
+(``num_workers=0``), one generator per sample seeded by a draw from torch's global generator, so that every
+``seed_everything`` (a repeated one with the same seed included) restarts the sequence. Runs are reproducible
+under ``seed_everything``, and DDP processes seeded alike draw different sequences.
 """
 from __future__ import annotations
 
@@ -26,14 +30,15 @@ import os
 from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from samtune.data.collate import global_rank
 from samtune.data.errors import OnError, SampleError, SkipCounter
-from samtune.data.io import Intensity, prepare_image
+from samtune.data.io import INTENSITY_PRESETS, Intensity, prepare_image
 from samtune.data.masks import DenseMaskSource, MaskSource, masks_to_boxes
 from samtune.data.transforms import Augmenter, AugmentationPreset, resize_longest, to_model_input
 from samtune.modeling.preprocessing import Normalization
@@ -72,16 +77,19 @@ class SegmentationDataset(Dataset):
         train: training mode (random mask sampling, augmentation, random crops) vs deterministic validation.
         augmentation: preset applied in training (see ``samtune.data.transforms.preset_transforms``).
         augmentation_pipeline: extra albumentations pipeline (dict or YAML/JSON file) applied in training.
-        max_masks_per_image: at most this many masks are sampled per image per step.
+        max_masks_per_image: at most this many masks are sampled per image per step (per sample). Validation
+            tiles (``crop_size``) do not sample: a tile holding more instances gives several samples.
         max_mask_area_fraction: masks covering more of the image than this are dropped (SAM: 0.9).
         bands: bands making the 3-channel input (1 or 3 indices), None for grey/RGB.
-        intensity: intensity preset (see ``samtune.data.io``).
-        percentiles: (low, high) for ``intensity="percentile"``.
-        window: (low, high) raw values for ``intensity="window"``.
+        intensity: intensity preset (see ``samtune.data.io``): auto, none, minmax, percentile or window.
+        percentiles: (low, high) with ``0 <= low < high <= 100``, for ``intensity="percentile"`` (and ``"auto"``
+            on images that are not uint8 / bool).
+        window: (low, high) raw values with ``low < high``, for ``intensity="window"``.
         crop_size: when set, training takes a random ``crop_size`` square crop and validation tiles each image
             into ``crop_size`` squares before resizing (large rasters). Every validation instance is evaluated
             once, in one tile: the first tile (row-major) that holds it whole, else the tile holding most of it
-            (cut at the tile's edge); tiles left with no instance are not validated.
+            (cut at the tile's edge); tiles left with no instance are not validated, and a tile assigned more
+            than ``max_masks_per_image`` instances is split into several samples (same tile, same ``image_id``).
         tile_overlap: pixels shared by neighbouring validation tiles. With an overlap of at least the largest
             object's side, every object lies whole in some tile and none is evaluated cut.
         region: ``(x0, y0, x1, y1)`` in image pixels (end exclusive, clipped to the image): use only this window of
@@ -144,8 +152,14 @@ class SegmentationDataset(Dataset):
             raise ValueError(f"repeats must be >= 1, got {repeats}")
         if not 0.0 < region_min_fraction <= 1.0:
             raise ValueError(f"region_min_fraction must be in (0, 1], got {region_min_fraction}")
+        if intensity not in INTENSITY_PRESETS:
+            raise ValueError(f"intensity must be one of {', '.join(INTENSITY_PRESETS)}, got {intensity!r}")
         if intensity == "window" and window is None:
             raise ValueError("intensity='window' needs window=(low, high)")
+        _check_pair("percentiles", percentiles, "0 <= low < high <= 100", lambda lo, hi: 0 <= lo < hi <= 100)
+        if window is not None:
+            _check_pair("window", window, "low < high, both finite (raw image units)",
+                        lambda lo, hi: np.isfinite(lo) and np.isfinite(hi) and lo < hi)
         self.image_size = image_size
         self.normalization = normalization
         self.train = train
@@ -166,8 +180,8 @@ class SegmentationDataset(Dataset):
         self.seed = seed
         self.skips = SkipCounter()
         self._index: list[tuple[int, tuple[int, int] | None]] = []
-        self._tile_members: dict[tuple[int, tuple[int, int]], np.ndarray] = {}
-        self._rng_state: tuple[int, np.random.Generator] | None = None
+        self._tile_members: dict[int, np.ndarray] = {}  # validation tile sample index -> the masks it scores
+        self._rng_state: tuple[tuple[int, int, int], np.random.Generator] | None = None
 
     # ---------------------------------------------------------------------------------------- format hooks
     @abstractmethod
@@ -195,7 +209,8 @@ class SegmentationDataset(Dataset):
     # ---------------------------------------------------------------------------------------- indexing
     def _build_index(self) -> None:
         """Index samples: one per image, or, when validating with ``crop_size``, one per tile that is assigned an
-        instance (each validation image is read once here to assign them). Subclasses call it."""
+        instance, or more where it is assigned more than ``max_masks_per_image`` (each sample then scores an
+        equal share of them; each validation image is read once here to assign them). Subclasses call it."""
         if self.train:
             self._index = [(i, None) for i in range(self._num_images())] * self.repeats
             return
@@ -209,11 +224,12 @@ class SegmentationDataset(Dataset):
                 tiles = self._assign_tiles(i)
             except Exception as exc:  # noqa: BLE001 - reported as a SampleError naming the file
                 self._handle(exc if isinstance(exc, SampleError) else SampleError(
-                    self._image_path(i), f"unexpected {type(exc).__name__} while indexing tiles: {exc}"))
+                    self._error_path(i), f"unexpected {type(exc).__name__} while indexing tiles: {exc}"))
                 continue
-            for tile, members in tiles:
-                index.append((i, tile))
-                self._tile_members[(i, tile)] = members
+            for tile, members in tiles:  # more members than max_masks_per_image: several samples of one tile
+                for part in np.array_split(members, -(-len(members) // self.max_masks_per_image)):
+                    self._tile_members[len(index)] = part
+                    index.append((i, tile))
         self._index = index
 
     def _assign_tiles(self, i: int) -> list[tuple[tuple[int, int], np.ndarray]]:
@@ -259,13 +275,22 @@ class SegmentationDataset(Dataset):
             except Exception as exc:  # noqa: BLE001 - every failure is turned into a SampleError naming the file
                 self._handle(self._as_sample_error(exc, current))
             current = (current + 1) % len(self)
-        raise SampleError(self._image_path(self._index[index][0]).parent, "no valid sample in the whole dataset")
+        path = self._error_path(self._index[index][0])
+        raise SampleError(path.parent if isinstance(path, Path) else path, "no valid sample in the whole dataset")
 
     def _as_sample_error(self, exc: Exception, index: int) -> SampleError:
         if isinstance(exc, SampleError):
             return exc
-        path = self._image_path(self._index[index][0])
+        path = self._error_path(self._index[index][0])
         return SampleError(path, f"unexpected {type(exc).__name__} while loading the sample: {exc}")
+
+    def _error_path(self, image_index: int) -> Path | str:
+        """The path of image ``image_index`` for an error message; never raises (the error handler must not fail
+        itself, e.g. on the entry whose path is what is broken)."""
+        try:
+            return self._image_path(image_index)
+        except Exception as exc:  # noqa: BLE001
+            return f"{type(self).__name__} image {image_index} (no path: {type(exc).__name__}: {exc})"
 
     def _handle(self, err: SampleError) -> None:
         if self.on_error == "raise":
@@ -276,9 +301,16 @@ class SegmentationDataset(Dataset):
     def _rng(self, index: int) -> np.random.Generator:
         if not self.train:
             return np.random.default_rng([self.seed, index])
-        pid = os.getpid()
-        if self._rng_state is None or self._rng_state[0] != pid:
-            self._rng_state = (pid, np.random.default_rng([self.seed, torch.initial_seed()]))
+        rank = global_rank()
+        spawn_key = (rank,) if rank else ()  # rank 0 (and no DDP) keeps the streams of the rank-less seeding
+        if torch.utils.data.get_worker_info() is None:
+            # main process: a draw from torch's generator per sample, so that seed_everything resets the sequence
+            draw = int(torch.empty((), dtype=torch.int64).random_().item())
+            return np.random.default_rng(np.random.SeedSequence([self.seed, draw], spawn_key=spawn_key))
+        key = (os.getpid(), torch.initial_seed(), rank)
+        if self._rng_state is None or self._rng_state[0] != key:
+            sequence = np.random.SeedSequence([self.seed, torch.initial_seed()], spawn_key=spawn_key)
+            self._rng_state = (key, np.random.default_rng(sequence))
         return self._rng_state[1]
 
     def _get(self, index: int) -> dict[str, Any]:
@@ -309,7 +341,7 @@ class SegmentationDataset(Dataset):
             )
         image_id = raw.image_id
         if self.crop_size is not None:
-            image, masks, ids, top_left = self._crop(image, source, candidates, image_index, tile, rng, raw)
+            image, masks, ids, top_left = self._crop(image, source, candidates, index, tile, rng, raw)
             if tile is not None:
                 image_id = f"{image_id}@{top_left[0]},{top_left[1]}"
         else:
@@ -372,12 +404,13 @@ class SegmentationDataset(Dataset):
         image: np.ndarray,
         source: MaskSource,
         candidates: np.ndarray,
-        image_index: int,
+        index: int,
         tile: tuple[int, int] | None,
         rng: np.random.Generator,
         raw: RawSample,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
-        """Cut a crop or the given tile; sample its masks.
+        """Cut a random training crop of sample ``index`` and sample its masks, or cut the validation tile and
+        take every mask assigned to this sample of it (at most ``max_masks_per_image``, see ``_build_index``).
 
         Training crops are uniform over the image, retried until one holds a mask; where objects are sparse
         (small crops of a large raster) and ``MAX_CROP_ATTEMPTS`` uniform crops miss them all, the last crop is
@@ -388,7 +421,7 @@ class SegmentationDataset(Dataset):
         height, width = image.shape[:2]
         size = self.crop_size
         all_masks = source.decode(candidates)  # [N, H, W]
-        members = self._tile_members[(image_index, tile)] if tile is not None else None
+        members = self._tile_members[index] if tile is not None else None
         attempts = 1 if tile is not None else MAX_CROP_ATTEMPTS + 1
         for attempt in range(attempts):
             if tile is not None:
@@ -404,8 +437,8 @@ class SegmentationDataset(Dataset):
                 present = np.flatnonzero(np.isin(candidates, members))
             else:
                 present = np.flatnonzero(cropped.reshape(len(cropped), -1).any(1))
-            if present.size:
-                chosen = self._sample(present, rng)
+            if present.size:  # a tile scores all its members (already split to at most max_masks_per_image)
+                chosen = present if tile is not None else self._sample(present, rng)
                 masks = np.ascontiguousarray(cropped[chosen])
                 return np.ascontiguousarray(image[window]), masks, source.ids[candidates[chosen]], (top, left)
         where = f"tile at ({tile[0]}, {tile[1]})" if tile is not None else f"{attempts} random crops"
@@ -424,6 +457,17 @@ def _window_holding_a_mask_pixel(masks: np.ndarray, size: int, rng: np.random.Ge
         return int(rng.integers(low, high + 1))
 
     return start(int(ys[k]), height), start(int(xs[k]), width)
+
+
+def _check_pair(name: str, value: Any, expected: str, valid: Callable[[float, float], bool]) -> None:
+    """Raise ValueError naming argument ``name`` unless ``value`` is two numbers ``(low, high)`` that are
+    ``valid``."""
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be two numbers (low, high) with {expected}, got {value!r}") from None
+    if not valid(low, high):
+        raise ValueError(f"{name} must be (low, high) with {expected}, got {tuple(value)!r}")
 
 
 def _region_window(region: tuple[int, ...], height: int, width: int, path: Path) -> tuple[int, int, int, int]:

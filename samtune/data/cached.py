@@ -163,6 +163,9 @@ def _probe_hash(image_size: int, normalization: str) -> str:
 def preprocessing_spec(dataset: SegmentationDataset) -> dict[str, Any]:
     """What the data layer does to an image file before the encoder sees it (part of every cache key).
 
+    Shared by the training and validation datasets of one cache; their ``region`` goes into each entry's key
+    instead (see :meth:`CachedEmbeddingDataset.keys`).
+
     Args:
         dataset: the dataset whose samples are cached.
 
@@ -240,8 +243,16 @@ class CachedEmbeddingDataset(Dataset):
         return self.dataset._image_path(self.dataset._index[index][0])
 
     def keys(self, index: int) -> dict[str, str]:
-        """Cache key of sample ``index`` for each view."""
+        """Cache key of sample ``index`` for each view.
+
+        The key names the image file and the dataset's ``region``: the train and validation regions of one
+        raster are different encoder inputs, and the preprocessing spec (which the two datasets share) does not
+        hold the region. Crops and tiles never reach the cache (``preprocessing_spec`` rejects ``crop_size``).
+        Keys of whole images (no region) are those of the file identity alone.
+        """
         identity = file_identity(self.image_path(index), self.cache.config.file_identity)
+        if self.dataset.region is not None:
+            identity += "|region=" + ",".join(str(int(v)) for v in self.dataset.region)
         return {view: self.cache.key(identity, view) for view in self.views}
 
     def _pick_view(self, index: int) -> str:
@@ -413,11 +424,11 @@ class CachedEmbeddingDataModule(L.LightningDataModule):
 
     In ``setup`` the image encoder runs once over every image of ``data`` (train: every view; validation:
     ``identity``) and the embeddings are stored under ``cache_dir`` (see :mod:`samtune.adapt.cache`: one
-    safetensors file per image and view, keyed by the image file, the preprocessing and the encoder weights;
-    later runs reuse them). Its loaders yield ``data``'s batches with ``"image_embeddings"`` ``[B, C, h, w]``
-    (and without ``"images"`` in training unless ``keep_images``); the task decodes from them and never runs
-    the encoder, which must be frozen (checked here when a Trainer's task is attached, and by the task at every
-    step, together with the encoder hash).
+    safetensors file per image and view, keyed by the image file and the dataset's ``region``, the
+    preprocessing and the encoder weights; later runs reuse them). Its loaders yield ``data``'s batches with
+    ``"image_embeddings"`` ``[B, C, h, w]`` (and without ``"images"`` in training unless ``keep_images``); the
+    task decodes from them and never runs the encoder, which must be frozen (checked here when a Trainer's task
+    is attached, and by the task at every step, together with the encoder hash).
 
     No random augmentation (see the module docstring): ``data`` must have ``augmentation: none``, no
     ``augmentation_pipeline`` and no ``crop_size``; ``views`` gives flips / rotations instead.

@@ -1,6 +1,7 @@
 """Batching samples with different mask counts, and DataLoader worker seeding."""
 from __future__ import annotations
 
+import os
 import random
 from typing import Any, Sequence
 
@@ -51,12 +52,33 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def global_rank() -> int:
+    """This process's global rank in distributed training, 0 outside it.
+
+    ``torch.distributed``'s rank when it is initialised (DataLoader workers forked from a training process inherit
+    it), else the ``RANK`` environment variable (set by ``torchrun`` and other launchers), else 0.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_rank())
+    try:
+        return int(os.environ.get("RANK", 0))
+    except ValueError:
+        return 0
+
+
 def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: seed Python's and NumPy's global generators from the worker's torch seed.
 
     Datasets draw from their own generators (see ``samtune.data.base``); this covers user code that uses the
-    global ones (e.g. custom albumentations transforms).
+    global ones (e.g. custom albumentations transforms). Like Lightning's own worker init, which this replaces,
+    it mixes in the distributed :func:`global_rank`, so DDP processes seeded alike do not draw alike: on ranks
+    other than 0 the worker's torch generator is re-seeded with the rank folded in (rank 0 keeps DataLoader's
+    seed, as without DDP).
     """
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
+    seed = torch.initial_seed()
+    rank = global_rank()
+    if rank:
+        seed = int(np.random.SeedSequence(seed, spawn_key=(rank,)).generate_state(1, np.uint64)[0])
+        torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed % 2**32)

@@ -11,11 +11,16 @@ Intensity presets:
 * ``"minmax"``: ``(x - min) / (max - min)`` over the selected bands.
 * ``"percentile"``: clip to the ``percentiles`` (default 0.5 / 99.5) then scale: 16-bit satellite and microscopy.
 * ``"window"``: clip to a fixed ``window=(low, high)`` in raw units then scale: CT-like data (e.g. (-160, 240)).
+
+Float images holding NaN (e.g. nodata) are rejected with a :class:`SampleError` naming the file (a dataset then
+raises or skips it, per ``on_error``), and so are infinities under the presets that take their range from the
+data (``auto``, ``minmax``, ``percentile``), which they would turn into an all-black image; ``window`` and
+``none`` clip infinities to 0 / 255. Replace such values in the files (or choose a ``window``) to use them.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, Sequence, get_args
 
 import cv2
 import numpy as np
@@ -25,6 +30,7 @@ from PIL import Image
 from samtune.data.errors import SampleError
 
 Intensity = Literal["auto", "none", "minmax", "percentile", "window"]
+INTENSITY_PRESETS: tuple[str, ...] = get_args(Intensity)
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -169,6 +175,7 @@ def normalize_intensity(
     intensity: Intensity = "auto",
     percentiles: tuple[float, float] = (0.5, 99.5),
     window: tuple[float, float] | None = None,
+    path: str | Path = "<image>",
 ) -> np.ndarray:
     """Map raw intensities to uint8 0-255 (see the module docstring for the presets).
 
@@ -177,10 +184,17 @@ def normalize_intensity(
         intensity: preset name.
         percentiles: (low, high) percentiles for ``"percentile"``.
         window: (low, high) raw values for ``"window"`` (required there).
+        path: named in errors.
 
     Returns:
         ``[H, W, 3]`` uint8.
+
+    Raises:
+        SampleError: a float image holds NaN, or +-inf under ``auto`` / ``minmax`` / ``percentile``.
+        ValueError: an unknown preset, percentiles not ``0 <= low < high <= 100``, or a window not ``low < high``.
     """
+    if image.dtype.kind == "f":
+        _check_finite(image, intensity, path)
     if intensity == "auto":
         if image.dtype == np.uint8:
             return image
@@ -192,13 +206,17 @@ def normalize_intensity(
     if intensity == "minmax":
         low, high = float(image.min()), float(image.max())
     elif intensity == "percentile":
+        if not 0 <= float(percentiles[0]) < float(percentiles[1]) <= 100:
+            raise ValueError(f"percentiles must be (low, high) with 0 <= low < high <= 100, got {tuple(percentiles)}")
         low, high = (float(v) for v in np.percentile(image, percentiles))
     elif intensity == "window":
         if window is None:
             raise ValueError("intensity='window' needs window=(low, high)")
         low, high = float(window[0]), float(window[1])
+        if not low < high:
+            raise ValueError(f"window must be (low, high) with low < high, got {tuple(window)}")
     else:
-        raise ValueError(f"intensity must be one of auto/none/minmax/percentile/window, got {intensity!r}")
+        raise ValueError(f"intensity must be one of {', '.join(INTENSITY_PRESETS)}, got {intensity!r}")
     scale = 255.0 / max(high - low, 1e-8)
     out = (image.astype(np.float32) - low) * scale
     return np.clip(out, 0, 255, out=out).round().astype(np.uint8)
@@ -214,4 +232,21 @@ def prepare_image(
 ) -> np.ndarray:
     """``select_bands`` then ``normalize_intensity``: ``[H, W(, C)]`` raw -> ``[H, W, 3]`` uint8 (contiguous)."""
     rgb = select_bands(image, bands, path)
-    return np.ascontiguousarray(normalize_intensity(rgb, intensity, percentiles, window))
+    return np.ascontiguousarray(normalize_intensity(rgb, intensity, percentiles, window, path))
+
+
+def _check_finite(image: np.ndarray, intensity: str, path: str | Path) -> None:
+    """Raise :class:`SampleError` for NaN values (any preset) or infinities (presets whose range comes from the
+    data), which would otherwise make the whole image (or those pixels) an arbitrary constant."""
+    if np.isfinite(image).all():
+        return
+    pixels = image.reshape(image.shape[0] * image.shape[1], -1)  # [pixels, bands]
+    nan = int(np.isnan(pixels).any(1).sum())
+    inf = int(np.isinf(pixels).any(1).sum()) if intensity in ("auto", "minmax", "percentile") else 0
+    if nan or inf:
+        found = " and ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "+-inf")) if n)
+        raise SampleError(
+            path,
+            f"float image holds NaN/inf values ({found} pixels of {len(pixels)}, e.g. nodata); intensity="
+            f"{intensity!r} cannot map them to 0-255: replace them in the file (or on_error='skip' leaves it out)",
+        )

@@ -131,6 +131,50 @@ def test_file_identity_modes(data_dir, tmp_path):
         file_identity(root / "missing.jpg")
 
 
+class _ChannelMean(torch.nn.Module):
+    """A stand-in image encoder: the mean of each input channel, as a ``[3, 1, 1]`` embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(1), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3), keepdim=True) * self.scale
+
+
+def test_regions_of_one_raster_are_separate_entries(tmp_path):
+    """train_region / val_region of one file share the preprocessing spec but not their cache entries."""
+    from samtune.data.mask_folder import MaskFolderDataset
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "lbl").mkdir()
+    image = np.zeros((64, 128, 3), np.uint8)
+    image[:, :64], image[:, 64:] = 30, 220  # left half dark, right half bright
+    labels = np.zeros((64, 128), np.uint8)
+    labels[10:20, 10:20], labels[10:20, 90:100] = 1, 2
+    cv2.imwrite(str(tmp_path / "img/a.png"), image)
+    cv2.imwrite(str(tmp_path / "lbl/a.png"), labels)
+    options = dict(image_size=32, names=["a"])
+    train = MaskFolderDataset(tmp_path / "img", tmp_path / "lbl", train=True, region=(0, 0, 64, 64), **options)
+    val = MaskFolderDataset(tmp_path / "img", tmp_path / "lbl", region=(64, 0, 128, 64), **options)
+    whole = MaskFolderDataset(tmp_path / "img", tmp_path / "lbl", **options)
+    spec = preprocessing_spec(train)
+    assert preprocessing_spec(val) == spec == preprocessing_spec(whole)  # the datamodule's setup check holds
+    encoder = _ChannelMean().eval()
+    cache = EmbeddingCache(tmp_path / "cache", CacheConfig(encoder_fingerprint(encoder), spec))
+    cached = {name: CachedEmbeddingDataset(ds, cache) for name, ds in
+              (("train", train), ("val", val), ("whole", whole))}
+    assert len({c.keys(0)["identity"] for c in cached.values()}) == 3
+    # a whole image's key is that of its file, as before regions entered the key
+    assert cached["whole"].keys(0)["identity"] == cache.key(file_identity(tmp_path / "img/a.png"), "identity")
+    assert fill_cache(cached["val"], encoder) == 1  # the datamodule fills validation first
+    assert fill_cache(cached["train"], encoder) == 1  # not a hit on the validation region's entry
+    for name, ds in (("train", train), ("val", val)):
+        live = encoder(ds[0]["image"][None])[0]
+        torch.testing.assert_close(cached[name][0]["image_embedding"], live)
+    assert cached["train"][0]["image_embedding"].mean() < cached["val"][0]["image_embedding"].mean()
+
+
 # --------------------------------------------------------------------------------------------------- storage
 def test_storage_dtypes_and_roundtrip(encoder, tmp_path):
     spec = {"image_size": SIZE}

@@ -47,3 +47,44 @@ def test_intensity_presets():
     assert prepare_image(np.zeros((4, 4), bool) | True).max() == 255
     with pytest.raises(SampleError, match="bands"):
         prepare_image(np.zeros((4, 4, 5), np.uint16), bands=[0, 1])
+
+
+@pytest.mark.parametrize("intensity", ["auto", "percentile", "minmax"])
+def test_non_finite_float_pixels_are_a_sample_error_naming_the_file(tmp_path, intensity):
+    """One NaN / inf pixel used to turn a float raster into an all-black input, silently."""
+    from samtune.data.mask_folder import MaskFolderDataset
+
+    image = np.random.default_rng(0).uniform(100, 5000, (32, 32)).astype(np.float32)
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = image.copy()
+        broken[0, 0] = bad
+        with pytest.raises(SampleError, match=r"a\.tif: float image holds NaN/inf values \(1 .* pixels of 1024"):
+            prepare_image(broken, intensity=intensity, path=tmp_path / "a.tif")
+    assert len(np.unique(prepare_image(image, intensity=intensity))) > 100  # finite images are unaffected
+
+    (tmp_path / "i").mkdir()
+    (tmp_path / "m").mkdir()
+    labels = np.zeros((32, 32), np.uint16)
+    labels[4:20, 4:20] = 1
+    broken = image.copy()
+    broken[5, 5] = np.nan
+    for name, pixels in (("a", broken), ("b", image)):
+        tifffile.imwrite(tmp_path / "i" / f"{name}.tif", pixels)
+        tifffile.imwrite(tmp_path / "m" / f"{name}.tif", labels)
+    options = dict(image_size=32, intensity=intensity)
+    with pytest.raises(SampleError, match=r"a\.tif: float image holds NaN/inf"):
+        MaskFolderDataset(tmp_path / "i", tmp_path / "m", **options)[0]
+    skipping = MaskFolderDataset(tmp_path / "i", tmp_path / "m", on_error="skip", **options)
+    assert skipping[0]["image_id"] == "b" and skipping.num_skipped == 1
+    assert len(np.unique(skipping[0]["image"][0].numpy())) > 100
+
+
+def test_window_and_none_clip_infinities_but_reject_nan():
+    image = np.full((4, 4), 1.0, np.float32)
+    image[0, 0], image[0, 1] = np.inf, -np.inf
+    assert normalize_intensity(np.repeat(image[..., None], 3, 2), "window", window=(0, 2))[0, :2, 0].tolist() == [
+        255, 0]
+    image[1, 1] = np.nan
+    for intensity, options in (("window", {"window": (0, 2)}), ("none", {})):
+        with pytest.raises(SampleError, match=r"x\.tif: float image holds NaN/inf values \(1 NaN pixels"):
+            prepare_image(image, intensity=intensity, path="x.tif", **options)

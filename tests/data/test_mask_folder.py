@@ -66,6 +66,36 @@ def test_multiband_16bit_tiff_band_selection(tmp_path):
         MaskFolderDataset(tmp_path / "im", tmp_path / "lb", image_size=40)[0]
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    ({"intensity": "window", "window": (240, -160)}, r"window must be .*low < high.*got \(240, -160\)"),
+    ({"intensity": "window", "window": (100, 100)}, r"window must be .*got \(100, 100\)"),
+    ({"intensity": "percentile", "percentiles": (99.5, 0.5)}, r"percentiles must be .*0 <= low < high <= 100.*"
+                                                             r"got \(99\.5, 0\.5\)"),
+    ({"intensity": "percentile", "percentiles": (1, 150)}, r"percentiles must be .*got \(1, 150\)"),
+    ({"intensity": "auto", "percentiles": (-1, 50)}, r"percentiles must be .*got \(-1, 50\)"),
+    ({"percentiles": (1, 2, 3)}, r"percentiles must be two numbers .*got \(1, 2, 3\)"),
+    ({"intensity": "bogus"}, r"intensity must be one of auto, none, minmax, percentile, window, got 'bogus'"),
+])
+def test_intensity_arguments_are_checked_at_construction(tmp_path, options, message):
+    """They used to binarise every image silently, or fail per sample (after skipping them all with on_error)."""
+    images, masks = write_mask_folder(tmp_path, n=1)
+    with pytest.raises(ValueError, match=message):
+        MaskFolderDataset(images, masks, image_size=32, on_error="skip", **options)
+
+
+def test_valid_intensity_arguments_keep_the_image_range(tmp_path):
+    (tmp_path / "im").mkdir()
+    (tmp_path / "lb").mkdir()
+    tifffile.imwrite(tmp_path / "im" / "a.tif", np.linspace(0, 4000, 64 * 64).reshape(64, 64).astype(np.uint16))
+    labels = np.zeros((64, 64), np.uint16)
+    labels[5:20, 5:20] = 1
+    tifffile.imwrite(tmp_path / "lb" / "a.tif", labels)
+    for options in ({"intensity": "window", "window": (-160, 3000)}, {"intensity": "percentile",
+                                                                      "percentiles": (0, 100)}):
+        image = MaskFolderDataset(tmp_path / "im", tmp_path / "lb", image_size=64, **options)[0]["image"]
+        assert len(np.unique(image[0].numpy())) > 200, options
+
+
 def test_em_membranes_components(assets):
     root = assets / "data" / "em_membrane"
     ds = MaskFolderDataset(root / "image", root / "label", names=["0", "1"], mask_type="components",
@@ -118,3 +148,33 @@ def test_spacenet_tiles_and_crops(assets, tmp_path):
                               augmentation="overhead")
     sample = train[0]
     assert sample["original_size"].tolist() == [256, 256] and sample["masks"].shape[0] >= 1
+
+
+def test_validation_tiles_score_every_instance_despite_the_mask_cap(tmp_path):
+    """A tile with more instances than max_masks_per_image used to score a subsample (83 of 100 here)."""
+    import cv2
+
+    (tmp_path / "i").mkdir()
+    (tmp_path / "m").mkdir()
+    cv2.imwrite(str(tmp_path / "i" / "a.png"), np.full((128, 128, 3), 90, np.uint8))
+    labels = np.zeros((128, 128), np.uint16)
+    for k, (y, x) in enumerate(((y, x) for y in range(4, 124, 12) for x in range(4, 124, 12)), start=1):
+        labels[y:y + 6, x:x + 6] = k  # 100 squares of 6 px
+    cv2.imwrite(str(tmp_path / "m" / "a.png"), labels)
+    options = dict(image_size=64, max_masks_per_image=16, crop_size=64)
+    val = MaskFolderDataset(tmp_path / "i", tmp_path / "m", tile_overlap=16, return_original_masks=True, **options)
+    samples = [val[i] for i in range(len(val))]
+    ids = [i for s in samples for i in s["instance_ids"].tolist()]
+    assert sorted(ids) == list(range(1, 101))  # every instance, once
+    assert all(1 <= len(s["instance_ids"]) <= 16 for s in samples)
+    by_tile: dict[str, list[int]] = {}
+    for s in samples:
+        by_tile.setdefault(s["image_id"], []).append(len(s["instance_ids"]))
+        top, left = (int(v) for v in s["image_id"].split("@")[1].split(","))
+        tile_labels = labels[top:top + 64, left:left + 64]
+        for mask, ident in zip(s["original_masks"], s["instance_ids"].tolist()):
+            np.testing.assert_array_equal(mask.numpy(), tile_labels == ident)
+    assert any(len(counts) > 1 for counts in by_tile.values())  # a crowded tile split into several samples
+    assert [i for s in (val[i] for i in range(len(val))) for i in s["instance_ids"].tolist()] == ids  # fixed
+    train = MaskFolderDataset(tmp_path / "i", tmp_path / "m", train=True, **options)
+    assert len(train[0]["instance_ids"]) == 16  # training crops keep the cap

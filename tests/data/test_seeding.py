@@ -1,0 +1,84 @@
+"""Training randomness of the datasets: restarted by reseeding, distinct per distributed rank, reproducible."""
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from samtune.data import MaskFolderDataset, collate_samples, seed_worker
+from samtune.data.collate import global_rank
+from tests.data.conftest import write_mask_folder
+
+
+@pytest.fixture
+def train_set(tmp_path, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    images, masks = write_mask_folder(tmp_path, n=1, size=(48, 64))
+    return MaskFolderDataset(images, masks, image_size=32, train=True, augmentation="overhead",
+                             max_masks_per_image=1, repeats=8)
+
+
+def _draws(dataset):
+    """Chosen instance and its box after augmentation, for every index: one epoch in the main process."""
+    return [(s["instance_ids"].tolist(), s["boxes"].tolist()) for s in (dataset[i] for i in range(len(dataset)))]
+
+
+def _loader_draws(dataset):
+    """The same through a DataLoader with two worker processes (batches of 1, in order)."""
+    loader = DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=collate_samples, worker_init_fn=seed_worker)
+    return [(b["instance_ids"][0].tolist(), b["boxes"][0].tolist()) for b in loader]
+
+
+def test_reseeding_restarts_training_randomness(train_set):
+    torch.manual_seed(123)  # what seed_everything(123) does to torch
+    first = _draws(train_set)
+    torch.manual_seed(123)
+    assert _draws(train_set) == first  # the same dataset object, seeded again: the same samples
+    assert len({str(d) for d in first}) > 2  # still random from sample to sample
+    torch.manual_seed(124)
+    assert _draws(train_set) != first
+
+
+@pytest.mark.parametrize("draws", [_draws, _loader_draws], ids=["main_process", "workers"])
+def test_distributed_ranks_draw_different_streams(train_set, monkeypatch, draws):
+    """Every DDP process is seeded alike; the rank must still give each its own augmentation/sampling stream."""
+    runs = []
+    for rank in (None, 0, 1, 1, 2):
+        if rank is None:
+            monkeypatch.delenv("RANK", raising=False)
+        else:
+            monkeypatch.setenv("RANK", str(rank))
+        torch.manual_seed(0)
+        runs.append(draws(train_set))
+    no_ddp, rank0, rank1, rank1_again, rank2 = runs
+    assert rank0 == no_ddp and rank1 == rank1_again  # reproducible per rank, rank 0 as without DDP
+    assert rank1 != rank0 and rank2 != rank0 and rank2 != rank1
+
+
+def test_seed_worker_mixes_in_the_rank(monkeypatch):
+    np_state, py_state = np.random.get_state(), random.getstate()
+    values = {}
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for rank in (0, 1):
+                monkeypatch.setenv("RANK", str(rank))
+                torch.manual_seed(7)
+                seed_worker(0)
+                values[rank] = (np.random.random(), random.random(), torch.rand(()).item())
+            torch.manual_seed(7)
+            np.random.seed(7)
+            random.seed(7)
+            unchanged = (np.random.random(), random.random(), torch.rand(()).item())
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    assert values[0] == unchanged  # rank 0: the worker's own torch seed, as before
+    assert all(a != b for a, b in zip(values[0], values[1]))
+
+
+def test_global_rank_from_environment(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    assert global_rank() == 0
+    monkeypatch.setenv("RANK", "3")
+    assert global_rank() == 3
