@@ -3,20 +3,22 @@
 Lightning's default :class:`~lightning.pytorch.plugins.io.TorchCheckpointIO` serialises into memory and then
 opens the destination for writing: a crash (OOM kill, pre-emption, full disk) during that write leaves a
 truncated ``last.ckpt`` and the previous good one is already gone. :class:`AtomicCheckpointIO` writes to a
-temporary file in the same folder, flushes and fsyncs it, and moves it over the destination with
-:func:`os.replace` (atomic on POSIX and Windows within one file system). A reader sees the old file or the new
-one, never a partial one. ``samtune`` sets it as the Trainer's checkpoint IO by default.
+temporary file in the same folder (with the mode ``torch.save`` would give, ``0o666 & ~umask``), flushes and
+fsyncs it, and moves it over the destination with :func:`os.replace` (atomic on POSIX and Windows within one
+file system). A reader sees the old file or the new one, never a partial one. ``samtune`` sets it as the
+Trainer's checkpoint IO by default.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from samtune.files import mkstemp_beside
 
 __all__ = ["AtomicCheckpointIO", "atomic_torch_save"]
 
@@ -47,8 +49,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
+    fd, tmp = mkstemp_beside(path)  # the mode torch.save would give (0o666 & ~umask), not mkstemp's 0o600
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(obj, handle)

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from samtune.files import set_new_file_mode
+
 __all__ = [
     "CheckpointError",
     "read_state_dict",
@@ -245,6 +247,7 @@ def save_checkpoint(model: nn.Module, path: str | Path) -> Path:
             from safetensors.torch import save_file
 
             save_file(state, str(tmp))
+            set_new_file_mode(tmp)  # safetensors creates 0o600 files; give the mode torch.save gives
         else:
             torch.save(state, tmp)
         os.replace(tmp, path)

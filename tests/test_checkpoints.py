@@ -186,6 +186,17 @@ def test_safetensors_round_trip_bit_identical(tiny, tmp_path):
     _assert_same_weights(tiny, build_sam("sam_tiny", checkpoint=path))
 
 
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_saved_checkpoints_get_the_mode_of_a_new_file(tiny, tmp_path, suffix):
+    """Readable by the group / others as the umask allows (safetensors itself creates 0o600 files)."""
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tiny, tmp_path / f"tiny{suffix}")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 def test_safetensors_content_under_pth_name(tiny, tmp_path):
     st = save_checkpoint(tiny, tmp_path / "tiny.safetensors")
     renamed = tmp_path / "tiny_really_safetensors.pth"

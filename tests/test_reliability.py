@@ -102,6 +102,24 @@ def test_atomic_save_keeps_previous_file_on_crash(tmp_path, monkeypatch):
     assert torch.load(path, weights_only=True)["step"] == 3
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077], ids=lambda m: f"umask{m:03o}")
+def test_atomic_save_gives_the_mode_torch_save_gives(tmp_path, umask):
+    """Not mkstemp's private 0o600: on a shared cluster others read and resume from the checkpoint."""
+    old = os.umask(umask)
+    try:
+        torch.save({"step": 0}, tmp_path / "plain.ckpt")
+        atomic_torch_save({"step": 1}, tmp_path / "atomic.ckpt")
+        AtomicCheckpointIO().save_checkpoint({"step": 2}, tmp_path / "io.ckpt")
+        atomic_torch_save({"step": 3}, tmp_path / "atomic.ckpt")  # over an existing file
+    finally:
+        os.umask(old)
+    expected = (tmp_path / "plain.ckpt").stat().st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    for name in ("atomic.ckpt", "io.ckpt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, (name, oct((tmp_path / name).stat().st_mode))
+    assert torch.load(tmp_path / "atomic.ckpt", weights_only=True)["step"] == 3
+
+
 def test_cli_trainer_writes_checkpoints_atomically(tmp_path, monkeypatch):
     """A crash while the CLI's Trainer saves over last.ckpt leaves the previous last.ckpt loadable."""
     monkeypatch.chdir(tmp_path)

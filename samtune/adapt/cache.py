@@ -38,7 +38,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -47,6 +46,8 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from samtune.files import mkstemp_beside
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
@@ -315,9 +316,9 @@ class CacheConfig:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a private temporary file in the same folder (fsync + rename)."""
+    """Write ``data`` to ``path`` through a temporary file in the same folder (fsync + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = mkstemp_beside(path)  # readable like any cache file (0o666 & ~umask), not mkstemp's 0o600
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

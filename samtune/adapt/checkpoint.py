@@ -4,9 +4,11 @@ A standalone adapter file (``.pt`` / ``.pth`` via ``torch.save``, or ``.safetens
 
 * metadata ``samtune_adapter``: ``format`` (``"samtune-adapter"``), ``format_version``, ``samtune_version``,
   ``model_name`` (registry name), ``base_checkpoint`` (path of the base weights as given when saving, or None),
-  ``mae_checkpoint`` (None unless the base encoder was MAE-initialised), ``adaptation`` (the plain-dict
-  :class:`AdaptationConfig`), ``trainable_keys``, ``base_fingerprint`` (per frozen tensor: float64 sum and
-  absolute sum, to recognise a wrong base) and ``complete`` (whether the tensors cover every weight);
+  ``mae_checkpoint`` (None unless the base encoder was MAE-initialised), ``base_checkpoint_absolute`` /
+  ``mae_checkpoint_absolute`` (the same made absolute at save time; absent in older files; loading prefers them),
+  ``adaptation`` (the plain-dict :class:`AdaptationConfig`), ``trainable_keys``, ``base_fingerprint`` (per frozen
+  tensor: float64 sum and absolute sum, to recognise a wrong base) and ``complete`` (whether the tensors cover every
+  weight);
 * tensors: :func:`samtune.adapt.trainable_state_dict` only (LoRA / adapter weights, plus whatever the freeze
   policy trains, e.g. the mask decoder).
 
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from samtune.adapt.core import (
     trainable_state_dict,
 )
 from samtune.checkpoints import CheckpointError, init_encoder_from_mae, load_checkpoint
+from samtune.files import mkstemp_beside, set_new_file_mode
 from samtune.modeling.sam import Sam
 
 __all__ = [
@@ -98,6 +100,9 @@ def adapter_metadata(
         config: the applied adaptation (None: the one recorded on the model; a different one is an error).
         mae_checkpoint: MAE weights that initialised the base encoder after ``base_checkpoint``, if any.
         complete: the tensors stored with it cover every weight (no base needed to rebuild).
+
+    Paths are recorded as given and, under ``*_absolute``, resolved against the working directory at save time
+    (the directory a training run was launched from), so that loading finds them from any directory.
     """
     from samtune.build import get_config
 
@@ -109,7 +114,9 @@ def adapter_metadata(
         "samtune_version": _samtune_version(),
         "model_name": model_name,
         "base_checkpoint": None if base_checkpoint is None else str(base_checkpoint),
+        "base_checkpoint_absolute": _absolute(base_checkpoint),
         "mae_checkpoint": None if mae_checkpoint is None else str(mae_checkpoint),
+        "mae_checkpoint_absolute": _absolute(mae_checkpoint),
         "adaptation": config.to_dict(),
         "trainable_keys": sorted(trainable_state_dict(model)),
         "base_fingerprint": base_fingerprint(model),
@@ -117,13 +124,34 @@ def adapter_metadata(
     }
 
 
+def _absolute(path: str | os.PathLike | None) -> str | None:
+    """``path`` made absolute against the current working directory (symbolic links kept); None stays None."""
+    return None if path is None else os.path.abspath(os.fspath(path))
+
+
+def _recorded_path(meta: dict[str, Any], key: str) -> str | None:
+    """The file recorded under ``key`` (``base_checkpoint`` / ``mae_checkpoint``) as seen from here.
+
+    The absolute path recorded at save time (``<key>_absolute``; older files lack it) when that file exists, else
+    the path as given when saving (a relative one then reads from the current directory). None when none was
+    recorded.
+    """
+    given = meta.get(key)
+    if given is None:
+        return None
+    absolute = meta.get(f"{key}_absolute")
+    if isinstance(absolute, str) and Path(absolute).is_file():
+        return absolute
+    return str(given)
+
+
 def _atomic_write(path: Path, write: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = mkstemp_beside(path)
     os.close(fd)
-    tmp = Path(tmp_name)
     try:
         write(tmp)
+        set_new_file_mode(tmp)  # safetensors' save_file recreates the file with mode 0o600
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -261,8 +289,16 @@ def is_adapter_checkpoint(path: str | os.PathLike) -> bool:
     return isinstance(meta, dict) and meta.get("format") == ADAPTER_FORMAT
 
 
-def _build_base(meta: dict[str, Any], base_checkpoint: str | os.PathLike | None, source: str) -> Sam:
-    """The base model of an adapter checkpoint: registry model + base weights (+ MAE init), not yet adapted."""
+BASE_HINT = ("pass base_checkpoint= (Python) or --base-checkpoint (samtune evaluate / amg / export) with the base "
+             "weights the adapter was trained on")
+
+
+def _build_base(meta: dict[str, Any], base_checkpoint: str | os.PathLike | None, source: str,
+                given: bool = False) -> Sam:
+    """The base model of an adapter checkpoint: registry model + base weights (+ MAE init), not yet adapted.
+
+    ``given``: ``base_checkpoint`` was passed by the caller (not the recorded path); only changes the error text.
+    """
     from samtune.build import build_sam
 
     name = meta["model_name"]
@@ -273,17 +309,21 @@ def _build_base(meta: dict[str, Any], base_checkpoint: str | os.PathLike | None,
     if base_checkpoint is not None:
         base = Path(base_checkpoint)
         if not base.is_file():
-            raise CheckpointError(
-                f"adapter checkpoint {source}: base checkpoint {base} not found (recorded: {meta['base_checkpoint']}); "
-                "pass base_checkpoint= the base weights the adapter was trained on"
-            )
+            if given:
+                where = f"given as base_checkpoint= / --base-checkpoint; recorded: {meta['base_checkpoint']}"
+            else:
+                absolute = meta.get("base_checkpoint_absolute")
+                where = (f"as recorded when saved; a relative path is read from the current directory {os.getcwd()}"
+                         + (f"; not at {absolute}, where it was when saved, either" if absolute else ""))
+            raise CheckpointError(f"adapter checkpoint {source}: base checkpoint {base} not found ({where}); "
+                                  f"{BASE_HINT}")
         try:
             load_checkpoint(model, base)
         except CheckpointError as err:
             raise CheckpointError(f"adapter checkpoint {source} (model {name!r}): the base checkpoint does not fit: "
                                   f"{err}") from err
     if meta.get("mae_checkpoint"):
-        init_encoder_from_mae(model.image_encoder, meta["mae_checkpoint"])
+        init_encoder_from_mae(model.image_encoder, _recorded_path(meta, "mae_checkpoint"))
     return model
 
 
@@ -321,7 +361,9 @@ def load_adapter_checkpoint(path: str | os.PathLike, base_checkpoint: str | os.P
 
     Args:
         path: a standalone adapter file, or a Lightning checkpoint of an adapted task.
-        base_checkpoint: base weights to use instead of the recorded path (e.g. the file moved).
+        base_checkpoint: base weights to use instead of the recorded path (e.g. the file moved). None: the
+            recorded one, at the absolute path it had when saved or else as recorded (relative to the current
+            directory).
 
     Returns:
         The adapted :class:`Sam` in eval mode, on the CPU (merge with :func:`samtune.adapt.merge_adaptation`).
@@ -335,13 +377,14 @@ def load_adapter_checkpoint(path: str | os.PathLike, base_checkpoint: str | os.P
     meta, tensors = read_adapter_checkpoint(path)
     config = AdaptationConfig.coerce(meta["adaptation"], name=f"adapter checkpoint {source}: adaptation")
     complete = bool(meta.get("complete"))
-    base = base_checkpoint if base_checkpoint is not None else meta["base_checkpoint"]
+    given = base_checkpoint is not None
+    base = base_checkpoint if given else _recorded_path(meta, "base_checkpoint")
     if base is None and not complete:
         raise CheckpointError(
             f"adapter checkpoint {source} records no base checkpoint (the adapted model started from random "
-            "weights, which are not stored): pass base_checkpoint="
+            "weights, which are not stored): pass base_checkpoint= (Python) or --base-checkpoint (command line)"
         )
-    model = _build_base(meta, None if complete else base, source)
+    model = _build_base(meta, None if complete else base, source, given)
     apply_adaptation(model, config)
     _check_keys(model, tensors, meta, source)
     if complete:

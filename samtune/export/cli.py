@@ -14,7 +14,7 @@ source checkpoint, training config); the ``.pth`` itself stays a plain state dic
 from __future__ import annotations
 
 import argparse
-import sys
+import traceback
 
 from samtune.export.writer import FORMATS
 
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="merge LoRA/adapters into the base weights (required for pth/onnx of adapted checkpoints)")
     parser.add_argument("--base-checkpoint", default=None, help="base model weights of an adapter-only checkpoint")
     onnx = parser.add_argument_group("ONNX")
-    onnx.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    onnx.add_argument("--opset", type=int, default=17, help="ONNX opset, 14 or later (default 17)")
     onnx.add_argument("--return-single-mask", action="store_true",
                       help="decoder: output only the best mask (token 0 for > 2 points, else the best multimask one)")
     onnx.add_argument("--use-stability-score", action="store_true",
@@ -63,8 +63,29 @@ def _onnxruntime_available() -> bool:
     return True
 
 
+def _detach_cause(err: BaseException) -> None:
+    """Cut the exception chain of a samtune error, keeping the cause's traceback as a note.
+
+    ``samtune``'s one-line report shows the innermost exception of a chain; samtune's errors already quote their
+    cause next to the file name (e.g. a truncated checkpoint), so that the raw cause alone would lose the file.
+    The note keeps the cause in the ``--traceback`` output.
+    """
+    cause = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    if cause is None:
+        return
+    err.add_note("caused by:\n" + "".join(traceback.format_exception(cause)).rstrip())
+    err.__cause__ = None
+    err.__context__ = None
+    err.__suppress_context__ = True
+
+
 def main(argv: list[str]) -> int:
-    """Run ``samtune export``; returns the exit code (0 success, 1 error; usage errors exit 2)."""
+    """Run ``samtune export``; returns 0 on success (usage errors exit 2).
+
+    Errors (unreadable checkpoint, adapted checkpoint without ``--merge``, bad ``--opset``, ...) are raised, as by
+    the other subcommands: ``samtune``'s entry point (:func:`samtune.cli.main`) prints them on one line and exits
+    1, or shows the traceback with ``--traceback`` / ``SAMTUNE_TRACEBACK=1``.
+    """
     args = build_parser().parse_args(argv)
     from samtune.checkpoints import CheckpointError
     from samtune.export.onnx import OnnxExportError
@@ -80,10 +101,11 @@ def main(argv: list[str]) -> int:
             return_extra_metrics=args.return_extra_metrics, gelu_approximate=args.gelu_approximate,
             include_preprocessing=args.include_preprocessing, verify=verify,
         )
-    except (CheckpointError, OnnxExportError, ValueError, OSError) as err:
-        hint = " (on the command line: --model NAME)" if "cannot infer the model" in str(err) else ""
-        print(f"samtune export: error: {err}{hint}", file=sys.stderr)
-        return 1
+    except (CheckpointError, OnnxExportError, ValueError) as err:
+        if isinstance(err, CheckpointError) and "cannot infer the model" in str(err) and len(err.args) == 1:
+            err.args = (f"{err} (on the command line: --model NAME)",)  # same exception: --traceback shows it
+        _detach_cause(err)
+        raise
     loaded = result.loaded
     size_mb = result.output.stat().st_size / 2**20
     merged = " (adapters merged)" if loaded.merged else ""

@@ -15,10 +15,12 @@ Supported files (all read without executing code: ``torch.load(weights_only=True
   before its weights are loaded. Either is merged into plain weights (``samtune.adapt.merge_adaptation``)
   unless ``merge_adapters=False``.
 
-An explicit ``model`` name always wins over metadata, hyper-parameters and inference.
+An explicit ``model`` name always wins over metadata, hyper-parameters and inference, except for an
+adapter-only checkpoint: that is rebuilt on the model it records, and a different ``model`` is an error.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -34,6 +36,7 @@ __all__ = ["LoadedCheckpoint", "load_sam", "CheckpointKind"]
 
 CheckpointKind = Literal["state_dict", "safetensors", "lightning", "samtune_export", "adapter"]
 _ADAPTER_MARKERS = ("lora_", ".adapter", "adapter.", "adapters.")
+_ADAPTER_METADATA_KEY = "samtune_adapter"  # samtune.adapt.checkpoint.METADATA_KEY (not imported: peft is heavy)
 
 
 @dataclass
@@ -76,6 +79,22 @@ def _adapt_function(name: str, path: Path, why: str) -> Callable[..., Any]:
     return fn
 
 
+def _merge(sam: Sam, path: Path, why: str, how: bool | Literal["auto"]) -> tuple[Sam, bool]:
+    """``samtune.adapt.merge_adaptation(sam)`` and whether it merged. An adaptation that cannot be merged
+    (bottleneck adapters) stays unmerged with ``how="auto"``, else it is a CheckpointError naming the file and how
+    to load it unmerged."""
+    merge = _adapt_function("merge_adaptation", path, why)
+    try:
+        return merge(sam), True
+    except ValueError as err:  # samtune.adapt.AdapterMergeError
+        if how == "auto":
+            return sam, False
+        raise CheckpointError(
+            f"checkpoint {path}: its adaptation cannot be merged into plain SAM weights ({err}); load it unmerged "
+            "(merge_adapters=False), or export it without --merge as safetensors"
+        ) from err
+
+
 def _is_adapter_checkpoint(path: Path) -> bool:
     try:
         from samtune import adapt
@@ -96,6 +115,24 @@ def _read_container(path: Path) -> dict[str, Any] | None:
     except Exception:  # noqa: BLE001  (legacy non-zip files cannot be memory-mapped)
         obj = torch.load(path, map_location="cpu", weights_only=True)
     return obj if isinstance(obj, dict) else None
+
+
+def _adapter_metadata(path: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The ``samtune_adapter`` metadata of an adapter checkpoint and, for a Lightning checkpoint, its
+    hyper-parameters; None for what the file lacks or when it cannot be read (the adapter loader then says why)."""
+    try:
+        container = _read_container(path)
+        if container is None:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                raw = (fh.metadata() or {}).get(_ADAPTER_METADATA_KEY)
+            meta, hp = (json.loads(raw) if raw is not None else None), None
+        else:
+            meta, hp = container.get(_ADAPTER_METADATA_KEY), container.get("hyper_parameters")
+    except Exception:  # noqa: BLE001  (unreadable here: load_adapter_checkpoint reports it)
+        return None, None
+    return (dict(meta) if isinstance(meta, dict) else None), (dict(hp) if isinstance(hp, dict) else None)
 
 
 def _active(adaptation: Any) -> dict[str, Any] | None:
@@ -122,7 +159,7 @@ def load_sam(
     model: str | None = None,
     *,
     base_checkpoint: str | Path | None = None,
-    merge_adapters: bool = True,
+    merge_adapters: bool | Literal["auto"] = True,
 ) -> LoadedCheckpoint:
     """Load a checkpoint of any supported kind (see the module docstring).
 
@@ -130,14 +167,16 @@ def load_sam(
         path: the weights file.
         model: registry name; None: from export metadata, the training hyper-parameters, or the tensor shapes.
         base_checkpoint: base model weights for an adapter-only checkpoint (None: the ones it records).
-        merge_adapters: merge LoRA/adapters into plain weights (faster inference, official layout).
+        merge_adapters: merge LoRA/adapters into plain weights (faster inference, official layout); ``"auto"``:
+            merge LoRA, keep bottleneck adapters (which cannot be merged) as modules instead of raising.
 
     Returns:
         The model (CPU, eval) and what was learned about the file.
 
     Raises:
-        CheckpointError: missing/unreadable file, a model that cannot be inferred or does not fit, or an
-            adapted checkpoint without the ``samtune.adapt`` functions it needs.
+        CheckpointError: missing/unreadable file, a model that cannot be inferred or does not fit, an adapter
+            checkpoint recorded for another model than ``model``, or an adapted checkpoint without the
+            ``samtune.adapt`` functions it needs.
     """
     path = Path(path)
     if not path.exists():
@@ -152,19 +191,27 @@ def load_sam(
         metadata = None
 
     if _is_adapter_checkpoint(path):
+        recorded, hparams = _adapter_metadata(path)
+        recorded_name = recorded.get("model_name") if recorded is not None else None
+        if model is not None and recorded_name is not None and model != recorded_name:
+            raise CheckpointError(
+                f"checkpoint {path}: an adapter checkpoint of model {recorded_name!r} (recorded in its "
+                f"'{_ADAPTER_METADATA_KEY}' metadata), but the model argument is {model!r}; the adapter is always "
+                f"rebuilt on {recorded_name!r}: drop the model argument (--model) or pass {recorded_name!r}"
+            )
         loader = _adapt_function("load_adapter_checkpoint", path, "it is an adapter checkpoint")
         sam = loader(path, base_checkpoint=base_checkpoint)
+        adaptation = _active(recorded.get("adaptation")) if recorded is not None else None
         merged = False
         if merge_adapters:
-            sam = _adapt_function("merge_adaptation", path, "merging its adapters")(sam)
-            merged = True
-        name = model
+            sam, merged = _merge(sam, path, "merging its adapters", merge_adapters)
+        name = model if model is not None else recorded_name
         if name is None and merged:
             try:
                 name = infer_model_name(sam.state_dict(), str(path))
             except CheckpointError:
                 name = None
-        return LoadedCheckpoint(sam.eval(), name, path, "adapter", merged=merged, metadata=metadata)
+        return LoadedCheckpoint(sam.eval(), name, path, "adapter", hparams, adaptation, merged, metadata)
     if base_checkpoint is not None:
         raise CheckpointError(
             f"checkpoint {path}: base_checkpoint is only used with adapter-only checkpoints, and this is not one "
@@ -212,8 +259,7 @@ def load_sam(
         sam = apply(sam, adaptation) or sam
         load_into(sam, state, strict=True, source=str(path))
         if merge_adapters:
-            sam = _adapt_function("merge_adaptation", path, what)(sam)
-            merged = True
+            sam, merged = _merge(sam, path, what, merge_adapters)
     else:
         load_into(sam, state, strict=True, source=str(path))
     if metadata is not None and isinstance(metadata.get("adaptation"), dict) and metadata["adaptation"].get("merged"):

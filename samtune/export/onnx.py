@@ -44,7 +44,8 @@ masks depend on the filter (see :mod:`samtune.modeling.preprocessing`).
 Exporter: the TorchScript-based ``torch.onnx.export(..., dynamo=False)``, as the official export. It needs no
 extra package and traces the data-dependent crop of the padding (a ``Slice`` whose end is computed from
 ``orig_im_size``); the ``torch.export``-based exporter needs ``onnxscript`` (not a samtune dependency) and
-cannot express that crop without rewriting it. Opset 17 by default.
+cannot express that crop without rewriting it. Opset 17 by default; both graphs need opset >= 14
+(``scaled_dot_product_attention``, ``unflatten``; :data:`MIN_OPSET`).
 """
 from __future__ import annotations
 
@@ -69,10 +70,43 @@ __all__ = [
     "DECODER_INPUT_NAMES",
     "decoder_output_names",
     "OnnxExportError",
+    "MIN_OPSET",
+    "check_opset",
 ]
 
 DECODER_INPUT_NAMES = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
 DEFAULT_OPSET = 17
+MIN_OPSET = 14  # scaled_dot_product_attention (attention of the encoder and decoder) and unflatten need 14
+
+
+def _max_opset() -> int | None:
+    """The newest opset torch's TorchScript-based exporter writes (None if this torch does not say)."""
+    try:
+        from torch.onnx import _constants
+    except ImportError:
+        return None
+    value = getattr(_constants, "ONNX_MAX_OPSET", None)
+    return value if isinstance(value, int) else None
+
+
+def check_opset(opset: object) -> int:
+    """``opset`` if the exporter can write both SAM graphs with it, else a ``ValueError`` naming ``--opset``.
+
+    The graphs use ``scaled_dot_product_attention`` and ``unflatten``, which torch's exporter supports from
+    opset 14 (:data:`MIN_OPSET`).
+    """
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise ValueError(f"opset (--opset) must be an integer >= {MIN_OPSET}, got {opset!r}")
+    if opset < MIN_OPSET:
+        raise ValueError(
+            f"opset (--opset) {opset} is too old: the SAM ONNX graphs need opset >= {MIN_OPSET} "
+            f"(scaled_dot_product_attention, unflatten); pass --opset {MIN_OPSET} or later (default {DEFAULT_OPSET})"
+        )
+    newest = _max_opset()
+    if newest is not None and opset > newest:
+        raise ValueError(f"opset (--opset) {opset} is newer than this torch's ONNX exporter writes (at most "
+                         f"{newest}); pass --opset {MIN_OPSET} to {newest} (default {DEFAULT_OPSET})")
+    return opset
 
 
 def decoder_output_names(return_extra_metrics: bool = False) -> tuple[str, ...]:
@@ -363,7 +397,7 @@ def export_onnx_decoder(
     Args:
         model: the SAM model (any device/dtype; it is not modified).
         path: destination ``.onnx`` (written atomically).
-        opset: ONNX opset (>= 11; 17 as the official export).
+        opset: ONNX opset (>= 14, :data:`MIN_OPSET`; 17 as the official export).
         return_single_mask / use_stability_score / return_extra_metrics / return_logits / gelu_approximate:
             see :class:`SamOnnxDecoder`.
         verify: run the file in onnxruntime on example inputs and compare with PyTorch (raises
@@ -373,8 +407,7 @@ def export_onnx_decoder(
     Returns:
         The path written.
     """
-    if opset < 11:
-        raise ValueError(f"opset must be >= 11 (dynamic Slice/Resize), got {opset}")
+    check_opset(opset)
     wrapper = SamOnnxDecoder(
         model,
         return_single_mask=return_single_mask,
@@ -407,7 +440,7 @@ def export_onnx_encoder(
     Args:
         model: the SAM model (not modified).
         path: destination ``.onnx`` (written atomically).
-        opset: ONNX opset.
+        opset: ONNX opset (>= 14, :data:`MIN_OPSET`).
         include_preprocessing: fold normalisation and padding into the graph (input ``input_image``
             ``[1, 3, h, w]``, resized 0-255 RGB); otherwise input ``x`` ``[B, 3, S, S]`` preprocessed.
         verify: compare onnxruntime with PyTorch on an example input (raises :class:`OnnxExportError`).
@@ -416,6 +449,7 @@ def export_onnx_encoder(
     Returns:
         The path written.
     """
+    check_opset(opset)
     wrapper = SamOnnxEncoder(model, include_preprocessing=include_preprocessing).cpu()
     size = wrapper.image_size
     gen = torch.Generator().manual_seed(0)

@@ -43,6 +43,8 @@ def export_safetensors(model: Sam, path: str | Path, metadata: dict[str, Any] | 
     """Write the weights (official key layout) as safetensors, with ``metadata`` as JSON in the header."""
     from safetensors.torch import save_file
 
+    from samtune.files import set_new_file_mode
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -52,6 +54,7 @@ def export_safetensors(model: Sam, path: str | Path, metadata: dict[str, Any] | 
     tmp = path.with_name(path.name + ".tmp")
     try:
         save_file(state, str(tmp), metadata=header)
+        set_new_file_mode(tmp)  # save_file creates 0o600 files; give the mode torch.save would (0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -116,7 +119,8 @@ def export_checkpoint(
             adapter tensors and records their config in the metadata.
         base_checkpoint: base weights of an adapter-only checkpoint.
         opset / return_single_mask / use_stability_score / return_extra_metrics / gelu_approximate: ONNX
-            decoder options (:func:`samtune.export.onnx.export_onnx_decoder`).
+            decoder options (:func:`samtune.export.onnx.export_onnx_decoder`); ``opset`` >= 14 for both ONNX
+            formats.
         include_preprocessing: ``onnx-encoder`` takes resized 0-255 images and normalises/pads in-graph.
         verify: compare the ONNX file with PyTorch in onnxruntime.
 
@@ -124,12 +128,18 @@ def export_checkpoint(
         The paths written and the metadata.
 
     Raises:
-        CheckpointError: the input cannot be read or its model cannot be inferred.
-        ValueError: unknown format, or an adapted checkpoint exported to pth/ONNX without ``merge``.
+        CheckpointError: the input cannot be read or its model cannot be inferred, or ``model`` differs from
+            the model an adapter checkpoint records.
+        ValueError: unknown format, an ONNX ``opset`` below 14, or an adapted checkpoint exported to pth/ONNX
+            without ``merge``.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; expected one of {', '.join(FORMATS)}")
     output = Path(output)
+    if format in ("onnx", "onnx-encoder"):
+        from samtune.export.onnx import check_opset
+
+        check_opset(opset)  # before the (possibly slow) load
     loaded = load_sam(checkpoint, model, base_checkpoint=base_checkpoint, merge_adapters=merge)
     if loaded.adaptation is not None and not loaded.merged and format != "safetensors":
         raise ValueError(

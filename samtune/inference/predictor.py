@@ -17,6 +17,7 @@ something meaningless:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import copy
 
@@ -91,7 +92,7 @@ class Predictor:
         device: str | torch.device = "cpu",
         *,
         base_checkpoint: str | Path | None = None,
-        merge_adapters: bool = True,
+        merge_adapters: bool | Literal["auto"] = "auto",
         precision: Precision = "auto",
         compile: bool = False,
     ) -> "Predictor":
@@ -101,14 +102,16 @@ class Predictor:
         outputs (model from their metadata) and samtune training checkpoints (Lightning ``.ckpt``: model from
         the hyper-parameters). Without metadata the model is inferred from the tensor shapes
         (:func:`samtune.checkpoints.infer_model_name`). Adapted checkpoints (LoRA/adapters) go through
-        ``samtune.adapt`` and are merged into plain weights. Files are read with ``weights_only=True``.
+        ``samtune.adapt``; LoRA is merged into plain weights, bottleneck adapters (which cannot be merged) run as
+        modules. Files are read with ``weights_only=True``.
 
         Args:
             path: the weights file.
             model: registry name overriding inference (e.g. ``"lite_medsam"``).
             device: where the model runs.
             base_checkpoint: base weights for an adapter-only checkpoint.
-            merge_adapters: merge LoRA/adapters into the weights (False keeps the adapted modules).
+            merge_adapters: ``"auto"`` merges what can be merged (LoRA), True also requires it of adapters (an
+                error for bottleneck adapters), False keeps the adapted modules.
             precision: see :class:`Predictor`.
             compile: see :class:`Predictor`.
 

@@ -164,6 +164,31 @@ def test_interrupted_save_keeps_the_old_file(tmp_path, monkeypatch):
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["a.pt"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=lambda m: f"umask{m:03o}")
+def test_saved_files_get_the_mode_torch_save_gives(tmp_path, umask, monkeypatch):
+    """Adapter files are readable like torch.save's (0o666 & ~umask), not mkstemp's / safetensors' 0o600; the
+    umask is the same when /proc cannot be read."""
+    from samtune import files as adapter_checkpoint
+
+    torch.manual_seed(0)
+    model = apply_adaptation(build_sam("sam_tiny"), LORA)
+    old = os.umask(umask)
+    try:
+        for suffix in (".pt", ".safetensors"):
+            path = save_adapter_checkpoint(model, tmp_path / f"a{suffix}", model_name="sam_tiny", base_checkpoint=None)
+            assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (suffix, oct(path.stat().st_mode))
+        expected = adapter_checkpoint.new_file_mode()
+
+        def no_proc(*args, **kwargs):
+            raise OSError("no /proc")
+
+        monkeypatch.setattr(adapter_checkpoint, "open", no_proc, raising=False)
+        assert adapter_checkpoint.new_file_mode() == expected == 0o666 & ~umask
+        assert os.umask(umask) == umask  # restored by the fallback
+    finally:
+        os.umask(old)
+
+
 def test_plain_and_broken_files_are_not_adapter_checkpoints(tmp_path):
     torch.manual_seed(0)
     plain = save_checkpoint(build_sam("sam_tiny"), tmp_path / "plain.pth")
@@ -178,3 +203,73 @@ def test_plain_and_broken_files_are_not_adapter_checkpoints(tmp_path):
         load_adapter_checkpoint(plain_st)
     with pytest.raises(CheckpointError, match="file not found"):
         load_adapter_checkpoint(tmp_path / "missing.pt")
+
+
+def test_relative_base_is_found_from_another_directory(tmp_path, trained, monkeypatch):
+    """A base given relative to the run's directory (as recipes do) is recorded absolute too, so the adapter loads
+    from anywhere."""
+    model, shared_base = trained["lora"]
+    run, weights = tmp_path / "project" / "run", tmp_path / "project" / "weights"
+    run.mkdir(parents=True)
+    weights.mkdir()
+    (weights / "base.pth").write_bytes(shared_base.read_bytes())
+    monkeypatch.chdir(run)
+    path = save_adapter_checkpoint(model, run / "a.pt", model_name="sam_tiny", base_checkpoint="../weights/base.pth")
+    meta, _ = read_adapter_checkpoint(path)
+    assert meta["base_checkpoint"] == "../weights/base.pth"
+    assert os.path.samefile(meta["base_checkpoint_absolute"], weights / "base.pth")
+    monkeypatch.chdir(weights)  # ../weights/base.pth is not there from here
+    inputs = make_inputs(model)
+    assert_same_outputs(eval_outputs(model, inputs), eval_outputs(load_adapter_checkpoint(path), inputs))
+
+
+def test_unresolvable_relative_base_names_the_flag_and_the_argument(tmp_path, trained, monkeypatch):
+    """Files written before the absolute path was recorded: a clear error naming --base-checkpoint and
+    base_checkpoint=, and both ways to pass the base work."""
+    model, shared_base = trained["lora"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (tmp_path / "base.pth").write_bytes(shared_base.read_bytes())
+    monkeypatch.chdir(run)
+    path = save_adapter_checkpoint(model, run / "a.pt", model_name="sam_tiny", base_checkpoint="../base.pth")
+    raw = torch.load(path, weights_only=True)
+    for key in ("base_checkpoint_absolute", "mae_checkpoint_absolute"):
+        del raw["samtune_adapter"][key]
+    torch.save(raw, path)
+    assert isinstance(load_adapter_checkpoint(path), torch.nn.Module)  # from the run's directory: as before
+    elsewhere = tmp_path / "elsewhere" / "deeper"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(CheckpointError, match=r"base checkpoint \.\./base\.pth not found .*current directory .*"
+                                              r"pass base_checkpoint= \(Python\) or --base-checkpoint"):
+        load_adapter_checkpoint(path)
+    with pytest.raises(CheckpointError, match=r"base checkpoint .*nope\.pth not found \(given as base_checkpoint="):
+        load_adapter_checkpoint(path, base_checkpoint=tmp_path / "nope.pth")
+    inputs = make_inputs(model)
+    loaded = load_adapter_checkpoint(path, base_checkpoint=tmp_path / "base.pth")
+    assert_same_outputs(eval_outputs(model, inputs), eval_outputs(loaded, inputs))
+
+
+def test_bottleneck_adapters_run_unmerged_in_the_predictor_and_evaluate(tmp_path, trained):
+    """Bottleneck adapters cannot be folded into linear weights: inference loads them as modules (LoRA is merged),
+    and only an explicit merge is an error."""
+    from samtune import Predictor
+    from samtune.evaluation.cli import load_model
+    from samtune.export import load_sam
+
+    model, base = trained["adapter"]
+    path = save_adapter_checkpoint(model, tmp_path / "a.pt", model_name="sam_tiny", base_checkpoint=base,
+                                   config=ADAPTER)
+    inputs = make_inputs(model)
+    expected = eval_outputs(model, inputs)
+    predictor = Predictor.from_checkpoint(path, precision="fp32")
+    assert_same_outputs(eval_outputs(predictor.model, inputs), expected)
+    assert_same_outputs(eval_outputs(load_model(path, None), inputs), expected)
+    loaded = load_sam(path, merge_adapters="auto")
+    assert (loaded.merged, loaded.name) == (False, "sam_tiny")
+    with pytest.raises(CheckpointError, match="cannot be merged"):
+        load_sam(path, merge_adapters=True)
+    lora, lora_base = trained["lora"]
+    lora_path = save_adapter_checkpoint(lora, tmp_path / "l.pt", model_name="sam_tiny", base_checkpoint=lora_base,
+                                        config=LORA)
+    assert load_sam(lora_path, merge_adapters="auto").merged

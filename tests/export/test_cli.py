@@ -3,6 +3,7 @@ metadata beside the weights, clear errors."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 import samtune
 from samtune import Sam, build_sam
-from samtune.checkpoints import save_checkpoint, sha256sum
+from samtune.checkpoints import CheckpointError, save_checkpoint, sha256sum
 from samtune.export import export_pth, read_export_metadata, sidecar_path
 from samtune.export.cli import main
 
@@ -105,8 +106,9 @@ def test_adapted_checkpoint_needs_merge(tiny_sam, tmp_path, capsys, fake_adapt) 
     ckpt = lightning_like_checkpoint(tiny_sam, tmp_path / "lora.ckpt", {"method": "lora", "rank": 2},
                                      {"mask_decoder.lora_delta": delta})
     out = tmp_path / "merged.pth"
-    assert main(["--checkpoint", str(ckpt), "--format", "pth", "--output", str(out)]) == 1
-    assert "pass --merge" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(ValueError, match="pass --merge"):
+        main(["--checkpoint", str(ckpt), "--format", "pth", "--output", str(out)])
+    assert not out.exists()
 
     assert main(["--checkpoint", str(ckpt), "--format", "pth", "--output", str(out), "--merge"]) == 0
     assert "adapters merged" in capsys.readouterr().out
@@ -125,10 +127,10 @@ def test_adapted_checkpoint_needs_merge(tiny_sam, tmp_path, capsys, fake_adapt) 
 
 
 def test_errors(tiny_sam, tiny_pth, tmp_path, capsys) -> None:
+    """Errors are raised (samtune's entry point prints them on one line, see test_errors_one_line_or_traceback)."""
     missing = tmp_path / "nope.pth"
-    assert main(["--checkpoint", str(missing), "--format", "pth", "--output", str(tmp_path / "o.pth")]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("samtune export: error:") and str(missing) in err and "file not found" in err
+    with pytest.raises(CheckpointError, match=f"checkpoint {missing}: file not found"):
+        main(["--checkpoint", str(missing), "--format", "pth", "--output", str(tmp_path / "o.pth")])
 
     with pytest.raises(SystemExit) as info:
         main(["--checkpoint", str(tiny_pth), "--format", "tflite", "--output", str(tmp_path / "o")])
@@ -136,12 +138,13 @@ def test_errors(tiny_sam, tiny_pth, tmp_path, capsys) -> None:
 
     odd = tmp_path / "odd.pth"
     torch.save({k: v for k, v in tiny_sam.state_dict().items() if not k.startswith("mask_decoder.output_hyper")}, odd)
-    assert main(["--checkpoint", str(odd), "--format", "pth", "--output", str(tmp_path / "o.pth")]) == 1
-    err = capsys.readouterr().err
+    with pytest.raises(CheckpointError) as info:
+        main(["--checkpoint", str(odd), "--format", "pth", "--output", str(tmp_path / "o.pth")])
+    err = str(info.value)
     assert "cannot infer the model" in err and "--model NAME" in err and "closest registered model: sam_tiny" in err
 
-    assert main(["--checkpoint", str(tiny_pth), "--format", "pth", "--output", str(tmp_path / "o.safetensors")]) == 1
-    assert "use --format safetensors" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="use --format safetensors"):
+        main(["--checkpoint", str(tiny_pth), "--format", "pth", "--output", str(tmp_path / "o.safetensors")])
 
 
 def test_samtune_export_command(tiny_pth, tmp_path, capsys) -> None:
@@ -154,3 +157,157 @@ def test_samtune_export_command(tiny_pth, tmp_path, capsys) -> None:
     out = tmp_path / "via_cli.pth"
     samtune_main(["export", "--checkpoint", str(tiny_pth), "--format", "pth", "--output", str(out)])
     assert out.is_file() and sidecar_path(out).is_file()
+
+
+# ------------------------------------------------------------------------- adapter checkpoints (real samtune.adapt)
+LORA = {"method": "lora", "lora_rank": 2, "freeze_policy": "decoder_only"}
+
+
+@pytest.fixture(scope="module")
+def lora_checkpoint(tiny_sam: Sam, tmp_path_factory) -> tuple[Path, Sam, dict]:
+    """A Lightning checkpoint of a LoRA-adapted task as samtune writes it: ``samtune_adapter`` metadata, only the
+    trainable weights (``model.``-prefixed), the task's hyper-parameters. LoRA updates are non-zero.
+
+    Returns:
+        (checkpoint, the merged adapted model, its hyper-parameters).
+    """
+    from samtune.adapt import AdaptationConfig, apply_adaptation, merge_adaptation, trainable_state_dict
+    from samtune.adapt.checkpoint import METADATA_KEY, adapter_metadata
+
+    root = tmp_path_factory.mktemp("lora")
+    base = save_checkpoint(tiny_sam, root / "base.pth")
+    model = apply_adaptation(build_sam("sam_tiny", base), LORA)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(generator=gen)
+    config = AdaptationConfig.coerce(LORA).to_dict()
+    hparams = {"model": "sam_tiny", "checkpoint": str(base), "adaptation": config}
+    meta = {**adapter_metadata(model, model_name="sam_tiny", base_checkpoint=base), "lightning": True}
+    path = root / "last.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in trainable_state_dict(model).items()},
+                "pytorch-lightning_version": "2.5.0", "hyper_parameters": hparams, METADATA_KEY: meta}, path)
+    return path, merge_adaptation(model).eval(), hparams
+
+
+def _close(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor]) -> None:
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        torch.testing.assert_close(state_a[key], state_b[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["pth", "onnx", "onnx-encoder"])
+def test_adapter_checkpoint_needs_merge_for_plain_formats(lora_checkpoint, tmp_path, fmt) -> None:
+    """Unmerged LoRA weights (``qkv.base_layer``, ``lora_A``) fit neither segment_anything nor samtune: refused."""
+    ckpt, _, _ = lora_checkpoint
+    out = tmp_path / f"out.{fmt}"
+    with pytest.raises(ValueError, match=r"is adapted \(lora\).*pass --merge") as info:
+        main(["--checkpoint", str(ckpt), "--format", fmt, "--output", str(out), "--no-verify"])
+    assert str(ckpt) in str(info.value) and not out.exists() and not sidecar_path(out).exists()
+
+
+def test_adapter_checkpoint_merged_export(lora_checkpoint, tmp_path) -> None:
+    """--merge: the official layout (strict load in the official Sam and Predictor.from_checkpoint), the merged
+    weights, and a sidecar with the model, the adaptation and the training config."""
+    from samtune import Predictor
+
+    ckpt, merged, hparams = lora_checkpoint
+    out = tmp_path / "merged.pth"
+    assert main(["--checkpoint", str(ckpt), "--format", "pth", "--output", str(out), "--merge"]) == 0
+    state = torch.load(out, weights_only=True)
+    official = build_reference("sam_tiny")
+    official.load_state_dict(state, strict=True)
+    _close(state, merged.state_dict())
+    _close(Predictor.from_checkpoint(out, precision="fp32").model.state_dict(), merged.state_dict())
+    meta = json.loads(sidecar_path(out).read_text())
+    assert meta["model"] == "sam_tiny" and meta["source_checkpoint"]["kind"] == "adapter"
+    assert meta["adaptation"] == {"config": hparams["adaptation"], "merged": True}
+    assert meta["training_config"] == hparams
+
+
+def test_adapter_checkpoint_unmerged_safetensors_round_trip(lora_checkpoint, tmp_path) -> None:
+    """Without --merge safetensors keeps the LoRA tensors and records the adaptation; samtune loads it back (from
+    the header alone) and merges it."""
+    from safetensors.torch import load_file
+
+    from samtune import Predictor
+    from samtune.export import load_sam
+
+    ckpt, merged, hparams = lora_checkpoint
+    out = tmp_path / "adapted.safetensors"
+    assert main(["--checkpoint", str(ckpt), "--format", "safetensors", "--output", str(out)]) == 0
+    assert any(".lora_A." in k for k in load_file(str(out)))
+    meta = read_export_metadata(out)
+    assert meta["model"] == "sam_tiny" and meta["adaptation"] == {"config": hparams["adaptation"], "merged": False}
+    sidecar_path(out).unlink()  # the safetensors header carries the same metadata
+    loaded = load_sam(out)
+    assert (loaded.name, loaded.merged, loaded.adaptation) == ("sam_tiny", True, hparams["adaptation"])
+    _close(loaded.model.state_dict(), merged.state_dict())
+    _close(Predictor.from_checkpoint(out, precision="fp32").model.state_dict(), merged.state_dict())
+
+
+def test_adapter_checkpoint_rejects_another_model(lora_checkpoint, tmp_path) -> None:
+    """--model can only confirm the recorded model: an adapter is always rebuilt on the model it records."""
+    from samtune.export import load_sam
+
+    ckpt, _, _ = lora_checkpoint
+    out = tmp_path / "o.pth"
+    with pytest.raises(CheckpointError, match=r"model 'sam_tiny'.*the model argument is 'sam_vit_b'.*--model") as info:
+        main(["--checkpoint", str(ckpt), "--format", "pth", "--output", str(out), "--merge", "--model", "sam_vit_b"])
+    assert str(ckpt) in str(info.value) and not out.exists()
+    assert load_sam(ckpt, "sam_tiny").name == "sam_tiny"
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "onnx-encoder"])
+def test_onnx_opset_below_14_is_refused(tiny_pth, tmp_path, fmt) -> None:
+    """Both graphs need opset 14 (scaled_dot_product_attention, unflatten): a clear error naming --opset."""
+    out = tmp_path / "m.onnx"
+    for opset in ("13", "7"):
+        with pytest.raises(ValueError, match=rf"--opset\) {opset} is too old.*>= 14.*pass --opset 14"):
+            main(["--checkpoint", str(tiny_pth), "--format", fmt, "--output", str(out), "--opset", opset])
+    assert not out.exists()
+
+
+def test_errors_one_line_or_traceback(tiny_pth, tmp_path, capsys, monkeypatch) -> None:
+    """Through `samtune`: one line naming the file (exit 1); --traceback or SAMTUNE_TRACEBACK=1 raise instead."""
+    from samtune.cli import main as samtune_main
+
+    monkeypatch.delenv("SAMTUNE_TRACEBACK", raising=False)
+    missing = tmp_path / "nope.pth"
+    args = ["export", "--checkpoint", str(missing), "--format", "pth", "--output", str(tmp_path / "o.pth")]
+    with pytest.raises(SystemExit) as info:
+        samtune_main(args)
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "Traceback" not in err
+    assert err.splitlines()[0] == f"samtune: error: CheckpointError: checkpoint {missing}: file not found"
+    with pytest.raises(CheckpointError, match="file not found"):
+        samtune_main([*args, "--traceback"])
+    monkeypatch.setenv("SAMTUNE_TRACEBACK", "1")
+    with pytest.raises(CheckpointError, match="file not found"):
+        samtune_main(args)
+
+    # an error chained from torch's: the one line still names the file; the traceback keeps the cause
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(tiny_pth.read_bytes()[:50_000])
+    args = ["export", "--checkpoint", str(truncated), "--format", "pth", "--output", str(tmp_path / "o.pth")]
+    with pytest.raises(CheckpointError, match=f"checkpoint {truncated}") as raised:
+        samtune_main(args)
+    assert any("caused by" in note for note in getattr(raised.value, "__notes__", []))
+    monkeypatch.delenv("SAMTUNE_TRACEBACK")
+    with pytest.raises(SystemExit):
+        samtune_main(args)
+    assert capsys.readouterr().err.startswith(f"samtune: error: CheckpointError: checkpoint {truncated}:")
+
+
+def test_exported_files_are_readable_like_torch_save(tiny_pth, tmp_path) -> None:
+    """safetensors' save_file creates 0o600 files: an export gets the mode torch.save gives (0o666 & ~umask)."""
+    for umask in (0o022, 0o002):
+        old = os.umask(umask)
+        try:
+            for fmt in ("pth", "safetensors"):
+                out = tmp_path / f"{umask:o}.{fmt}"
+                assert main(["--checkpoint", str(tiny_pth), "--format", fmt, "--output", str(out)]) == 0
+                assert out.stat().st_mode & 0o777 == 0o666 & ~umask, (fmt, oct(out.stat().st_mode))
+        finally:
+            os.umask(old)

@@ -12,6 +12,7 @@ pytest.importorskip("onnxruntime", reason="onnxruntime (dev extra) runs the expo
 from samtune import Sam, build_sam  # noqa: E402
 from samtune.export.onnx import (  # noqa: E402
     DECODER_INPUT_NAMES,
+    MIN_OPSET,
     SamOnnxDecoder,
     export_onnx_decoder,
     export_onnx_encoder,
@@ -261,8 +262,17 @@ def test_boolean_masks_gelu_approximate_and_model_untouched(tiny_case: Case, tmp
 
 
 def test_bad_opset(tiny_sam: Sam, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="opset"):
-        export_onnx_decoder(tiny_sam, tmp_path / "d.onnx", opset=9)
+    """Both graphs need opset 14 (scaled_dot_product_attention, unflatten): below, a clear error before the
+    exporter runs; at 14 both export and reproduce PyTorch."""
+    for export in (export_onnx_decoder, export_onnx_encoder):
+        for opset in (7, 9, 13):
+            with pytest.raises(ValueError, match=rf"opset \(--opset\) {opset} is too old.*>= 14"):
+                export(tiny_sam, tmp_path / "m.onnx", opset=opset)
+        with pytest.raises(ValueError, match="opset"):
+            export(tiny_sam, tmp_path / "m.onnx", opset="17")
+        assert not (tmp_path / "m.onnx").exists()
+        export(tiny_sam, tmp_path / f"{export.__name__}.onnx", opset=MIN_OPSET, verify=True)
+    assert MIN_OPSET == 14
 
 
 # ----------------------------------------------------------------------------------------------- encoder
