@@ -220,8 +220,19 @@ class SamtuneCLI(LightningCLI):
 
 
 def _uses_config(args: Sequence[str]) -> bool:
-    return any(a in ("-c", "--config", "--print_config") or a.startswith(("--config=", "--print_config"))
-               or a.startswith(("--model", "--data")) for a in args)
+    """Whether the arguments bring their own configuration, so that ``fit`` does not run the default recipe.
+
+    That is a config file (``--config`` / ``-c``) or a whole ``model`` / ``data`` section (``--model CLASS_OR_FILE``,
+    ``--data.class_path CLASS``). Overrides of single settings (``--data.init_args.batch_size 2``,
+    ``--trainer.max_steps 10``) and ``--print_config`` apply on top of the default recipe.
+    """
+    sections = ("--model", "--data")
+    return any(
+        a in ("-c", "--config") or a.startswith(("--config=", "-c="))
+        or a in sections or a.startswith(tuple(f"{s}=" for s in sections))
+        or a.startswith(tuple(f"{s}.class_path" for s in sections))
+        for a in args
+    )
 
 
 _YAML_NULLS = ("null", "Null", "NULL", "~")
@@ -345,15 +356,35 @@ def _dispatch(args: list[str]) -> int:
     raise UsageError(f"unknown command {command!r}; available: {', '.join([*TRAINER_COMMANDS, 'data', *TOOL_COMMANDS])}")
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.realpath(__file__)) + os.sep
+
+
+def _raised_in_samtune(err: BaseException) -> bool:
+    """Whether ``err`` was raised by samtune's own code (the innermost frame of its traceback)."""
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return os.path.realpath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR)
+
+
 def _root_cause(err: BaseException) -> BaseException:
-    """The innermost chained exception (jsonargparse wraps errors raised while instantiating classes)."""
+    """The error to report: the first one down the chain that samtune raised, else the innermost.
+
+    jsonargparse and Lightning wrap errors raised while instantiating classes or running hooks in messages that
+    bury them; those wrappers are skipped. An error that samtune raised from a lower-level one already names the
+    file / annotation / key the lower-level message lacks (``invalid JSON``, ``compressed RLE counts end inside a
+    value``), so the chain stops there.
+    """
     seen = {id(err)}
-    while True:
+    while not _raised_in_samtune(err):
         inner = err.__cause__ or err.__context__
         if inner is None or id(inner) in seen:
             return err
         seen.add(id(inner))
         err = inner
+    return err
 
 
 _WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker process (\d+)\.")
@@ -401,6 +432,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = [a for a in args if a != "--traceback"]
     from jsonargparse import ArgumentError
 
+    # Tool commands that print their own one-line errors (amg) see --traceback as SAMTUNE_TRACEBACK=1.
+    saved = os.environ.get("SAMTUNE_TRACEBACK")
+    if show_traceback:
+        os.environ["SAMTUNE_TRACEBACK"] = "1"
     try:
         code = _dispatch(args)
     except SystemExit:
@@ -423,5 +458,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"samtune: error: {_one_line(err)}", file=sys.stderr)
         print("samtune: run again with --traceback (or SAMTUNE_TRACEBACK=1) for the full traceback", file=sys.stderr)
         sys.exit(1)
+    finally:
+        if saved is None:
+            os.environ.pop("SAMTUNE_TRACEBACK", None)
+        else:
+            os.environ["SAMTUNE_TRACEBACK"] = saved
     if code:
         sys.exit(code)

@@ -329,3 +329,79 @@ def test_dataloader_worker_error_keeps_its_message():
         "(in DataLoader worker process 0)"
     )
     assert _one_line(ValueError("plain\nmessage")) == "ValueError: plain message"
+
+
+# ------------------------------------------------------------------------------- default recipe + overrides
+def test_fit_without_config_applies_overrides_to_the_default_recipe(capsys):
+    """``samtune fit --data.init_args.batch_size 2`` runs the quickstart with that change (it used to drop the
+    default recipe and fail on the missing model)."""
+    config = _printed_config(capsys, ["fit", "--data.init_args.batch_size", "2", "--model.init_args.model=sam_tiny"])
+    assert config["data"]["init_args"]["batch_size"] == 2
+    assert config["model"]["init_args"]["model"] == "sam_tiny" and config["trainer"]["max_steps"] == 600
+    assert config["data"]["init_args"]["root"] == "data/quickstart"
+
+
+def test_only_a_config_or_a_class_replaces_the_default_recipe():
+    from samtune.cli import _uses_config
+
+    for args in (["--config", "r.yaml"], ["-c", "r.yaml"], ["--config=r.yaml"], ["--model", "PromptableSegmentationTask"],
+                 ["--data=SA1BDataModule"], ["--data.class_path", "COCODataModule"],
+                 ["--model.class_path=samtune.tasks.PromptableSegmentationTask"]):
+        assert _uses_config(args), args
+    for args in (["--data.init_args.batch_size", "2"], ["--model.init_args.model", "sam_tiny"],
+                 ["--model.loss.focal_alpha=~"], ["--trainer.max_steps", "3"], ["--print_config"], ["--dataset"]):
+        assert not _uses_config(args), args
+
+
+# ------------------------------------------------------------------------------- one-line errors of wrapped causes
+def test_one_line_keeps_the_samtune_error_that_names_the_file(tmp_path):
+    """An error samtune raised *from* a lower-level one is reported, not the lower-level one (which lacks the file:
+    ``JSONDecodeError: Expecting ...``, ``ValueError: compressed RLE counts end inside a value``)."""
+    from samtune.cli import _one_line, _root_cause
+    from samtune.data import SampleError
+    from samtune.data.coco import load_coco_index
+    from samtune.data.masks import validate_rle
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{bad")
+    with pytest.raises(ValueError) as caught:
+        load_coco_index(bad)
+    assert _one_line(caught.value).startswith(f"ValueError: {bad}: invalid JSON (Expecting property name")
+    with pytest.raises(SampleError) as caught:
+        validate_rle({"counts": "abc", "size": [4, 4]}, 4, 4, "/data/x.json [annotation 7]")
+    assert _one_line(caught.value) == ("SampleError: /data/x.json [annotation 7]: invalid compressed RLE: "
+                                       "compressed RLE counts end inside a value")
+    # A wrapper raised outside samtune (jsonargparse's union validation) still gives way to samtune's error.
+    try:
+        try:
+            load_coco_index(bad)
+        except ValueError as inner:
+            raise RuntimeError("Does not validate against any of the Union subtypes ...") from inner
+    except RuntimeError as outer:
+        assert _root_cause(outer) is outer.__cause__
+
+
+def test_bad_coco_files_through_samtune_evaluate_name_the_file(tmp_path, capsys):
+    import json
+
+    import cv2
+    import numpy as np
+
+    torch.manual_seed(0)
+    torch.save(build_sam("sam_tiny").state_dict(), tmp_path / "tiny.pth")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{bad")
+    args = ["evaluate", "--checkpoint", str(tmp_path / "tiny.pth"), "--data", "coco", "--output", str(tmp_path / "o"),
+            "--num-workers", "0", "--quiet", "--protocols", "box"]
+    assert run_cli([*args, "--annotations", str(bad)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"samtune: error: ValueError: {bad}: invalid JSON"), err
+    cv2.imwrite(str(tmp_path / "x.png"), np.zeros((32, 32, 3), np.uint8))
+    rle = tmp_path / "rle.json"
+    rle.write_text(json.dumps({"images": [{"id": 1, "file_name": "x.png", "width": 32, "height": 32}],
+                               "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "iscrowd": 0,
+                                                "segmentation": {"counts": "abc", "size": [32, 32]}}]}))
+    assert run_cli([*args, "--annotations", str(rle)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (f"samtune: error: SampleError: {rle} [annotation 5 of image 1]: invalid compressed RLE: "
+                      "compressed RLE counts end inside a value"), err

@@ -32,12 +32,29 @@ def load_coco_index(annotation_file: str | Path) -> dict[str, Any]:
         raise ValueError(f"COCO annotation file not found: {path}")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON ({exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: invalid JSON ({exc}); expected a COCO instances file") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object with 'images' and 'annotations' lists (COCO instances "
+                         f"format), got a {type(data).__name__}")
     for key in ("images", "annotations"):
         if not isinstance(data.get(key), list):
             raise ValueError(f"{path}: expected a list under '{key}' (COCO instances format)")
     return data
+
+
+def _required_int(path: Path, section: str, k: int, entry: Any, key: str) -> int:
+    """``entry[key]`` as an int; ValueError naming the file, the entry (``section[k]``, with its ``id``) and the key
+    when the entry is not an object, lacks the key or holds something that is not an integer."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: {section}[{k}] must be a JSON object, got {type(entry).__name__}")
+    where = f"{path}: {section}[{k}]" + (f" (id {entry['id']!r})" if key != "id" and "id" in entry else "")
+    if key not in entry:
+        raise ValueError(f"{where} has no '{key}' (required by the COCO instances format)")
+    try:
+        return int(entry[key])
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: '{key}' must be an integer, got {entry[key]!r}") from None
 
 
 class COCODataset(SegmentationDataset):
@@ -50,6 +67,10 @@ class COCODataset(SegmentationDataset):
         category_ids: keep only annotations of these categories; None for all.
         include_crowd: also use ``iscrowd=1`` annotations as instances.
         **base: the common options of :class:`SegmentationDataset`.
+
+    Raises:
+        ValueError: the file is missing or malformed: an image entry without an integer ``id`` or a
+            ``file_name``, an annotation without an integer ``image_id`` (named by file, entry and key).
     """
 
     def __init__(
@@ -65,15 +86,25 @@ class COCODataset(SegmentationDataset):
         self.annotation_file = Path(annotation_file)
         self.image_dir = Path(image_dir) if image_dir is not None else self.annotation_file.parent
         data = load_coco_index(self.annotation_file)
-        images = {int(img["id"]): img for img in data["images"]}
+        images: dict[int, dict[str, Any]] = {}
+        for k, img in enumerate(data["images"]):
+            image_id = _required_int(self.annotation_file, "images", k, img, "id")
+            if "file_name" not in img:
+                raise ValueError(f"{self.annotation_file}: images[{k}] (id {image_id}) has no 'file_name' (required "
+                                 "by the COCO instances format: the image's path relative to the image folder)")
+            if not isinstance(img["file_name"], str) or not img["file_name"]:
+                raise ValueError(f"{self.annotation_file}: images[{k}] (id {image_id}): 'file_name' must be a "
+                                 f"non-empty path, got {img['file_name']!r}")
+            images[image_id] = img
         wanted_categories = set(int(c) for c in category_ids) if category_ids is not None else None
         by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        for ann in data["annotations"]:
+        for k, ann in enumerate(data["annotations"]):
+            image_id = _required_int(self.annotation_file, "annotations", k, ann, "image_id")
             if not include_crowd and int(ann.get("iscrowd", 0)):
                 continue
             if wanted_categories is not None and int(ann.get("category_id", -1)) not in wanted_categories:
                 continue
-            by_image[int(ann["image_id"])].append(ann)
+            by_image[image_id].append(ann)
         if image_ids is None:
             ids = sorted(images)
         else:

@@ -72,7 +72,11 @@ def synthesize_image(
 
     Returns:
         image ``[H, W, 3]`` uint8 RGB and masks ``[K, H, W]`` bool (non-empty; parts overlap their objects).
+
+    Raises:
+        ValueError: ``min_objects`` < 0 or > ``max_objects``, or a side below 16 pixels.
     """
+    _check_arguments(0, image_size, min_objects, max_objects)
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     base = rng.uniform(40, 110, 3).astype(np.float32)
@@ -103,6 +107,28 @@ def synthesize_image(
     return np.clip(image, 0, 255).astype(np.uint8), np.stack(masks)
 
 
+MIN_IMAGE_SIDE = 16  # the smallest instance kept has 16 pixels
+
+
+def _check_arguments(num_images: int, image_size: int | tuple[int, int], min_objects: int, max_objects: int,
+                     flags: bool = False) -> None:
+    """Raise a ValueError naming the argument that :func:`synthesize_sa1b` cannot use (``flags``: named as the
+    command-line option)."""
+    def name(arg: str) -> str:
+        return "--" + arg.replace("_", "-") if flags else arg
+
+    if num_images < 0:
+        raise ValueError(f"{name('num_images')} must be >= 0, got {num_images}")
+    sides = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(sides) != 2 or min(sides) < MIN_IMAGE_SIDE:
+        raise ValueError(f"{name('image_size')} must be a side (or height, width) of at least {MIN_IMAGE_SIDE} "
+                         f"pixels, got {image_size}")
+    if min_objects < 0:
+        raise ValueError(f"{name('min_objects')} must be >= 0, got {min_objects}")
+    if max_objects < min_objects:
+        raise ValueError(f"{name('max_objects')} ({max_objects}) must be >= {name('min_objects')} ({min_objects})")
+
+
 def synthesize_sa1b(
     out_dir: str | Path,
     num_images: int,
@@ -124,7 +150,12 @@ def synthesize_sa1b(
 
     Returns:
         The written image paths, in order.
+
+    Raises:
+        ValueError: a negative ``num_images`` or ``min_objects``, ``min_objects > max_objects``, or an image side
+            below 16 pixels (named by argument).
     """
+    _check_arguments(num_images, image_size, min_objects, max_objects)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -166,11 +197,15 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("--num-images", type=int, required=True, help="number of images")
     parser.add_argument("--image-size", type=int, default=256, help="square image side (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--min-objects", type=int, default=3)
-    parser.add_argument("--max-objects", type=int, default=8)
+    parser.add_argument("--min-objects", type=int, default=3, help="fewest top-level objects per image (default 3)")
+    parser.add_argument("--max-objects", type=int, default=8, help="most top-level objects per image (default 8)")
     args = parser.parse_args(argv)
     if args.num_images <= 0:
         parser.error("--num-images must be positive")
+    try:
+        _check_arguments(args.num_images, args.image_size, args.min_objects, args.max_objects, flags=True)
+    except ValueError as err:
+        parser.error(str(err))
     paths = synthesize_sa1b(args.out, args.num_images, args.image_size, args.seed, args.min_objects,
                             args.max_objects)
     print(f"wrote {len(paths)} images with SA-1B annotations to {args.out}")

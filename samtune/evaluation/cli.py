@@ -36,24 +36,37 @@ DATA_FLAGS = ("data", "images", "masks", "annotations", "split_file", "mask_suff
               "on_error")
 
 
-def load_model(checkpoint: str | Path, model: str | None) -> torch.nn.Module:
+def load_model(
+    checkpoint: str | Path, model: str | None, base_checkpoint: str | Path | None = None
+) -> torch.nn.Module:
     """The model to evaluate: any file ``samtune.Predictor.from_checkpoint`` loads.
 
     Args:
         checkpoint: official ``.pth``, MobileSAM / LiteMedSAM file, safetensors, samtune export, Lightning
-            checkpoint, or adapter checkpoint (on its recorded base).
+            checkpoint, or adapter checkpoint (on its recorded base, or ``base_checkpoint``).
         model: registry name (``samtune.build.available_models()``); None infers it from the file.
+        base_checkpoint: base weights of an adapter-only checkpoint (None: the ones it records).
 
     Raises:
         ValueError: the file does not exist (a mismatching file raises ``CheckpointError`` naming the missing /
             unexpected / mis-shaped keys).
     """
+    return _load(checkpoint, model, base_checkpoint)[0]
+
+
+def _load(checkpoint: str | Path, model: str | None,
+          base_checkpoint: str | Path | None = None) -> tuple[torch.nn.Module, str | None]:
+    """:func:`load_model` and the registry name of the model (given, or inferred from the file)."""
     from samtune.export import load_sam
 
     path = Path(checkpoint)
     if not path.is_file():
         raise ValueError(f"--checkpoint {path}: file not found")
-    return load_sam(path, model).model
+    if base_checkpoint is not None and not Path(base_checkpoint).is_file():
+        raise ValueError(f"--base-checkpoint {base_checkpoint}: file not found (expected the base weights the "
+                         f"adapter checkpoint {path} was trained on)")
+    loaded = load_sam(path, model, base_checkpoint=base_checkpoint, merge_adapters="auto")
+    return loaded.model, model if model is not None else loaded.name
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -103,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "checkpoint (default with --config: the recipe's model.init_args.checkpoint)")
     g.add_argument("--model", help="registry name, e.g. sam_vit_b, lite_medsam (default: inferred from the "
                                    "checkpoint; with --config: the recipe's)")
+    g.add_argument("--base-checkpoint", help="base weights of an adapter-only checkpoint (LoRA / adapters; "
+                   "default: the path it records)")
     g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     g.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
                    help="fp32 reproduces reference numbers; bf16/auto autocast encoder and decoder")
@@ -266,31 +281,51 @@ def _read_recipe(path: str) -> dict[str, Any]:
     return content
 
 
-def dataset_from_recipe(recipe: dict[str, Any], path: str, base: dict[str, Any]) -> Any:
-    """The validation dataset of a recipe's ``data`` section, rebuilt with the evaluation options ``base``."""
+def _datamodule_class(class_path: str) -> Any:
+    """The class a recipe's ``class_path`` names (short names: samtune's datamodules); None if there is none."""
     import importlib
 
+    import samtune.data.cached as cached
     import samtune.data.datamodules as datamodules
 
-    section = recipe["data"]
-    class_path = section.get("class_path")
-    if not isinstance(class_path, str):
-        raise ValueError(f"--config {path}: data.class_path is missing (e.g. MaskFolderDataModule)")
-    if "." in class_path:
-        module, _, attr = class_path.rpartition(".")
-        cls = getattr(importlib.import_module(module), attr, None)
-    else:
-        cls = getattr(datamodules, class_path, None)
-    if not (isinstance(cls, type) and issubclass(cls, datamodules.SegmentationDataModule)):
-        raise ValueError(f"--config {path}: data.class_path {class_path!r} is not a samtune datamodule "
-                         "(SA1BDataModule, COCODataModule, MaskFolderDataModule)")
+    if "." not in class_path:
+        return getattr(datamodules, class_path, None) or getattr(cached, class_path, None)
+    module, _, attr = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr, None)
+    except ImportError:
+        return None
+
+
+def dataset_from_recipe(recipe: dict[str, Any], path: str, base: dict[str, Any]) -> Any:
+    """The validation dataset of a recipe's ``data`` section, rebuilt with the evaluation options ``base``.
+
+    A ``CachedEmbeddingDataModule`` is unwrapped: evaluation runs the image encoder on the images, so the
+    datamodule it caches (its ``init_args.data``) is evaluated.
+    """
+    from samtune.data.cached import CachedEmbeddingDataModule
+    from samtune.data.datamodules import SegmentationDataModule
+
+    key, section = "data", recipe["data"]
+    while True:
+        class_path = section.get("class_path") if isinstance(section, dict) else None
+        if not isinstance(class_path, str):
+            raise ValueError(f"--config {path}: {key}.class_path is missing (e.g. MaskFolderDataModule)")
+        cls = _datamodule_class(class_path)
+        if not (isinstance(cls, type) and issubclass(cls, CachedEmbeddingDataModule)):
+            break
+        key, section = f"{key}.init_args.data", (section.get("init_args") or {}).get("data")
+    if not (isinstance(cls, type) and issubclass(cls, SegmentationDataModule)):
+        raise ValueError(f"--config {path}: {key}.class_path {class_path!r} is not a samtune datamodule "
+                         "(SA1BDataModule, COCODataModule, MaskFolderDataModule, or a CachedEmbeddingDataModule "
+                         "wrapping one)")
     init_args = dict(section.get("init_args") or {})
     init_args.update({k: v for k, v in base.items() if k != "train"})
     try:
         module = cls(**init_args)
         _, val = module.build_datasets()
     except TypeError as exc:
-        raise ValueError(f"--config {path}: data.init_args do not fit {cls.__name__}: {exc}") from exc
+        raise ValueError(f"--config {path}: {key}.init_args do not fit {cls.__name__}: {exc}") from exc
     return val
 
 
@@ -326,10 +361,11 @@ def main(argv: list[str]) -> int:
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output {out}: exists and is not a folder")
-    model = load_model(args.checkpoint, args.model)
+    model, model_name = _load(args.checkpoint, args.model, args.base_checkpoint)
     base = dataset_options(model, config, args.max_masks_per_image)
     if recipe is not None:
-        dataset = dataset_from_recipe(recipe, args.config, base)
+        # --seed replaces the recipe's data seed (which mask subset --max-masks-per-image keeps), as with --data
+        dataset = dataset_from_recipe(recipe, args.config, {**base, "seed": args.seed})
         default_name = Path(args.config).stem
     else:
         dataset, default_name = build_dataset(parser, args, base)
@@ -337,7 +373,8 @@ def main(argv: list[str]) -> int:
     report = evaluate(
         model, dataset, config, name=name, batch_size=args.batch_size, num_workers=args.num_workers,
         device=args.device, precision=args.precision, max_images=args.max_images, progress=not args.quiet,
-        metadata={"model": args.model, "checkpoint": str(args.checkpoint),
+        metadata={"model": model_name, "checkpoint": str(args.checkpoint),
+                  **({} if args.base_checkpoint is None else {"base_checkpoint": str(args.base_checkpoint)}),
                   "data": args.data or f"config:{args.config}"},
     )
     paths, warnings = write_report(report, out, plot=not args.no_plot)

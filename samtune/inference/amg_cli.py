@@ -9,8 +9,9 @@ For every image ``<stem>.<ext>`` it writes ``<output>/<stem>.json`` in the SA-1B
 :class:`samtune.data.SA1BDataset`. ``--output-mode`` chooses the masks' form: ``coco_rle`` (compressed RLE,
 as SA-1B), ``uncompressed_rle`` (run lengths as a list) or ``binary_mask`` (compressed RLE in the JSON plus one
 PNG per mask in ``<output>/<stem>/<index>.png``). ``--coco-results FILE`` also writes one COCO results list for
-all images (class-agnostic, category 1, score = predicted IoU); image ids are the file stems when they are
-integers (COCO file names), else 1, 2, ... in file order.
+all images (class-agnostic, category 1, score = predicted IoU). Image ids (in both outputs) are the file stems
+when every stem is an integer and no two are equal as numbers (COCO file names such as ``000000000042.jpg``),
+else every image is numbered 1, 2, ... in file order.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["main", "build_parser", "find_images"]
+__all__ = ["main", "build_parser", "find_images", "image_ids"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -41,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument(
         "--model", default=None,
         help="registry name of the architecture (e.g. sam_vit_b, lite_medsam); default: inferred from the checkpoint",
+    )
+    io.add_argument(
+        "--base-checkpoint", default=None,
+        help="base weights of an adapter-only checkpoint (LoRA / adapters); default: the path it records",
     )
     io.add_argument("--input", required=True, help="an image file or a folder of images (not recursive)")
     io.add_argument("--output", required=True, help="folder for <stem>.json (created)")
@@ -96,11 +101,24 @@ def _load_predictor(args: argparse.Namespace) -> Any:
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():
         raise AmgError(f"checkpoint not found: {checkpoint}")
-    return Predictor.from_checkpoint(checkpoint, model=args.model, device=args.device, precision=args.precision)
+    if args.base_checkpoint is not None and not Path(args.base_checkpoint).is_file():
+        raise AmgError(f"--base-checkpoint {args.base_checkpoint}: file not found (expected the base weights the "
+                       f"adapter checkpoint {checkpoint} was trained on)")
+    return Predictor.from_checkpoint(checkpoint, model=args.model, device=args.device, precision=args.precision,
+                                     base_checkpoint=args.base_checkpoint)
 
 
-def _image_id(path: Path, index: int) -> int:
-    return int(path.stem) if path.stem.isdigit() else index + 1
+def image_ids(images: Sequence[Path]) -> list[int]:
+    """COCO image ids of ``images``: their stems when all are integers that differ as numbers, else 1, 2, ...
+
+    Mixing the two schemes could give two images one id (``2.jpg`` and the second of ``a.jpg``, ``b.jpg``), and
+    so could stems such as ``7`` and ``007``.
+    """
+    if all(p.stem.isascii() and p.stem.isdigit() for p in images):
+        numbers = [int(p.stem) for p in images]
+        if len(set(numbers)) == len(numbers):
+            return numbers
+    return list(range(1, len(images) + 1))
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -140,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         output_mode=args.output_mode,
     )
     coco_results: list[dict[str, Any]] = []
+    ids = image_ids(images)
     total = 0
     bar = tqdm(images, unit="image", disable=args.quiet, file=sys.stderr)
     for index, path in enumerate(bar):
@@ -150,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
             raise AmgError(f"cannot read image {err}") from err
         records = generator.generate(image)
         total += len(records)
-        info = {"image_id": _image_id(path, index), "file_name": path.name, "height": image.shape[0], "width": image.shape[1]}
+        info = {"image_id": ids[index], "file_name": path.name, "height": image.shape[0], "width": image.shape[1]}
         segmentation = "uncompressed_rle" if args.output_mode == "uncompressed_rle" else "coco_rle"
         _write_json(output / f"{path.stem}.json", to_sa1b_json(records, info, segmentation=segmentation))
         if args.output_mode == "binary_mask":
@@ -181,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except (AmgError, ValueError) as err:  # CheckpointError is a ValueError
+        # `samtune amg --traceback` reaches here as SAMTUNE_TRACEBACK=1 (samtune.cli.main takes the flag off)
         if os.environ.get("SAMTUNE_TRACEBACK", "") not in ("", "0"):
             raise
         print(f"samtune amg: error: {err}", file=sys.stderr)

@@ -58,6 +58,39 @@ def test_annotated_size_mismatch_is_an_error(coco_file):
     assert COCODataset(coco_file, image_size=32, on_error="skip")[1]["image_id"] == "1"
 
 
+@pytest.mark.parametrize(("section", "position", "key", "message"), [
+    ("images", 1, "file_name", r"images\[1\] \(id 2\) has no 'file_name'"),
+    ("images", 2, "id", r"images\[2\] has no 'id'"),
+    ("annotations", 3, "image_id", r"annotations\[3\] \(id 13\) has no 'image_id'"),
+])
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_missing_required_keys_are_named_at_construction(coco_file, section, position, key, message, on_error):
+    """They used to be bare KeyErrors (file_name: at the sample, and again in the on_error='skip' handler)."""
+    data = json.loads(coco_file.read_text())
+    del data[section][position][key]
+    coco_file.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=rf"annotations\.json: {message}"):
+        COCODataset(coco_file, image_size=32, on_error=on_error)
+
+
+def test_non_integer_ids_are_named(coco_file):
+    data = json.loads(coco_file.read_text())
+    data["annotations"][1]["image_id"] = "one"
+    coco_file.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"annotations\[1\] \(id 11\): 'image_id' must be an integer, got 'one'"):
+        COCODataset(coco_file, image_size=32)
+
+
+def test_skip_handler_survives_an_unusable_image_path(coco_file):
+    """Turning an unexpected error into a SampleError must not fail itself on the entry whose path is broken."""
+    ds = COCODataset(coco_file, image_size=32, on_error="skip")
+    del ds.images[1]["file_name"]  # what a file without file_name used to give at the sample
+    assert ds[0]["image_id"] == "2" and ds.num_skipped == 1
+    del ds.images[2]["file_name"]
+    with pytest.raises(SampleError, match=r"COCODataset image 0 \(no path: KeyError.*no valid sample"):
+        ds[0]
+
+
 def test_bad_polygon_raises_with_annotation_id(coco_file):
     data = json.loads(coco_file.read_text())
     data["annotations"][0]["segmentation"] = [[1, 2, 3]]

@@ -153,3 +153,99 @@ def test_samtune_command_reports_one_line(label_folder, tiny_checkpoint, tmp_pat
     with pytest.raises(SystemExit) as err:
         samtune_main(["evaluate", "--help"])
     assert err.value.code == 0 and "--protocols" in capsys.readouterr().out
+
+
+def test_model_name_inferred_from_the_checkpoint_is_reported(label_folder, tiny_checkpoint, tmp_path, capsys) -> None:
+    """Without --model the header, the JSON and summary.csv name the inferred model (they said None)."""
+    images, masks = label_folder
+    out = tmp_path / "eval"
+    code, stdout, _ = _run(["--checkpoint", str(tiny_checkpoint), "--data", "mask_folder", "--images", str(images),
+                            "--masks", str(masks), "--protocols", "box", "--no-plot", "--output", str(out),
+                            "--num-workers", "0", "--quiet"], capsys)
+    assert code == 0 and stdout.startswith("rects: 2 images, 5 masks | model sam_tiny |")
+    assert json.loads((out / "rects.json").read_text())["info"]["model"] == "sam_tiny"
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert rows[0].startswith("name,model,") and rows[1].startswith("rects,sam_tiny,")
+
+
+def _folder_recipe(images: Path, masks: Path, path: Path, cached: bool) -> Path:
+    data = {"class_path": "MaskFolderDataModule",
+            "init_args": {"image_dir": str(images), "mask_dir": str(masks), "val_fraction": 0.5,
+                          "augmentation": "none", "batch_size": 2}}
+    if cached:
+        data = {"class_path": "samtune.data.cached.CachedEmbeddingDataModule",
+                "init_args": {"cache_dir": str(path.parent / "cache"), "storage_dtype": "float16", "data": data}}
+    path.write_text(yaml.safe_dump({"model": {"class_path": "PromptableSegmentationTask",
+                                              "init_args": {"model": "sam_tiny"}}, "data": data}))
+    return path
+
+
+def test_config_with_cached_embeddings_evaluates_the_wrapped_datamodule(label_folder, tiny_checkpoint, tmp_path,
+                                                                       capsys) -> None:
+    images, masks = label_folder
+    recipe = _folder_recipe(images, masks, tmp_path / "cached.yaml", cached=True)
+    code, stdout, _ = _run(["--config", str(recipe), "--checkpoint", str(tiny_checkpoint), "--protocols", "box",
+                            "--no-plot", "--output", str(tmp_path / "out"), "--num-workers", "0", "--quiet"], capsys)
+    data = json.loads((tmp_path / "out" / "cached.json").read_text())
+    assert code == 0 and data["num_images"] == 1 and data["info"]["model"] == "sam_tiny"
+    assert not (tmp_path / "cache").exists()  # the encoder runs on the images: no cache is built
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"data": {"class_path": "samtune.data.cached.CachedEmbeddingDataModule",
+                                            "init_args": {"cache_dir": "c", "data": {"class_path": "Nope"}}}}))
+    with pytest.raises(ValueError, match=r"data\.init_args\.data\.class_path 'Nope' is not a samtune datamodule"):
+        main(["--config", str(bad), "--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path / "o"), *FAST])
+
+
+def test_seed_reaches_the_recipe_datamodule(tmp_path, tiny_checkpoint, capsys) -> None:
+    """--seed picks the --max-masks-per-image subset with --config as with --data (it was ignored)."""
+    from tests.evaluation.conftest import rectangles, write_label_folder
+
+    boxes = [(2 + 7 * k, 2, 6 + 7 * k, 30) for k in range(6)]
+    images, masks = write_label_folder(tmp_path / "many", [rectangles((48, 40), boxes)] * 2)
+    recipe = _folder_recipe(images, masks, tmp_path / "recipe.yaml", cached=False)
+
+    def chosen(seed: int) -> list[str]:
+        out = tmp_path / f"seed{seed}"
+        code, _, _ = _run(["--config", str(recipe), "--checkpoint", str(tiny_checkpoint), "--protocols", "box",
+                           "--max-masks-per-image", "1", "--seed", str(seed), "--no-plot", "--output", str(out),
+                           "--num-workers", "0", "--quiet"], capsys)
+        assert code == 0
+        return [line.split(",")[1] for line in (out / "recipe_masks.csv").read_text().splitlines()[1:]]
+
+    picks = {seed: chosen(seed) for seed in range(4)}
+    assert all(len(p) == 1 for p in picks.values())
+    assert len({tuple(p) for p in picks.values()}) > 1, picks
+    assert chosen(2) == picks[2]
+
+
+def test_adapter_checkpoint_with_base_checkpoint_flag(label_folder, tiny_checkpoint, tmp_path, monkeypatch,
+                                                      capsys) -> None:
+    """An adapter checkpoint whose recorded base cannot be found: a one-line error naming --base-checkpoint, and
+    --base-checkpoint evaluates it."""
+    import shutil
+
+    from samtune.adapt import AdaptationConfig, apply_adaptation, save_adapter_checkpoint
+    from samtune.build import build_sam
+    from samtune.cli import main as samtune_main
+
+    images, masks = label_folder
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(tiny_checkpoint, run / "base.pth")
+    monkeypatch.chdir(run)
+    model = apply_adaptation(build_sam("sam_tiny", "base.pth"), AdaptationConfig(method="lora", lora_rank=2))
+    adapter = save_adapter_checkpoint(model, run / "adapter.pt", model_name="sam_tiny", base_checkpoint="base.pth")
+    moved = (run / "base.pth").rename(tmp_path / "moved.pth")
+    monkeypatch.chdir(tmp_path)
+    args = ["evaluate", "--checkpoint", str(adapter), "--data", "mask_folder", "--images", str(images), "--masks",
+            str(masks), "--protocols", "box", "--no-plot", "--num-workers", "0", "--quiet"]
+    with pytest.raises(SystemExit) as err:
+        samtune_main([*args, "--output", str(tmp_path / "a")])
+    message = capsys.readouterr().err.splitlines()[0]
+    assert err.value.code == 1 and "base checkpoint base.pth not found" in message and "--base-checkpoint" in message
+    with pytest.raises(ValueError, match=r"--base-checkpoint .*nope\.pth: file not found"):
+        main([*args[1:], "--output", str(tmp_path / "b"), "--base-checkpoint", str(tmp_path / "nope.pth")])
+    code, stdout, _ = _run([*args[1:], "--output", str(tmp_path / "c"), "--base-checkpoint", str(moved)], capsys)
+    info = json.loads((tmp_path / "c" / "rects.json").read_text())["info"]
+    assert code == 0 and "model sam_tiny" in stdout
+    assert info["base_checkpoint"] == str(moved) and info["checkpoint"] == str(adapter)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -44,7 +45,8 @@ def test_folder_to_sa1b_json_coco_results_and_progress(setup, tmp_path, capsys):
     assert "masks for 2 image(s) written to" in err
     assert sorted(p.name for p in out.iterdir()) == ["000000000042.json", "scene.json"]
     sa1b = json.loads((out / "000000000042.json").read_text())
-    assert sa1b["image"] == {"image_id": 42, "file_name": "000000000042.png", "height": 200, "width": 150}
+    # "scene" is not a number: every image is numbered by its place (a stem id could collide with a place)
+    assert sa1b["image"] == {"image_id": 1, "file_name": "000000000042.png", "height": 200, "width": 150}
     # The masks are the generator's on the same (PNG, lossless) image.
     expected = AutomaticMaskGenerator(localized_sam("sam_tiny"), points_per_side=6, pred_iou_thresh=0, stability_score_thresh=0.5, precision="fp32").generate(arrays["000000000042.png"])
     anns = sa1b["annotations"]
@@ -58,7 +60,7 @@ def test_folder_to_sa1b_json_coco_results_and_progress(setup, tmp_path, capsys):
     assert scene["image"]["image_id"] == 2 and (scene["image"]["height"], scene["image"]["width"]) == (160, 210)
     coco = json.loads((tmp_path / "coco.json").read_text())
     assert len(coco) == len(anns) + len(scene["annotations"])
-    assert {r["image_id"] for r in coco} == {42, 2} and all(r["category_id"] == 1 for r in coco)
+    assert {r["image_id"] for r in coco} == {1, 2} and all(r["category_id"] == 1 for r in coco)
 
 
 def test_single_file_binary_masks_and_uncompressed(setup, tmp_path, capsys):
@@ -123,3 +125,60 @@ def test_dispatch_from_samtune_cli(setup, tmp_path, capsys):
         samtune_main(["amg", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")])
     assert exit_.value.code == 1
     assert f"samtune amg: error: input not found: {tmp_path / 'nothing'}" in capsys.readouterr().err
+
+
+def test_image_ids_are_unique(setup, tmp_path, capsys):
+    """``2.jpg`` and ``a.jpg`` both got image_id 2; ids now come from the stems only when all are distinct
+    integers, and the per-image JSON and --coco-results agree."""
+    from samtune.inference.amg_cli import image_ids
+
+    assert image_ids([Path("000000000042.jpg"), Path("7.png")]) == [42, 7]
+    assert image_ids([Path("2.jpg"), Path("a.jpg")]) == [1, 2]
+    assert image_ids([Path("007.png"), Path("7.jpg")]) == [1, 2]  # equal as numbers
+    assert image_ids([Path("\u00b2.png")]) == [1]  # a Unicode digit is not a COCO id
+    checkpoint, images, arrays = setup
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in ("2.png", "a.png", "b.png"):
+        cv2.imwrite(str(folder / name), cv2.cvtColor(arrays["000000000042.png"][:64, :64], cv2.COLOR_RGB2BGR))
+    out, results = tmp_path / "out", tmp_path / "coco.json"
+    assert main(["--checkpoint", str(checkpoint), "--model", "sam_tiny", "--input", str(folder), "--output", str(out),
+                 "--coco-results", str(results), *FAST]) == 0
+    ids = {name: json.loads((out / f"{name}.json").read_text())["image"]["image_id"] for name in ("2", "a", "b")}
+    assert ids == {"2": 1, "a": 2, "b": 3}
+    coco = json.loads(results.read_text())
+    assert coco and {r["image_id"] for r in coco} <= set(ids.values())
+
+
+def test_base_checkpoint_flag_and_traceback(setup, tmp_path, monkeypatch, capsys):
+    """An adapter checkpoint whose base moved: the error names --base-checkpoint, which then runs it; with
+    ``samtune amg --traceback`` the error raises instead of printing one line."""
+    from samtune.adapt import AdaptationConfig, apply_adaptation, save_adapter_checkpoint
+    from samtune.build import build_sam
+    from samtune.checkpoints import CheckpointError
+    from samtune.cli import main as samtune_main
+
+    checkpoint, images, _ = setup
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.chdir(run)
+    (run / "base.pth").write_bytes(checkpoint.read_bytes())
+    model = apply_adaptation(build_sam("sam_tiny", "base.pth"), AdaptationConfig(method="lora", lora_rank=2))
+    adapter = save_adapter_checkpoint(model, run / "adapter.pt", model_name="sam_tiny", base_checkpoint="base.pth")
+    moved = (run / "base.pth").rename(tmp_path / "moved.pth")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SAMTUNE_TRACEBACK", raising=False)
+    args = ["--checkpoint", str(adapter), "--input", str(images / "scene.jpg"), "--output", str(tmp_path / "o"), *FAST]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "base checkpoint base.pth not found" in err and "--base-checkpoint" in err and len(err.splitlines()) == 1
+    assert main([*args, "--base-checkpoint", str(tmp_path / "nope.pth")]) == 1
+    assert "--base-checkpoint " + str(tmp_path / "nope.pth") + ": file not found" in capsys.readouterr().err
+    assert main([*args, "--base-checkpoint", str(moved)]) == 0
+    assert json.loads((tmp_path / "o" / "scene.json").read_text())["annotations"]
+    with pytest.raises(CheckpointError, match="base checkpoint base.pth not found"):
+        samtune_main(["amg", *args, "--traceback"])
+    assert "SAMTUNE_TRACEBACK" not in os.environ  # the flag does not leak into later commands
+    with pytest.raises(SystemExit) as exit_:
+        samtune_main(["amg", *args])
+    assert exit_.value.code == 1
