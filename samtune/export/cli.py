@@ -14,7 +14,6 @@ source checkpoint, training config); the ``.pth`` itself stays a plain state dic
 from __future__ import annotations
 
 import argparse
-import traceback
 
 from samtune.export.writer import FORMATS
 
@@ -63,22 +62,6 @@ def _onnxruntime_available() -> bool:
     return True
 
 
-def _detach_cause(err: BaseException) -> None:
-    """Cut the exception chain of a samtune error, keeping the cause's traceback as a note.
-
-    ``samtune``'s one-line report shows the innermost exception of a chain; samtune's errors already quote their
-    cause next to the file name (e.g. a truncated checkpoint), so that the raw cause alone would lose the file.
-    The note keeps the cause in the ``--traceback`` output.
-    """
-    cause = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
-    if cause is None:
-        return
-    err.add_note("caused by:\n" + "".join(traceback.format_exception(cause)).rstrip())
-    err.__cause__ = None
-    err.__context__ = None
-    err.__suppress_context__ = True
-
-
 def main(argv: list[str]) -> int:
     """Run ``samtune export``; returns 0 on success (usage errors exit 2).
 
@@ -104,7 +87,6 @@ def main(argv: list[str]) -> int:
     except (CheckpointError, OnnxExportError, ValueError) as err:
         if isinstance(err, CheckpointError) and "cannot infer the model" in str(err) and len(err.args) == 1:
             err.args = (f"{err} (on the command line: --model NAME)",)  # same exception: --traceback shows it
-        _detach_cause(err)
         raise
     loaded = result.loaded
     size_mb = result.output.stat().st_size / 2**20
