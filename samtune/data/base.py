@@ -30,7 +30,7 @@ import os
 from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 
 from samtune.data.collate import global_rank
 from samtune.data.errors import OnError, SampleError, SkipCounter
-from samtune.data.io import INTENSITY_PRESETS, Intensity, prepare_image
+from samtune.data.io import Intensity, check_intensity_options, prepare_image
 from samtune.data.masks import DenseMaskSource, MaskSource, masks_to_boxes
 from samtune.data.transforms import Augmenter, AugmentationPreset, resize_longest, to_model_input
 from samtune.modeling.preprocessing import Normalization
@@ -152,14 +152,7 @@ class SegmentationDataset(Dataset):
             raise ValueError(f"repeats must be >= 1, got {repeats}")
         if not 0.0 < region_min_fraction <= 1.0:
             raise ValueError(f"region_min_fraction must be in (0, 1], got {region_min_fraction}")
-        if intensity not in INTENSITY_PRESETS:
-            raise ValueError(f"intensity must be one of {', '.join(INTENSITY_PRESETS)}, got {intensity!r}")
-        if intensity == "window" and window is None:
-            raise ValueError("intensity='window' needs window=(low, high)")
-        _check_pair("percentiles", percentiles, "0 <= low < high <= 100", lambda lo, hi: 0 <= lo < hi <= 100)
-        if window is not None:
-            _check_pair("window", window, "low < high, both finite (raw image units)",
-                        lambda lo, hi: np.isfinite(lo) and np.isfinite(hi) and lo < hi)
+        check_intensity_options(intensity, percentiles, window)
         self.image_size = image_size
         self.normalization = normalization
         self.train = train
@@ -457,17 +450,6 @@ def _window_holding_a_mask_pixel(masks: np.ndarray, size: int, rng: np.random.Ge
         return int(rng.integers(low, high + 1))
 
     return start(int(ys[k]), height), start(int(xs[k]), width)
-
-
-def _check_pair(name: str, value: Any, expected: str, valid: Callable[[float, float], bool]) -> None:
-    """Raise ValueError naming argument ``name`` unless ``value`` is two numbers ``(low, high)`` that are
-    ``valid``."""
-    try:
-        low, high = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be two numbers (low, high) with {expected}, got {value!r}") from None
-    if not valid(low, high):
-        raise ValueError(f"{name} must be (low, high) with {expected}, got {tuple(value)!r}")
 
 
 def _region_window(region: tuple[int, ...], height: int, width: int, path: Path) -> tuple[int, int, int, int]:

@@ -20,7 +20,7 @@ data (``auto``, ``minmax``, ``percentile``), which they would turn into an all-b
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Sequence, get_args
+from typing import Any, Callable, Literal, Sequence, get_args
 
 import cv2
 import numpy as np
@@ -206,15 +206,13 @@ def normalize_intensity(
     if intensity == "minmax":
         low, high = float(image.min()), float(image.max())
     elif intensity == "percentile":
-        if not 0 <= float(percentiles[0]) < float(percentiles[1]) <= 100:
-            raise ValueError(f"percentiles must be (low, high) with 0 <= low < high <= 100, got {tuple(percentiles)}")
+        _check_percentiles(percentiles)
         low, high = (float(v) for v in np.percentile(image, percentiles))
     elif intensity == "window":
         if window is None:
             raise ValueError("intensity='window' needs window=(low, high)")
+        _check_window(window)
         low, high = float(window[0]), float(window[1])
-        if not low < high:
-            raise ValueError(f"window must be (low, high) with low < high, got {tuple(window)}")
     else:
         raise ValueError(f"intensity must be one of {', '.join(INTENSITY_PRESETS)}, got {intensity!r}")
     scale = 255.0 / max(high - low, 1e-8)
@@ -233,6 +231,42 @@ def prepare_image(
     """``select_bands`` then ``normalize_intensity``: ``[H, W(, C)]`` raw -> ``[H, W, 3]`` uint8 (contiguous)."""
     rgb = select_bands(image, bands, path)
     return np.ascontiguousarray(normalize_intensity(rgb, intensity, percentiles, window, path))
+
+
+def check_intensity_options(
+    intensity: str, percentiles: Sequence[float], window: Sequence[float] | None
+) -> None:
+    """Raise ValueError naming the argument unless ``intensity`` is a preset, ``percentiles`` is ``(low, high)`` with
+    ``0 <= low < high <= 100`` and ``window`` (when given; required by ``"window"``) is finite with ``low < high``.
+
+    Datasets call it when they are built, so that a bad option fails at once instead of in every sample."""
+    if intensity not in INTENSITY_PRESETS:
+        raise ValueError(f"intensity must be one of {', '.join(INTENSITY_PRESETS)}, got {intensity!r}")
+    if intensity == "window" and window is None:
+        raise ValueError("intensity='window' needs window=(low, high)")
+    _check_percentiles(percentiles)
+    if window is not None:
+        _check_window(window)
+
+
+def _check_percentiles(percentiles: Sequence[float]) -> None:
+    _check_pair("percentiles", percentiles, "0 <= low < high <= 100", lambda lo, hi: 0 <= lo < hi <= 100)
+
+
+def _check_window(window: Sequence[float]) -> None:
+    _check_pair("window", window, "low < high, both finite (raw image units)",
+                lambda lo, hi: bool(np.isfinite(lo) and np.isfinite(hi)) and lo < hi)
+
+
+def _check_pair(name: str, value: Any, expected: str, valid: Callable[[float, float], bool]) -> None:
+    """Raise ValueError naming argument ``name`` unless ``value`` is two numbers ``(low, high)`` that are
+    ``valid``."""
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be two numbers (low, high) with {expected}, got {value!r}") from None
+    if not valid(low, high):
+        raise ValueError(f"{name} must be (low, high) with {expected}, got {tuple(value)!r}")
 
 
 def _check_finite(image: np.ndarray, intensity: str, path: str | Path) -> None:
