@@ -4,8 +4,9 @@
 * ``iou_box``: mean IoU after the ground-truth box alone (when box IoUs were given).
 * ``dice_click_{i}``, ``dice_box``: the same rounds' mean Dice coefficient (DSC, the usual medical metric),
   per mask ``2 |A & B| / (|A| + |B|)``, which equals ``2 IoU / (1 + IoU)`` of the same mask.
-* ``noc_{t}``: mean number of clicks to reach IoU >= t/100 (e.g. ``noc_85``, ``noc_90``); a mask that never
-  reaches it within the k clicks counts k (the cap), as in the interactive-segmentation literature.
+* ``noc_{t}``: mean number of clicks to reach IoU >= t/100 (e.g. ``noc_85``, ``noc_90``, ``noc_87.5``: ``t`` is the
+  threshold in percent, see :func:`noc_tag`); a mask that never reaches it within the k clicks counts k (the cap),
+  as in the interactive-segmentation literature.
 * ``nof_{t}``: fraction of masks that never reach IoU >= t/100 within the k clicks.
 * ``iou_pred_mae``: mean absolute error between the IoU head's prediction and the actual IoU, over every
   round given (clicks and box).
@@ -23,13 +24,30 @@ from torchmetrics import Metric
 
 from samtune.prompts.evaluator import EvaluationResult
 
-__all__ = ["ClickIoU", "dice_from_iou", "number_of_clicks"]
+__all__ = ["ClickIoU", "dice_from_iou", "noc_tag", "number_of_clicks"]
 
 
 def dice_from_iou(iou: torch.Tensor) -> torch.Tensor:
     """Per-mask Dice coefficient from the same mask's IoU: ``2 IoU / (1 + IoU)`` (0 where IoU is 0)."""
     iou = iou.float()
     return 2.0 * iou / (1.0 + iou)
+
+
+def noc_tag(threshold: float) -> str:
+    """The name of a NoC / NoF threshold in metric keys: the threshold in percent, without trailing zeros
+    (0.85 -> ``"85"``, 0.875 -> ``"87.5"``), so that distinct thresholds never share a key."""
+    return f"{round(float(threshold) * 100, 6):g}"
+
+
+def check_noc_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
+    """``thresholds`` as floats; raises ``ValueError`` unless each is in (0, 1] and their tags are distinct."""
+    values = tuple(float(t) for t in thresholds)
+    if any(not 0.0 < t <= 1.0 for t in values):
+        raise ValueError(f"noc_thresholds must be in (0, 1], got {list(thresholds)}")
+    tags = [noc_tag(t) for t in values]
+    if len(set(tags)) != len(tags):
+        raise ValueError(f"noc_thresholds must be distinct, got {list(thresholds)}")
+    return values
 
 
 def number_of_clicks(click_ious: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -64,10 +82,8 @@ class ClickIoU(Metric):
         super().__init__(**kwargs)
         if num_clicks < 1:
             raise ValueError(f"num_clicks must be >= 1, got {num_clicks}")
-        if any(not 0.0 < t <= 1.0 for t in noc_thresholds):
-            raise ValueError(f"noc_thresholds must be in (0, 1], got {list(noc_thresholds)}")
+        self.noc_thresholds = check_noc_thresholds(noc_thresholds)
         self.num_clicks = num_clicks
-        self.noc_thresholds = tuple(float(t) for t in noc_thresholds)
         n_thr = len(self.noc_thresholds)
         self.add_state("click_iou_sum", torch.zeros(num_clicks), dist_reduce_fx="sum")
         self.add_state("click_dice_sum", torch.zeros(num_clicks), dist_reduce_fx="sum")
@@ -154,7 +170,7 @@ class ClickIoU(Metric):
             out[f"iou_click_{i + 1}"] = per_click[i]
             out[f"dice_click_{i + 1}"] = dice_per_click[i]
         for i, threshold in enumerate(self.noc_thresholds):
-            tag = f"{round(threshold * 100):d}"
+            tag = noc_tag(threshold)
             out[f"noc_{tag}"] = self.noc_sum[i] / n
             out[f"nof_{tag}"] = self.failures[i] / n
         if self.num_box > 0:

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from samtune.metrics import ClickIoU, number_of_clicks
+from samtune.metrics import ClickIoU, noc_tag, number_of_clicks
 from samtune.prompts import EvaluationResult
 
 IOUS = torch.tensor(
@@ -80,6 +80,20 @@ def test_bad_shapes_raise() -> None:
         metric.update(torch.zeros(2, 3), box_ious=torch.zeros(3))
     with pytest.raises(ValueError, match="noc_thresholds"):
         ClickIoU(num_clicks=3, noc_thresholds=(85,))
+    with pytest.raises(ValueError, match="must be distinct"):
+        ClickIoU(num_clicks=3, noc_thresholds=(0.85, 0.85))
+
+
+def test_noc_keys_name_each_threshold_exactly() -> None:
+    """Thresholds that round to the same whole percent keep their own keys (0.85 and 0.851 used to share
+    ``noc_85``, the second silently overwriting the first)."""
+    assert [noc_tag(t) for t in (0.85, 0.9, 0.875, 0.851, 1.0)] == ["85", "90", "87.5", "85.1", "100"]
+    metric = ClickIoU(num_clicks=3, noc_thresholds=(0.85, 0.851, 0.875))
+    metric.update(IOUS)
+    out = metric.compute()
+    assert out["noc_85"].item() == pytest.approx(2.0)  # (2 + 1 + 3) / 3
+    assert out["noc_85.1"].item() == pytest.approx(2.0)
+    assert out["noc_87.5"].item() == pytest.approx(7 / 3)  # (3 + 1 + 3) / 3
 
 
 def _ddp_worker(rank: int, world: int, port: int, queue) -> None:

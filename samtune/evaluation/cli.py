@@ -25,6 +25,7 @@ import torch
 from samtune.evaluation.protocols import PROTOCOLS, ProtocolConfig
 from samtune.evaluation.report import format_table, write_report
 from samtune.evaluation.runner import dataset_options, evaluate
+from samtune.metrics import check_noc_thresholds
 
 __all__ = ["build_parser", "load_model", "main"]
 
@@ -348,8 +349,10 @@ def main(argv: list[str]) -> int:
         parser.error("give the dataset with --data {mask_folder,coco,sa1b} (and its paths) or --config RECIPE")
     if args.checkpoint is None:
         parser.error("--checkpoint is required")
-    if any(not 0.0 < t <= 1.0 for t in args.noc_thresholds):
-        parser.error(f"--noc-thresholds must be in (0, 1], got {args.noc_thresholds}")
+    try:
+        check_noc_thresholds(args.noc_thresholds)
+    except ValueError as exc:
+        parser.error(f"--noc-thresholds: {exc}")
     config = ProtocolConfig(
         protocols=tuple(args.protocols), num_clicks=args.clicks,
         first_click_multimask=args.first_click == "multimask", later_clicks_multimask=args.later_clicks == "multimask",

@@ -43,6 +43,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
+from samtune.metrics import check_noc_thresholds
 from samtune.prompts.deterministic import largest_error_points, region_centers
 from samtune.prompts.geometry import check_masks, mask_iou, resize_logits
 from samtune.prompts.sampling import PAD_LABEL, jitter_boxes, mask_boxes
@@ -108,7 +109,7 @@ class ProtocolConfig:
         if unknown or not protocols:
             raise ValueError(f"protocols must be a non-empty subset of {list(PROTOCOLS)}, got {list(protocols)}")
         object.__setattr__(self, "protocols", tuple(p for p in PROTOCOLS if p in protocols))  # canonical order
-        object.__setattr__(self, "noc_thresholds", tuple(float(t) for t in self.noc_thresholds))
+        object.__setattr__(self, "noc_thresholds", check_noc_thresholds(self.noc_thresholds))
         if self.num_clicks < 1:
             raise ValueError(f"num_clicks must be >= 1, got {self.num_clicks}")
         if self.iou_resolution not in ("original", "input"):
@@ -119,8 +120,6 @@ class ProtocolConfig:
             raise ValueError(
                 f"box noise must be >= 0, got std fraction {self.box_noise_std_fraction}, max {self.box_noise_max}"
             )
-        if any(not 0.0 < t <= 1.0 for t in self.noc_thresholds):
-            raise ValueError(f"noc_thresholds must be in (0, 1], got {list(self.noc_thresholds)}")
         if self.postprocess_chunk < 1:
             raise ValueError(f"postprocess_chunk must be >= 1, got {self.postprocess_chunk}")
         if self.max_masks_per_call < 1:

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import torch
 
 from samtune.evaluation.protocols import ProtocolConfig
-from samtune.metrics import ClickIoU, dice_from_iou
+from samtune.metrics import ClickIoU, dice_from_iou, noc_tag
 
 __all__ = [
     "FORMAT",
@@ -97,7 +97,7 @@ def summarize(per_mask: dict[str, Any], config: ProtocolConfig) -> dict[str, Any
             values = {k: float(v) for k, v in metric.compute().items()}
         else:
             values = {}
-        tags = [f"{round(t * 100):d}" for t in config.noc_thresholds]
+        tags = [noc_tag(t) for t in config.noc_thresholds]
         out["clicks"] = {
             "max_clicks": config.num_clicks,
             "miou": [values.get(f"iou_click_{i + 1}") for i in range(config.num_clicks)],

@@ -97,6 +97,9 @@ def test_config_recipe_data_section(label_folder, tiny_checkpoint, tmp_path, cap
         (["--data", "sa1b", "--images", "x", "--config", "r.yaml"], "--config takes the data settings"),
         ([], "give the dataset with --data"),
         (["--data", "sa1b", "--images", "x", "--percentiles", "1"], "expected 2 comma-separated values"),
+        (["--data", "sa1b", "--images", "x", "--noc-thresholds", "0.9,0.9"],
+         "--noc-thresholds: noc_thresholds must be distinct"),
+        (["--data", "sa1b", "--images", "x", "--noc-thresholds", "85"], "--noc-thresholds: noc_thresholds must be in"),
     ],
 )
 def test_usage_errors(args, message, tiny_checkpoint, tmp_path, capsys) -> None:

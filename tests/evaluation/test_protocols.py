@@ -175,6 +175,8 @@ def test_config_validation() -> None:
         ProtocolConfig(iou_resolution="full")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="noc_thresholds"):
         ProtocolConfig(noc_thresholds=(85,))
+    with pytest.raises(ValueError, match="noc_thresholds must be distinct"):
+        ProtocolConfig(noc_thresholds=(0.9, 0.9))
     assert ProtocolConfig(protocols=("clicks", "box")).protocols == ("box", "clicks")
     with pytest.raises(ValueError, match="ImageTarget.gt"):
         ImageTarget(torch.zeros(1, 4, 4), (4, 4))
