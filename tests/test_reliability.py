@@ -208,6 +208,29 @@ def test_resume_after_kill_continues_exactly(tmp_path, monkeypatch):
     assert sorted(epochs[0]) == sorted(epochs[1]) and len(set(epochs[0])) == 6 and epochs[0] != epochs[1]
 
 
+def test_resume_with_more_steps_follows_the_longer_schedule(tmp_path, monkeypatch, caplog):
+    """A finished 4-step run resumed with --trainer.max_steps 8 continues on the cosine schedule of an 8-step run
+    (the checkpoint's 4-step schedule sat at its floor), and the log says that the schedule changed."""
+    monkeypatch.chdir(tmp_path)
+    common = ["--model.init_args.optimizer.warmup_steps", "1", "--trainer.val_check_interval", "null",
+              "--trainer.check_val_every_n_epoch", "100"]
+    record = {"class_path": "tests.test_reliability.RecordSteps", "init_args": {"path": "steps.jsonl"}}
+    assert run_cli(quick_args(*common, *_callbacks_arg(record), steps=4)) == 0
+    with caplog.at_level(logging.WARNING, logger="samtune"):
+        assert run_cli([*quick_args(*common, *_callbacks_arg(record), steps=8), "--ckpt_path", "last"]) == 0
+    assert "total_steps 4 -> 8" in caplog.text
+    resumed = _records(tmp_path / "steps.jsonl")
+    reference_dir = tmp_path / "reference"
+    reference_dir.mkdir()
+    monkeypatch.chdir(reference_dir)
+    assert run_cli(quick_args(*common, *_callbacks_arg(record), steps=8)) == 0
+    reference = _records(reference_dir / "steps.jsonl")
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(5, 9):  # the lr each resumed step used: that of the 8-step run
+        assert resumed[step]["lr"] == pytest.approx(reference[step]["lr"], rel=1e-9), step
+    assert resumed[5]["lr"] > 5 * resumed[4]["lr"]  # the 4-step schedule had reached its floor (5% of the lr)
+
+
 # ------------------------------------------------------------------------------------------ non-finite loss
 def test_nan_loss_is_skipped_and_training_continues(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)

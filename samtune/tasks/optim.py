@@ -1,17 +1,22 @@
 """AdamW parameter groups (no decay on norms/biases/embeddings, layer-wise lr decay) and lr schedules."""
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from samtune.modeling.sam import Sam
 from samtune.tasks.config import OptimizerConfig
 
-__all__ = ["no_weight_decay_names", "encoder_lr_scales", "param_groups", "WarmupSchedule"]
+__all__ = ["no_weight_decay_names", "encoder_lr_scales", "param_groups", "WarmupSchedule", "WarmupLR"]
+
+logger = logging.getLogger(__name__)
 
 # Parameters that are position tables or learned tokens, by name (besides nn.Embedding weights and 0/1-d tensors).
 _NO_DECAY_NAME_PARTS = ("pos_embed", "rel_pos_h", "rel_pos_w", "attention_biases")
@@ -176,3 +181,47 @@ class WarmupSchedule:
         else:
             raise ValueError(f"unknown schedule {self.schedule!r}; expected 'step', 'cosine' or 'constant'")
         return max(factor, self.min_lr_ratio)
+
+
+class WarmupLR(torch.optim.lr_scheduler.LambdaLR):
+    """``LambdaLR`` over one :class:`WarmupSchedule` that, on resume, keeps the schedule of the current run.
+
+    The schedule is a function of the configuration (``optimizer.*``) and of the trainer (``max_steps``), so a
+    resumed run rebuilds it. Plain ``LambdaLR`` would overwrite it with the one saved in the checkpoint, and a run
+    resumed with a longer ``trainer.max_steps``, another ``optimizer.lr`` or another warmup would silently keep the
+    old ones (a cosine schedule would sit at its floor for every added step). Here the checkpoint restores the
+    position (the optimizer steps taken) and the current schedule and base rates apply from the first resumed step
+    on; when they differ from the checkpoint's, a warning names each change. With an unchanged configuration the
+    resumed rates are exactly those of an uninterrupted run.
+
+    Construct it as ``WarmupLR(optimizer, schedule)``.
+    """
+
+    @property
+    def schedule(self) -> WarmupSchedule:
+        return self.lr_lambdas[0]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        saved_lambdas = state.pop("lr_lambdas", None) or [None]
+        saved_base = state.pop("base_lrs", None)
+        changes = []
+        if isinstance(saved_lambdas[0], dict):
+            current = dataclasses.asdict(self.schedule)
+            for key, value in current.items():
+                old = saved_lambdas[0].get(key, value)
+                if (tuple(old) if isinstance(old, (list, tuple)) else old) != value:
+                    changes.append(f"{key} {old} -> {value}")
+        if saved_base is not None and [float(v) for v in saved_base] != [float(v) for v in self.base_lrs]:
+            changes.append(f"base learning rates {list(saved_base)} -> {list(self.base_lrs)}")
+        super().load_state_dict({**state, "lr_lambdas": [None] * len(self.lr_lambdas)})
+        if changes:
+            # The optimizer's state (restored before the scheduler's, as Lightning does) holds the old rates.
+            rates = [base * fn(self.last_epoch) for base, fn in zip(self.base_lrs, self.lr_lambdas)]
+            for group, base, rate in zip(self.optimizer.param_groups, self.base_lrs, rates):
+                group["lr"], group["initial_lr"] = rate, base
+            self._last_lr = rates
+            logger.warning(
+                "resuming at optimizer step %d with a learning-rate schedule other than the checkpoint's (%s): "
+                "the current configuration applies from this step on", self.last_epoch, "; ".join(changes),
+            )

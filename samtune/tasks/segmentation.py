@@ -42,7 +42,7 @@ from samtune.prompts.deterministic import region_centers
 from samtune.prompts.geometry import resize_masks
 from samtune.prompts.sampling import PAD_LABEL
 from samtune.tasks.config import LossConfig, OptimizerConfig, to_plain
-from samtune.tasks.optim import WarmupSchedule, param_groups
+from samtune.tasks.optim import WarmupLR, WarmupSchedule, param_groups
 
 __all__ = ["PromptableSegmentationTask"]
 
@@ -406,7 +406,8 @@ class PromptableSegmentationTask(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW over the trainable parameters, with a per-step LambdaLR (warmup + step / cosine / constant)."""
+        """AdamW over the trainable parameters, with a per-step :class:`WarmupLR` (warmup + step / cosine / constant;
+        a resumed run follows the current configuration's schedule from its restored step)."""
         cfg = self.optimizer_config
         groups = param_groups(self.model, cfg)
         if not groups:
@@ -414,7 +415,7 @@ class PromptableSegmentationTask(L.LightningModule):
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
         schedule = WarmupSchedule.from_config(cfg, total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = WarmupLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     # ------------------------------------------------------------------------------------------ checkpoints

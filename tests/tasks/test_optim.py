@@ -145,6 +145,65 @@ def test_lambda_lr_drives_group_lrs_per_step() -> None:
     assert len({round(b, 12) for b in base}) > 2
 
 
+def _task_scheduler(max_steps: int, **optimizer: object):
+    import lightning as L
+
+    task = PromptableSegmentationTask("sam_tiny", optimizer=OptimizerConfig(**optimizer))
+    task.trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False)
+    conf = task.configure_optimizers()
+    return conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+
+
+def _resume(state: tuple[dict, dict], max_steps: int, **optimizer: object):
+    """A fresh optimizer and scheduler for ``max_steps``, restored as Lightning does (optimizer first)."""
+    new_optimizer, new_scheduler = _task_scheduler(max_steps, **optimizer)
+    new_optimizer.load_state_dict(state[0])
+    new_scheduler.load_state_dict(state[1])
+    return new_optimizer, new_scheduler
+
+
+def test_resume_follows_the_current_schedule(caplog) -> None:
+    """A run resumed with a longer max_steps or another lr follows the new cosine schedule from the restored step
+    (plain LambdaLR kept the checkpoint's total, so the rate sat at the floor for every added step), and says so;
+    resumed with the same settings it continues exactly."""
+    import logging
+
+    settings = {"lr": 1e-3, "warmup_steps": 2, "schedule": "cosine", "min_lr_ratio": 0.0}
+    optimizer, scheduler = _task_scheduler(10, **settings)
+    for _ in range(6):
+        optimizer.step()
+        scheduler.step()
+    state = (optimizer.state_dict(), scheduler.state_dict())
+    _, reference = _task_scheduler(20, **settings)
+
+    with caplog.at_level(logging.WARNING, logger="samtune"):
+        same_optimizer, same = _resume(state, 10, **settings)
+    assert not [r for r in caplog.records if r.name.startswith("samtune")]
+    assert [g["lr"] for g in same_optimizer.param_groups] == [g["lr"] for g in optimizer.param_groups]
+    same_optimizer.step()
+    same.step()
+    optimizer.step()
+    scheduler.step()
+    assert same.get_last_lr() == scheduler.get_last_lr()
+
+    with caplog.at_level(logging.WARNING, logger="samtune"):
+        longer_optimizer, longer = _resume(state, 20, **settings)
+    assert longer.last_epoch == 6 and longer.schedule.total_steps == 20
+    assert "total_steps 10 -> 20" in caplog.text and "optimizer step 6" in caplog.text
+    expected = 1e-3 * reference.schedule(6)
+    assert longer_optimizer.param_groups[0]["lr"] == pytest.approx(expected)  # already for the first resumed step
+    longer_optimizer.step()
+    longer.step()
+    assert longer.get_last_lr()[0] == pytest.approx(1e-3 * reference.schedule(7))
+    assert longer.get_last_lr()[0] > 1e-3 * scheduler.lr_lambdas[0](7) * 2  # the old total would have decayed
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="samtune"):
+        faster_optimizer, _ = _resume(state, 10, **{**settings, "lr": 2e-3})
+    assert "base learning rates [0.001, 0.001] -> [0.002, 0.002]" in caplog.text  # decay and no-decay groups
+    assert faster_optimizer.param_groups[0]["lr"] == pytest.approx(2e-3 * scheduler.schedule(6))
+
+
 def test_config_validation_errors() -> None:
     with pytest.raises(ValueError, match="layer_decay"):
         OptimizerConfig(layer_decay=0.0)
