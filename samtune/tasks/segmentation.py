@@ -4,7 +4,8 @@ Training step (SAM paper, Appendix A): each image of the batch is encoded once; 
 its rounds (11 by default), each decoding all valid masks of all images in ONE batched decoder call; the per-round
 loss sums (focal 20 : dice 1 : IoU 1, min over the multimask outputs) are added up and divided by the number of
 valid masks over all devices and, with ``accumulate_grad_batches``, over all micro-batches of the optimizer step
-(gradients are rescaled before the step, so that a mask weighs the same whichever micro-batch holds it).
+(before each micro-batch's backward the gradients accumulated so far are rescaled to the window's running mask
+count, so that a mask weighs the same whichever micro-batch holds it, and every hook sees the final gradients).
 
 Validation: deterministic prompts (:class:`samtune.prompts.InteractiveEvaluator`): IoU after 1..k clicks, after
 the ground-truth box, NoC@85/90 and the IoU head's error, accumulated with :class:`samtune.metrics.ClickIoU`.
@@ -184,9 +185,8 @@ class PromptableSegmentationTask(L.LightningModule):
         # Seed of the prompt simulation: from the global RNG, so `seed_everything` fixes it; kept in checkpoints.
         self.simulation_seed = int(torch.randint(0, 2**62, (1,)).item())
         self._train_step_counter = 0  # training_step calls (micro-batches), kept in checkpoints
-        # Gradient accumulation: the first micro-batch's global mask count (each micro-batch's loss is divided by it)
-        # and the window's global mask count so far; on_before_optimizer_step rescales the gradients.
-        self._window_reference: torch.Tensor | None = None
+        # Gradient accumulation: the global mask count of the optimizer step's micro-batches so far (None before its
+        # first); training_step normalises by it, on_before_optimizer_step starts the next window.
         self._window_masks: torch.Tensor | None = None
         self.train()  # build_sam returns an eval-mode model; Lightning keeps the mode it finds
 
@@ -301,17 +301,13 @@ class PromptableSegmentationTask(L.LightningModule):
         if not torch.isfinite(stats[: len(terms)]).all():
             return self._nonfinite(dict(zip(terms, local.tolist())))
         denominator = total_masks.clamp_min(1.0)
+        scale = self._world_size() / denominator
         if self._trainer is not None and self.trainer.accumulate_grad_batches > 1:
-            # The optimizer step's mask count is known only after its last micro-batch: divide every micro-batch by
-            # the first one's count now, and correct the summed gradients in on_before_optimizer_step.
-            if self._window_reference is None:
-                self._window_reference = denominator
-            self._window_masks = total_masks if self._window_masks is None else self._window_masks + total_masks
-            denominator = self._window_reference
+            scale = self._accumulation_scale(total_masks)
         # DDP averages gradients over processes: scale so that the average is (global sum) / (global count).
         # The zero term ties every trainable parameter to the loss: prompts of one kind (e.g. boxes only) leave some
         # embeddings unused, which DDP with find_unused_parameters=False would reject.
-        loss = sums["loss"] * (self._world_size() / denominator)
+        loss = sums["loss"] * scale
         if m > 0:
             loss = loss + self._zero_loss()
         batch_size = int(batch["masks"].shape[0])
@@ -321,23 +317,34 @@ class PromptableSegmentationTask(L.LightningModule):
         self.log("train/num_masks", total_masks, on_step=True, on_epoch=False, batch_size=batch_size)
         return loss
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """With gradient accumulation, rescale the summed gradients to (window's loss sum) / (window's mask count).
+    def _accumulation_scale(self, masks: torch.Tensor) -> torch.Tensor:
+        """Loss scale of a micro-batch of ``masks`` global masks under gradient accumulation.
 
-        Lightning divides each micro-batch's loss by ``accumulate_grad_batches``, and :meth:`training_step` divides
-        it by the window's first global mask count; the gradient is therefore multiplied by
-        ``first count x accumulate_grad_batches / window count``. Runs before gradient clipping.
-        Callbacks' ``on_before_optimizer_step`` hooks run before this one and see the uncorrected gradients.
+        The optimizer step's gradient must be (window's loss sum) / (window's mask count), and the count is known
+        only after the last micro-batch. So each micro-batch divides by the running count ``n`` (its own masks
+        included), after multiplying the gradients accumulated so far by ``n_before / n``: after the last
+        micro-batch the gradients are exactly the window's mean, before any ``on_before_optimizer_step`` hook,
+        callback or gradient clipping sees them. Lightning divides every micro-batch's loss by
+        ``accumulate_grad_batches``; the scale undoes that.
         """
-        reference, masks = self._window_reference, self._window_masks
-        self._window_reference = self._window_masks = None
-        if reference is None or masks is None:
-            return
-        factor = reference * self.trainer.accumulate_grad_batches / masks.clamp_min(1.0)
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.grad.mul_(factor)
+        before = self._window_masks
+        running = masks if before is None else before + masks
+        self._window_masks = running
+        if before is not None:
+            factor = before.clamp_min(1.0) / running.clamp_min(1.0)
+            for optimizer in self.trainer.optimizers:
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            p.grad.mul_(factor.to(p.grad.dtype))
+        return self._world_size() * self.trainer.accumulate_grad_batches / running.clamp_min(1.0)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer step's micro-batches are done: the next training step starts a new accumulation window.
+
+        (Lightning calls this hook once per optimizer step, also when the last micro-batch was skipped.)
+        """
+        self._window_masks = None
 
     def _nonfinite(self, terms: dict[str, float]) -> None:
         described = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())

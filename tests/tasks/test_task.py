@@ -117,7 +117,17 @@ EXACT_BOXES = SimulationConfig(num_iterations=1, num_point_iterations=0, random_
                                final_mask_only_iteration=False, box_probability=1.0, box_noise_std_fraction=0.0)
 
 
-def _gradients_after_one_step(tmp_path, batches: list[list[int]], accumulate: int) -> dict[str, torch.Tensor]:
+class GradientsBeforeStep(L.Callback):
+    """Copies the gradients that callbacks see in ``on_before_optimizer_step`` (before the task's own hook)."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        self.grads = {n: p.grad.clone() for n, p in pl_module.model.named_parameters() if p.grad is not None}
+
+
+def _gradients_after_one_step(tmp_path, batches: list[list[int]], accumulate: int):
     torch.manual_seed(0)
     task = PromptableSegmentationTask("sam_tiny", simulation=EXACT_BOXES,
                                       optimizer=OptimizerConfig(warmup_steps=0, schedule="constant"))
@@ -127,19 +137,23 @@ def _gradients_after_one_step(tmp_path, batches: list[list[int]], accumulate: in
             samples.append(make_sample(c, seed=seed))
             seed += 1
     data = DataLoader(samples, batch_size=len(batches[0]), collate_fn=collate_samples)
+    seen = GradientsBeforeStep()
     quick_trainer(tmp_path, max_steps=1, accumulate_grad_batches=accumulate, enable_checkpointing=False,
-                  limit_val_batches=0).fit(task, data)
+                  limit_val_batches=0, callbacks=[seen]).fit(task, data)
     # Lightning zeroes gradients at the start of a step, so the last step's gradients are still there.
-    return {n: p.grad.clone() for n, p in task.model.named_parameters() if p.grad is not None}
+    return {n: p.grad.clone() for n, p in task.model.named_parameters() if p.grad is not None}, seen.grads
 
 
-def test_gradient_accumulation_weighs_every_mask_of_the_step_equally(tmp_path) -> None:
-    """Micro-batches of 1 and 3 masks accumulated give the gradient of one batch holding all 4 masks."""
-    accumulated = _gradients_after_one_step(tmp_path / "a", [[1], [3]], accumulate=2)
-    whole = _gradients_after_one_step(tmp_path / "b", [[1, 3]], accumulate=1)
-    assert accumulated.keys() == whole.keys() and len(whole) > 10
+@pytest.mark.parametrize("micro_batches", [[[1], [3]], [[1], [3], [2]]])
+def test_gradient_accumulation_weighs_every_mask_of_the_step_equally(tmp_path, micro_batches) -> None:
+    """Micro-batches of 1 and 3 (or 1, 3 and 2) masks accumulated give the gradient of one batch holding them all,
+    and callbacks' ``on_before_optimizer_step`` hooks (gradient-norm loggers) already see that gradient."""
+    accumulated, seen = _gradients_after_one_step(tmp_path / "a", micro_batches, accumulate=len(micro_batches))
+    whole, _ = _gradients_after_one_step(tmp_path / "b", [sum(micro_batches, [])], accumulate=1)
+    assert accumulated.keys() == whole.keys() == seen.keys() and len(whole) > 10
     for name, g in whole.items():
         torch.testing.assert_close(accumulated[name], g, rtol=1e-4, atol=1e-7, msg=name)
+        torch.testing.assert_close(seen[name], g, rtol=1e-4, atol=1e-7, msg=name)
 
 
 def test_prompt_seed_advances_on_steps_without_masks() -> None:
