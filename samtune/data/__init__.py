@@ -5,7 +5,7 @@ See :mod:`samtune.data.base` for the sample contract.
 """
 from samtune.data.base import RawSample, SegmentationDataset
 from samtune.data.coco import COCODataset
-from samtune.data.collate import collate_samples, seed_worker
+from samtune.data.collate import collate_samples, seed_worker, worker_init
 from samtune.data.errors import SampleError, SkipCounter
 from samtune.data.mask_folder import MaskFolderDataset
 from samtune.data.masks import masks_to_boxes
@@ -22,4 +22,5 @@ __all__ = [
     "collate_samples",
     "masks_to_boxes",
     "seed_worker",
+    "worker_init",
 ]

@@ -47,7 +47,7 @@ from samtune.adapt.cache import (
     require_frozen_encoder,
 )
 from samtune.data.base import SegmentationDataset
-from samtune.data.collate import seed_worker
+from samtune.data.collate import worker_init
 from samtune.data.datamodules import SegmentationDataModule
 from samtune.data.errors import SampleError
 from samtune.data.masks import masks_to_boxes
@@ -599,7 +599,7 @@ class CachedEmbeddingDataModule(L.LightningDataModule):
             num_workers=data.num_workers,
             pin_memory=data.pin_memory,
             collate_fn=collate_cached,
-            worker_init_fn=seed_worker,
+            worker_init_fn=worker_init(),
             persistent_workers=data.num_workers > 0,
             drop_last=shuffle and len(dataset) >= data.batch_size,
         )

@@ -1,9 +1,10 @@
 """Batching samples with different mask counts, and DataLoader worker seeding."""
 from __future__ import annotations
 
+import functools
 import os
 import random
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -52,12 +53,20 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# The rank a DataLoader worker's loader was built for (set in the worker by seed_worker; None elsewhere).
+_worker_rank: int | None = None
+
+
 def global_rank() -> int:
     """This process's global rank in distributed training, 0 outside it.
 
-    ``torch.distributed``'s rank when it is initialised (DataLoader workers forked from a training process inherit
-    it), else the ``RANK`` environment variable (set by ``torchrun`` and other launchers), else 0.
+    In a DataLoader worker, the rank its loader was built for (:func:`worker_init`): a worker's
+    ``torch.distributed`` is not initialised, forked or spawned, and launchers such as Lightning's DDP do not set
+    ``RANK``. Elsewhere ``torch.distributed``'s rank when it is initialised, else the ``RANK`` environment variable
+    (set by ``torchrun`` and other launchers), else 0.
     """
+    if _worker_rank is not None:
+        return _worker_rank
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return int(torch.distributed.get_rank())
     try:
@@ -66,7 +75,7 @@ def global_rank() -> int:
         return 0
 
 
-def seed_worker(worker_id: int) -> None:
+def seed_worker(worker_id: int, rank: int | None = None) -> None:
     """DataLoader ``worker_init_fn``: seed Python's and NumPy's global generators from the worker's torch seed.
 
     Datasets draw from their own generators (see ``samtune.data.base``); this covers user code that uses the
@@ -74,7 +83,15 @@ def seed_worker(worker_id: int) -> None:
     it mixes in the distributed :func:`global_rank`, so DDP processes seeded alike do not draw alike: on ranks
     other than 0 the worker's torch generator is re-seeded with the rank folded in (rank 0 keeps DataLoader's
     seed, as without DDP).
+
+    Args:
+        worker_id: DataLoader's worker index.
+        rank: the global rank of the process that built the loader; from then on :func:`global_rank` returns it
+            in this worker. Bind it with :func:`worker_init` (the worker cannot find it itself).
     """
+    global _worker_rank
+    if rank is not None:
+        _worker_rank = int(rank)
     seed = torch.initial_seed()
     rank = global_rank()
     if rank:
@@ -82,3 +99,9 @@ def seed_worker(worker_id: int) -> None:
         torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed % 2**32)
+
+
+def worker_init() -> Callable[[int], None]:
+    """The ``worker_init_fn`` for a DataLoader built now: :func:`seed_worker` bound to this process's
+    :func:`global_rank`, which its workers then report (picklable, for spawned workers too)."""
+    return functools.partial(seed_worker, rank=global_rank())

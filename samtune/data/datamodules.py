@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from samtune.data.base import SegmentationDataset, read_name_list
 from samtune.data.coco import COCODataset, load_coco_index
-from samtune.data.collate import collate_samples, seed_worker
+from samtune.data.collate import collate_samples, worker_init
 from samtune.data.errors import OnError
 from samtune.data.io import IMAGE_SUFFIXES, Intensity
 from samtune.data.mask_folder import MaskFolderDataset
@@ -157,7 +157,7 @@ class SegmentationDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             collate_fn=collate_samples,
-            worker_init_fn=seed_worker,
+            worker_init_fn=worker_init(),
             persistent_workers=self.num_workers > 0,
             drop_last=shuffle and len(dataset) >= self.batch_size,
         )

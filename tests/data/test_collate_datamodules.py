@@ -57,6 +57,15 @@ def test_datamodules_build_loaders(sa1b_dir, coco_file, tmp_path):
     assert folder.train_dataset.names == ["img1", "img2", "img4"] and folder.num_skipped == 0
 
 
+def test_datamodule_loaders_bind_the_rank_for_their_workers(tmp_path, monkeypatch):
+    """Loaders built on rank 1 hand that rank to their workers (which cannot find it themselves)."""
+    images, masks = write_mask_folder(tmp_path / "mf", n=4)
+    folder = MaskFolderDataModule(str(images), str(masks), image_size=32, num_workers=1, val_fraction=0.25)
+    monkeypatch.setenv("RANK", "1")
+    for loader in (folder.train_dataloader(), folder.val_dataloader()):
+        assert loader.worker_init_fn.keywords == {"rank": 1}
+
+
 def test_datasets_do_not_import_lightning(tmp_path):
     import subprocess
 

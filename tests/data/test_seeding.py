@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from samtune.data import MaskFolderDataset, collate_samples, seed_worker
+from samtune.data import MaskFolderDataset, collate_samples, seed_worker, worker_init
 from samtune.data.collate import global_rank
 from tests.data.conftest import write_mask_folder
 
@@ -54,6 +54,41 @@ def test_distributed_ranks_draw_different_streams(train_set, monkeypatch, draws)
     no_ddp, rank0, rank1, rank1_again, rank2 = runs
     assert rank0 == no_ddp and rank1 == rank1_again  # reproducible per rank, rank 0 as without DDP
     assert rank1 != rank0 and rank2 != rank0 and rank2 != rank1
+
+
+class _RankSeen(torch.utils.data.Dataset):
+    """Each item is the global rank that the process loading it reports."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> int:
+        return global_rank()
+
+
+def test_workers_keep_the_rank_their_loader_was_built_for(train_set, monkeypatch):
+    """DataLoader workers do not see the process's rank (``torch.distributed`` is not initialised in them, and
+    Lightning's DDP launcher sets no ``RANK``): the loader binds it when it is built (``worker_init``). Here the
+    rank is visible only while the loader is built, as in a Lightning DDP process."""
+    def build(rank: int, dataset, **options) -> DataLoader:
+        monkeypatch.setenv("RANK", str(rank))
+        loader = DataLoader(dataset, num_workers=2, worker_init_fn=worker_init(), **options)
+        monkeypatch.delenv("RANK")
+        return loader
+
+    assert [int(r) for r in build(1, _RankSeen(), batch_size=None)] == [1, 1, 1, 1]
+    unbound = DataLoader(_RankSeen(), batch_size=None, num_workers=2, worker_init_fn=seed_worker)
+    assert [int(r) for r in unbound] == [0, 0, 0, 0]
+
+    monkeypatch.setenv("RANK", "1")
+    torch.manual_seed(0)
+    rank1 = _loader_draws(train_set)  # workers that see RANK=1 themselves
+    monkeypatch.delenv("RANK")
+    torch.manual_seed(0)
+    rank0 = _loader_draws(train_set)
+    torch.manual_seed(0)
+    bound = build(1, train_set, batch_size=1, collate_fn=collate_samples)
+    assert [(b["instance_ids"][0].tolist(), b["boxes"][0].tolist()) for b in bound] == rank1 != rank0
 
 
 def test_seed_worker_mixes_in_the_rank(monkeypatch):
