@@ -69,10 +69,28 @@ class FinalCheckpoint(Callback):
     validation; the steps after the last validation (``max_steps`` not a multiple of the validation interval: 300
     steps validated every 40) would be missing from it, and ``last.ckpt`` would not be the trained model. With
     ``save_last: link`` the final save is a file, not a link to an older checkpoint.
+
+    It relies on members of ``ModelCheckpoint`` that Lightning does not make public (tested with the Lightning
+    this package requires). If a Lightning release drops one, the callback says so when ``fit`` starts and does
+    nothing, instead of failing at the end of a finished run.
     """
 
+    _NEEDED = ("_last_global_step_saved", "_monitor_candidates", "_last_checkpoint_saved", "_save_last_checkpoint")
+
+    def __init__(self) -> None:
+        self.supported = True
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        missing = sorted({name for callback in trainer.checkpoint_callbacks if isinstance(callback, ModelCheckpoint)
+                          for name in self._NEEDED if not hasattr(callback, name)})
+        self.supported = not missing
+        if missing:
+            log.warning("FinalCheckpoint is off: this Lightning (%s) has no ModelCheckpoint.%s; last.ckpt holds the "
+                        "last checkpointed step, which may precede the final one", L.__version__,
+                        ", ModelCheckpoint.".join(missing))
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.fast_dev_run:
+        if trainer.fast_dev_run or not self.supported:
             return
         for callback in trainer.checkpoint_callbacks:
             if not isinstance(callback, ModelCheckpoint) or not callback.save_last:

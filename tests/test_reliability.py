@@ -163,6 +163,21 @@ def test_last_checkpoint_holds_the_final_step(tmp_path, monkeypatch, save_last):
     assert any(not torch.equal(earlier["state_dict"][k], v) for k, v in final["state_dict"].items())
 
 
+def test_final_checkpoint_turns_itself_off_on_a_lightning_without_its_hooks(tmp_path, monkeypatch, caplog):
+    """If a Lightning release renames the private ModelCheckpoint members FinalCheckpoint uses, the run warns when
+    it starts and finishes normally (before, it would fail at the very end, after training)."""
+    from samtune.callbacks import FinalCheckpoint
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(FinalCheckpoint, "_NEEDED", (*FinalCheckpoint._NEEDED, "_renamed_in_a_later_release"))
+    checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"dirpath": "ckpts", "monitor": "val/iou_click_1", "mode": "max", "save_top_k": 1,
+                                "filename": "best"}}
+    with caplog.at_level(logging.WARNING, logger="samtune"):
+        assert run_cli(quick_args(steps=2, *["--trainer.callbacks", json.dumps([checkpoint])])) == 0
+    assert "FinalCheckpoint is off" in caplog.text and "ModelCheckpoint._renamed_in_a_later_release" in caplog.text
+
+
 # ------------------------------------------------------------------------------------------------- resume
 def test_resume_after_kill_continues_exactly(tmp_path, monkeypatch):
     """Killed (SIGKILL) after step 4 of 8, restarted with --ckpt_path last: steps 5..8 see the same images,

@@ -55,7 +55,8 @@ def load_pipeline(spec: str | Path | dict[str, Any] | None) -> A.BaseCompose | N
 
     Args:
         spec: ``A.to_dict(pipeline)`` output (with or without the top ``{"transform": ...}`` wrapper), or the
-            path of a YAML/JSON file holding it.
+            path of a YAML/JSON file holding it. A transform written without ``p`` gets its class's default
+            probability, which for most albumentations transforms is 0.5, not 1: write ``p: 1.0`` to always apply it.
 
     Raises:
         ValueError: the file is missing or the dict does not describe an albumentations pipeline.
