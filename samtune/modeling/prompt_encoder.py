@@ -39,13 +39,15 @@ class PositionEmbeddingRandom(nn.Module):
         self.register_buffer("positional_encoding_gaussian_matrix", scale * torch.randn((2, num_pos_feats)))
 
     def _encode(self, coords: torch.Tensor) -> torch.Tensor:
-        """``[..., 2]`` coordinates in [0, 1] -> ``[..., 2 * num_pos_feats]`` (at least fp32: bf16 coordinates
-        would move points by pixels)."""
+        """``[..., 2]`` coordinates in [0, 1] -> ``[..., 2 * num_pos_feats]``, in at least fp32 also under autocast:
+        the features are sines of 2 pi x (up to ~tens of radians), and in bf16 a point or box corner would move by
+        several pixels at 1024."""
         matrix = self.positional_encoding_gaussian_matrix
         dtype = torch.promote_types(matrix.dtype, torch.float32)
-        proj = (2 * coords.to(dtype) - 1) @ matrix.to(dtype)
-        proj = 2 * math.pi * proj
-        return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
+        with torch.autocast(device_type=coords.device.type, enabled=False):
+            proj = (2 * coords.to(dtype) - 1) @ matrix.to(dtype)
+            proj = 2 * math.pi * proj
+            return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
 
     def forward(self, size: tuple[int, int]) -> torch.Tensor:
         """Dense encoding of pixel centres of an ``(h, w)`` grid: ``[2 * num_pos_feats, h, w]``."""

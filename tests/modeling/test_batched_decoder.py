@@ -326,3 +326,22 @@ def test_cpu_prompt_chunks_equal_one_pass(models, monkeypatch, kind) -> None:
     assert one[3].keys() == chunked[3].keys() and one[3]
     for name in one[3]:
         torch.testing.assert_close(one[3][name], chunked[3][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_prompt_positional_encoding_stays_fp32_under_autocast(models) -> None:
+    """Point, box and dense positional encodings are computed in fp32 under bf16 autocast (in bf16 a point moved by
+    pixels), and a dense encoding cached under autocast is the fp32 one, so later fp32 decodes do not reuse a bf16
+    table (an fp32 Predictor used to give other masks after a bf16 one had run on the same model)."""
+    ours, _ = models
+    encoder = ours.prompt_encoder
+    encoder.__dict__.pop("_dense_pe_cache", None)
+    coords = torch.tensor([[[10.3, 200.7], [250.1, 3.9]]])
+    labels = torch.tensor([[1, 0]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dense_autocast = encoder.get_dense_pe()
+        points_autocast = encoder.embed_points(coords, labels)
+    assert dense_autocast.dtype == torch.float32 and points_autocast.dtype == torch.float32
+    dense = encoder.get_dense_pe()
+    encoder.__dict__.pop("_dense_pe_cache", None)
+    torch.testing.assert_close(dense, encoder.get_dense_pe(), rtol=0, atol=0)
+    torch.testing.assert_close(points_autocast, encoder.embed_points(coords, labels), rtol=0, atol=1e-6)
