@@ -10,27 +10,15 @@ Trainer's checkpoint IO by default.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from samtune.files import mkstemp_beside
+from samtune.files import atomic_write
 
 __all__ = ["AtomicCheckpointIO", "atomic_torch_save"]
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename in ``directory`` (no-op where directories cannot be opened, e.g. Windows)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
@@ -47,21 +35,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
         Whatever ``torch.save`` or the file system raises; the destination is then untouched and the temporary
         file removed.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = mkstemp_beside(path)  # the mode torch.save would give (0o666 & ~umask), not mkstemp's 0o600
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -88,7 +88,7 @@ def test_atomic_save_keeps_previous_file_on_crash(tmp_path, monkeypatch):
     real_save = torch.save
 
     def crashing_save(obj, f, *args, **kwargs):
-        f.write(b"PK\x03\x04partial")  # some bytes of a zip archive, then the crash
+        Path(f).write_bytes(b"PK\x03\x04partial")  # some bytes of a zip archive, then the crash
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crashing_save)
@@ -132,7 +132,7 @@ def test_cli_trainer_writes_checkpoints_atomically(tmp_path, monkeypatch):
     assert before["global_step"] == 2
 
     def crashing_save(obj, f, *args, **kwargs):
-        f.write(b"PK\x03\x04partial")
+        Path(f).write_bytes(b"PK\x03\x04partial")
         raise RuntimeError("killed during save")
 
     monkeypatch.setattr(torch, "save", crashing_save)

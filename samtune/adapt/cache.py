@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from samtune.files import mkstemp_beside
+from samtune.files import atomic_write
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
@@ -317,17 +316,7 @@ class CacheConfig:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder (fsync + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = mkstemp_beside(path)  # readable like any cache file (0o666 & ~umask), not mkstemp's 0o600
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 class EmbeddingCache:

@@ -37,7 +37,7 @@ from samtune.adapt.core import (
     trainable_state_dict,
 )
 from samtune.checkpoints import CheckpointError, init_encoder_from_mae, load_checkpoint
-from samtune.files import mkstemp_beside, set_new_file_mode
+from samtune.files import atomic_write
 from samtune.modeling.sam import Sam
 
 __all__ = [
@@ -145,26 +145,13 @@ def _recorded_path(meta: dict[str, Any], key: str) -> str | None:
     return str(given)
 
 
-def _atomic_write(path: Path, write: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = mkstemp_beside(path)
-    os.close(fd)
-    try:
-        write(tmp)
-        set_new_file_mode(tmp)  # safetensors' save_file recreates the file with mode 0o600
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def _write(path: Path, metadata: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        return _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(metadata)}))
-    return _atomic_write(path, lambda tmp: torch.save({METADATA_KEY: metadata, "state_dict": tensors}, tmp))
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(metadata)}))
+    return atomic_write(path, lambda tmp: torch.save({METADATA_KEY: metadata, "state_dict": tensors}, tmp))
 
 
 def save_adapter_checkpoint(

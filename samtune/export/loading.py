@@ -27,7 +27,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from samtune.build import available_models, build_sam, get_config
+from samtune.build import available_models, build_sam
 from samtune.checkpoints import CheckpointError, infer_model_name, load_into, read_state_dict
 from samtune.export.metadata import FORMAT, read_export_metadata
 from samtune.modeling.sam import Sam

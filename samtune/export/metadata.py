@@ -14,10 +14,10 @@ config and whether it was merged, or null), ``onnx`` (the ONNX interface, for ON
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from samtune.files import atomic_write
 from samtune.modeling.preprocessing import PIXEL_MEAN, PIXEL_STD
 from samtune.modeling.sam import Sam
 
@@ -58,14 +58,8 @@ def preprocessing_info(model: Sam) -> dict[str, Any]:
 
 def write_sidecar(path: str | Path, metadata: dict[str, Any]) -> Path:
     """Write ``metadata`` as ``OUT.json`` beside ``path`` (atomically). Returns the JSON path."""
-    out = sidecar_path(path)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(metadata, indent=2, sort_keys=False, default=str) + "\n")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    text = json.dumps(metadata, indent=2, sort_keys=False, default=str) + "\n"
+    return atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(text))
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str] | None:

@@ -50,7 +50,6 @@ cannot express that crop without rewriting it. Opset 17 by default; both graphs 
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 from pathlib import Path
 
@@ -58,6 +57,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from samtune.files import atomic_write
 from samtune.modeling.preprocessing import normalize_image
 from samtune.modeling.sam import Sam
 
@@ -313,10 +313,7 @@ def decoder_dummy_inputs(model: Sam, num_points: int = 5, seed: int = 0) -> dict
 def _torch_export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
                   output_names: list[str], dynamic_axes: dict[str, dict[int, str]], opset: int) -> Path:
     """Run the TorchScript-based exporter to a temporary file and move it into place (atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    def write(tmp: Path) -> None:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*")
@@ -334,10 +331,8 @@ def _torch_export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path,
                 output_names=output_names,
                 dynamic_axes=dynamic_axes,
             )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+    return atomic_write(path, write)
 
 
 def _check_with_onnxruntime(path: Path, module: nn.Module, inputs: dict[str, torch.Tensor], atol: float) -> float:

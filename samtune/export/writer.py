@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -11,6 +10,7 @@ import torch
 
 from samtune.checkpoints import save_checkpoint, sha256sum
 from samtune.export.loading import LoadedCheckpoint, load_sam
+from samtune.files import atomic_write
 from samtune.export.metadata import FORMAT, FORMAT_VERSION, SAFETENSORS_KEY, preprocessing_info, write_sidecar
 from samtune.modeling.sam import Sam
 
@@ -43,22 +43,11 @@ def export_safetensors(model: Sam, path: str | Path, metadata: dict[str, Any] | 
     """Write the weights (official key layout) as safetensors, with ``metadata`` as JSON in the header."""
     from safetensors.torch import save_file
 
-    from samtune.files import set_new_file_mode
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     header = {"format": "pt"}
     if metadata is not None:
         header[SAFETENSORS_KEY] = json.dumps(metadata, default=str)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(state, str(tmp), metadata=header)
-        set_new_file_mode(tmp)  # save_file creates 0o600 files; give the mode torch.save would (0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=header))
 
 
 def _version() -> str:
