@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from samtune.files import set_new_file_mode
+from samtune.files import atomic_write
 
 __all__ = [
     "CheckpointError",
@@ -150,17 +150,33 @@ def _strip_prefix(state: dict[str, torch.Tensor], expected: set[str]) -> dict[st
 
 
 def _resize_position_tables(model_state: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Resample ``pos_embed`` and ``rel_pos_*`` tables trained at another input size to the model's shapes."""
+    """Resample the position tables of weights trained at another input size to the model's shapes.
+
+    The file's grid is that of its ``pos_embed`` ``[1, H, W, C]`` (bicubic to the model's grid). Relative-position
+    tables are resampled (linearly) only where they belong to that change: global-attention tables, ``2 H - 1``
+    rows in the file and ``2 H' - 1`` in the model. Window tables depend on the window size alone, so a mismatch
+    there (or any table of an encoder whose grid is the same) means another architecture, and stays an error.
+    """
     out = dict(state)
+    grids: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}  # key prefix -> (file grid, model grid)
     for key, value in state.items():
         target = model_state.get(key)
-        if target is None or target.shape == value.shape:
+        if target is None or target.shape == value.shape or not key.endswith("pos_embed") or value.dim() != 4:
             continue
-        if key.endswith("pos_embed") and value.dim() == 4:  # [1, H, W, C]
-            out[key] = F.interpolate(
-                value.permute(0, 3, 1, 2).float(), size=target.shape[1:3], mode="bicubic", align_corners=False
-            ).permute(0, 2, 3, 1).to(value.dtype)
-        elif (key.endswith("rel_pos_h") or key.endswith("rel_pos_w")) and value.dim() == 2:
+        out[key] = F.interpolate(
+            value.permute(0, 3, 1, 2).float(), size=target.shape[1:3], mode="bicubic", align_corners=False
+        ).permute(0, 2, 3, 1).to(value.dtype)
+        grids[key[: -len("pos_embed")]] = (tuple(value.shape[1:3]), tuple(target.shape[1:3]))
+    for key, value in state.items():
+        target = model_state.get(key)
+        if target is None or target.shape == value.shape or not key.endswith(("rel_pos_h", "rel_pos_w")):
+            continue
+        prefix = next((p for p in grids if key.startswith(p)), None)
+        if prefix is None or value.dim() != 2:
+            continue
+        axis = 0 if key.endswith("rel_pos_h") else 1
+        file_side, model_side = grids[prefix][0][axis], grids[prefix][1][axis]
+        if value.shape[0] == 2 * file_side - 1 and target.shape[0] == 2 * model_side - 1:
             out[key] = F.interpolate(value.t()[None].float(), size=target.shape[0], mode="linear")[0].t().to(value.dtype)
     return out
 
@@ -184,7 +200,8 @@ def load_into(
         state: tensors by key.
         strict: raise when any key is missing, unexpected or mis-shaped.
         source: name used in error messages (the file path).
-        resize_positions: resample position tables of a checkpoint trained at another input size.
+        resize_positions: resample the position tables of a checkpoint trained at another input size (its
+            ``pos_embed`` grid differs; see :func:`_resize_position_tables`); other mismatches stay errors.
 
     Returns:
         ``(missing, unexpected)`` keys (both empty when ``strict``).
@@ -214,7 +231,9 @@ def load_into(
         hint = ""
         if unexpected and missing and any(k.startswith(_SAM_PREFIXES) for k in unexpected):
             hint = " (is it a checkpoint of another model? check the model name)"
-        elif misshaped and not (missing or unexpected) and all(_is_position_table(k.split(" ")[0]) for k in misshaped):
+        elif (misshaped and not (missing or unexpected) and not resize_positions
+              and all(_is_position_table(k.split(" ")[0]) for k in misshaped)
+              and any(k.split(" ")[0].endswith("pos_embed") for k in misshaped)):
             hint = " (trained at another input size? pass resize_positions=True to resample the position tables)"
         raise CheckpointError(f"checkpoint {source} does not fit {type(model).__name__}: " + "; ".join(parts) + hint)
     model.load_state_dict(state, strict=False)
@@ -239,21 +258,12 @@ def save_checkpoint(model: nn.Module, path: str | Path) -> Path:
         The path written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
 
-            save_file(state, str(tmp))
-            set_new_file_mode(tmp)  # safetensors creates 0o600 files; give the mode torch.save gives
-        else:
-            torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        return atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 @dataclass
@@ -351,13 +361,13 @@ def download_checkpoint(name: str, directory: str | Path | None = None) -> Path:
     dest = directory / cfg.url.rsplit("/", 1)[-1]
     if dest.is_file() and (cfg.sha256 is None or sha256sum(dest) == cfg.sha256):
         return dest
-    tmp = dest.with_name(dest.name + ".part")
-    torch.hub.download_url_to_file(cfg.url, str(tmp), progress=True)
-    if cfg.sha256 is not None and (digest := sha256sum(tmp)) != cfg.sha256:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"download of {cfg.url}: sha256 {digest} does not match the expected {cfg.sha256}")
-    os.replace(tmp, dest)
-    return dest
+
+    def download(tmp: Path) -> None:  # a unique temporary file: processes downloading at once do not collide
+        torch.hub.download_url_to_file(cfg.url, str(tmp), progress=True)
+        if cfg.sha256 is not None and (digest := sha256sum(tmp)) != cfg.sha256:
+            raise CheckpointError(f"download of {cfg.url}: sha256 {digest} does not match the expected {cfg.sha256}")
+
+    return atomic_write(dest, download)
 
 
 # --------------------------------------------------------------------------------------------- model inference

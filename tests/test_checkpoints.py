@@ -227,6 +227,30 @@ def test_failed_save_leaves_no_temporary_file(tiny, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_concurrent_saves_of_one_path_do_not_collide(tiny, tmp_path):
+    """Two writers of one file (e.g. every DDP rank exporting) each use their own temporary file: with a shared
+    ``<path>.tmp`` one writer's rename took the other's file away (FileNotFoundError)."""
+    import threading
+
+    path, errors = tmp_path / "tiny.pth", []
+
+    def save() -> None:
+        try:
+            for _ in range(8):
+                save_checkpoint(tiny, path)
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=save) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pth"]
+    _assert_same_weights(tiny, build_sam("sam_tiny", checkpoint=path))
+
+
 def test_lightning_checkpoint_loads(tiny, tmp_path):
     state = {f"model.{k}": v for k, v in tiny.state_dict().items()}
     state["loss.focal_alpha"] = torch.tensor(0.25)  # another task submodule's buffer: not part of the model
@@ -280,6 +304,20 @@ def test_resize_positions_for_another_image_size(tiny, tiny_file):
     # The resized model runs at its own size.
     with torch.no_grad():
         assert model.encode_image(torch.randn(1, 3, 320, 320)).shape == (1, 64, 20, 20)
+
+
+def test_resize_positions_refuses_another_attention_layout(tiny_file):
+    """Window tables do not depend on the image size: weights of another global/windowed block layout (same
+    image size, or another one) stay an error with resize_positions, and the strict error does not suggest it."""
+    encoder = ViTConfig(embed_dim=96, depth=4, num_heads=3, global_attn_indexes=(0, 2), window_size=8)
+    for size in (256, 320):
+        model = build_sam_from_config(with_overrides("sam_tiny", encoder=encoder, image_size=size,
+                                                     embedding_grid=size // 16))
+        with pytest.raises(CheckpointError, match="blocks.0.attn.rel_pos_h") as info:
+            load_checkpoint(model, tiny_file)
+        assert ("resize_positions=True" in str(info.value)) == (size != 256)  # the grid differs only at 320
+        with pytest.raises(CheckpointError, match="blocks.0.attn.rel_pos_h"):
+            load_checkpoint(model, tiny_file, resize_positions=True)
 
 
 # --------------------------------------------------------------------------------------------- MAE init

@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from samtune.files import atomic_write, new_dir_mode
+
 __all__ = ["main", "build_parser", "find_images", "image_ids"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -123,13 +125,48 @@ def image_ids(images: Sequence[Path]) -> list[int]:
 
 def _write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temporary file + rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    text = json.dumps(obj)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def _write_png_folder(folder: Path, masks: list[Any]) -> None:
+    """Replace ``folder`` with one that holds exactly ``0.png``, ``1.png``, ... (one per mask, 0/255).
+
+    The PNGs go to a new temporary folder that then takes the old one's place, so masks of an earlier run on the
+    same image (more masks, other settings) never stay beside the new ones. A folder holding anything else is
+    not ours to replace: that is an error.
+    """
+    import shutil
+    import tempfile
+
+    import cv2
+    import numpy as np
+
+    if folder.exists():
+        foreign = [p.name for p in folder.iterdir() if not (p.suffix == ".png" and p.stem.isdigit())]
+        if not folder.is_dir() or foreign:
+            raise AmgError(f"{folder} holds files that samtune amg did not write ({', '.join(sorted(foreign)[:3])}); "
+                           "choose another --output")
+    fresh = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        for i, mask in enumerate(masks):
+            if not cv2.imwrite(str(fresh / f"{i}.png"), np.asarray(mask, dtype=np.uint8) * 255):
+                raise AmgError(f"could not write {folder / f'{i}.png'}")
+        fresh.chmod(new_dir_mode())  # mkdtemp makes private 0o700 folders
+        old = None
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
+        fresh.rename(folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
     from tqdm import tqdm
 
     from samtune.data.errors import SampleError
@@ -167,18 +204,16 @@ def run(args: argparse.Namespace) -> int:
             image = prepare_image(read_image(path), intensity=args.intensity, path=path)
         except SampleError as err:
             raise AmgError(f"cannot read image {err}") from err
-        records = generator.generate(image)
+        try:
+            records = generator.generate(image)
+        except ValueError as err:  # e.g. an image too elongated for the model's input: name the file
+            raise AmgError(f"{path}: {err}") from err
         total += len(records)
         info = {"image_id": ids[index], "file_name": path.name, "height": image.shape[0], "width": image.shape[1]}
         segmentation = "uncompressed_rle" if args.output_mode == "uncompressed_rle" else "coco_rle"
-        _write_json(output / f"{path.stem}.json", to_sa1b_json(records, info, segmentation=segmentation))
         if args.output_mode == "binary_mask":
-            import cv2
-
-            folder = output / path.stem
-            folder.mkdir(exist_ok=True)
-            for i, rec in enumerate(records):
-                cv2.imwrite(str(folder / f"{i}.png"), rec["segmentation"].astype(np.uint8) * 255)
+            _write_png_folder(output / path.stem, [rec["segmentation"] for rec in records])
+        _write_json(output / f"{path.stem}.json", to_sa1b_json(records, info, segmentation=segmentation))
         if args.coco_results is not None:
             coco_results.extend(to_coco_results(records, info["image_id"]))
     if args.coco_results is not None:

@@ -31,9 +31,20 @@ def get_preprocess_shape(old_h: int, old_w: int, long_side: int) -> tuple[int, i
 
     Rounds like the official ``ResizeLongestSide`` (``int(x + 0.5)``), so masks, boxes and points land on
     the same pixels as in the official predictor.
+
+    Raises:
+        ValueError: the image is empty, or so elongated that its short side would round to 0 pixels.
     """
+    if old_h < 1 or old_w < 1:
+        raise ValueError(f"empty image: {old_h}x{old_w} pixels (height x width)")
     scale = long_side * 1.0 / max(old_h, old_w)
-    return int(old_h * scale + 0.5), int(old_w * scale + 0.5)
+    new_h, new_w = int(old_h * scale + 0.5), int(old_w * scale + 0.5)
+    if new_h < 1 or new_w < 1:
+        raise ValueError(
+            f"an image of {old_h}x{old_w} pixels (height x width) resized to a longest side of {long_side} would be "
+            f"{new_h}x{new_w}: its aspect ratio must be at most {2 * long_side}:1 (crop or tile it)"
+        )
+    return new_h, new_w
 
 
 def normalize_image(

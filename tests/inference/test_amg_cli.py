@@ -82,6 +82,33 @@ def test_single_file_binary_masks_and_uncompressed(setup, tmp_path, capsys):
     assert np.array_equal(rle_to_mask(anns2[0]["segmentation"]), mask)
 
 
+def test_binary_masks_of_a_rerun_replace_the_earlier_ones(setup, tmp_path, capsys):
+    """A second run on the same image with fewer masks leaves exactly its own PNGs (the earlier run's extra
+    masks used to stay beside them), and a folder holding other files is not replaced."""
+    checkpoint, images, _ = setup
+    out = tmp_path / "png"
+    args = ["--checkpoint", str(checkpoint), "--input", str(images / "scene.jpg"), "--output", str(out),
+            "--output-mode", "binary_mask", *FAST]
+    assert main(args) == 0
+    first = len(list((out / "scene").iterdir()))
+    assert main([*args, "--points-per-side", "2"]) == 0
+    anns = json.loads((out / "scene.json").read_text())["annotations"]
+    pngs = sorted(p.name for p in (out / "scene").iterdir())
+    assert 0 < len(anns) < first and pngs == sorted(f"{i}.png" for i in range(len(anns)))
+    assert sorted(p.name for p in out.iterdir()) == ["scene", "scene.json"]  # no temporary folder left
+    assert (out / "scene").stat().st_mode & 0o777 == 0o777 & ~_umask()
+    (out / "scene" / "notes.txt").write_text("mine")
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "holds files that samtune amg did not write (notes.txt)" in err and str(out / "scene") in err
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def test_errors(setup, tmp_path, capsys):
     checkpoint, images, _ = setup
     base = ["--checkpoint", str(checkpoint), "--model", "sam_tiny", "--output", str(tmp_path / "o"), *FAST]
@@ -107,6 +134,11 @@ def test_errors(setup, tmp_path, capsys):
     for name in ("a.png", "a.jpg"):
         cv2.imwrite(str(twins / name), np.zeros((8, 8, 3), np.uint8))
     assert "a.jpg and a.png would both be written to a.json" in error([*base, "--input", str(twins)])
+    strip = tmp_path / "strip"
+    strip.mkdir()
+    cv2.imwrite(str(strip / "line.png"), np.zeros((1, 600, 3), np.uint8))
+    message = error([*base, "--input", str(strip)])  # the short side rounds to 0 at the model's 256 px input
+    assert str(strip / "line.png") in message and "1x600 pixels" in message and "at most 512:1" in message
     missing_ckpt = [a if a != str(checkpoint) else str(tmp_path / "nope.pth") for a in base]
     assert "checkpoint not found" in error([*missing_ckpt, "--input", str(images)])
     wrong_arch = [a if a != "sam_tiny" else "sam_tiny_vit_t" for a in base]
