@@ -1,6 +1,7 @@
 """Inference precision: ``"fp32"``, ``"bf16"`` or ``"auto"`` (bf16 where the hardware runs it natively).
 
-bf16 is native on CUDA GPUs of compute capability 8.0+ (``torch.cuda.is_bf16_supported``) and on x86 CPUs with
+bf16 is native on CUDA GPUs of compute capability 8.0+ (the given device's capability; ``torch.cuda.
+is_bf16_supported()`` also says yes where bf16 is only emulated, e.g. on 7.x) and on x86 CPUs with
 AVX512-BF16 or AMX-BF16; elsewhere bf16 is emulated and slower than fp32, so ``"auto"`` picks fp32 there.
 """
 from __future__ import annotations
@@ -38,7 +39,9 @@ def resolve_precision(precision: Precision, device: torch.device | str) -> Liter
         return precision
     device = torch.device(device)
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, _ = torch.cuda.get_device_capability(index)
+        return "bf16" if major >= 8 else "fp32"
     if device.type == "cpu":
         return "bf16" if cpu_has_native_bf16() else "fp32"
     return "fp32"
