@@ -7,7 +7,12 @@ something meaningless:
 
 * ``predict`` / ``predict_torch`` with no prompt at all raise ``ValueError`` (the official predictor returns a
   mask decoded from the output tokens alone).
-* Points or boxes outside the image raise ``ValueError`` naming them (usually swapped x/y).
+* Points or boxes outside the image, or not finite, raise ``ValueError`` naming them (usually swapped x/y); so do
+  prompts of the wrong shape, batch sizes that differ between prompts, labels outside {-1, 0, 1, 2, 3} and a
+  ``mask_input`` that is not one low-res logit map per prompt.
+* ``predict_torch`` also takes boxes as ``[B, 1, 4]`` (what ``predict`` passes internally in the official code).
+* Point labels 2 and 3 are box corners (top-left, bottom-right) and get the box-corner embeddings, as in SAM's
+  ONNX decoder and box prompts; the official ``SamPredictor`` gives such points their position encoding alone.
 * ``precision="auto"`` (the default) runs in bf16 where the hardware does so natively (CUDA GPUs with bf16,
   CPUs with AVX512-BF16/AMX): about 2-3x faster, image embeddings within cosine 0.9999 of fp32. Pass
   ``precision="fp32"`` to reproduce the official predictor's numbers (parity-tested to 1e-4).
@@ -176,6 +181,8 @@ class Predictor:
     def _check_inside(self, coords: np.ndarray, what: str) -> None:
         h, w = self.original_size
         coords = coords.reshape(-1, 2)
+        if not np.isfinite(coords).all():
+            raise ValueError(f"{what} must be finite, got {coords[~np.isfinite(coords).all(axis=1)][:5].tolist()}")
         bad = (coords[:, 0] < 0) | (coords[:, 0] > w) | (coords[:, 1] < 0) | (coords[:, 1] > h)
         if bad.any():
             raise ValueError(
@@ -227,6 +234,13 @@ class Predictor:
             self._check_inside(box, "box")
             box_t = torch.as_tensor(self.transform.apply_boxes(box, self.original_size), dtype=torch.float, device=self.device)
         if mask_input is not None:
+            low = self.model.low_res_size
+            mask_input = np.asarray(mask_input)
+            if mask_input.shape != (1, low, low):
+                raise ValueError(
+                    f"mask_input must be [1, {low}, {low}], one low-res logit map from a previous call (e.g. "
+                    f"low_res[np.argmax(scores)][None]), got {mask_input.shape}"
+                )
             mask_t = torch.as_tensor(mask_input, dtype=torch.float, device=self.device)[None]
         masks, iou, low_res = self.predict_torch(coords_t, labels_t, box_t, mask_t, multimask_output, return_logits)
         return masks[0].cpu().numpy(), iou[0].float().cpu().numpy(), low_res[0].float().cpu().numpy()
@@ -260,10 +274,7 @@ class Predictor:
             raise ValueError("no prompt given: pass point_coords/point_labels, a box or a mask_input")
         if point_coords is not None and point_labels is None:
             raise ValueError("point_labels must be supplied with point_coords")
-        size = self.model.image_size
-        for value, what in ((point_coords, "point_coords"), (boxes, "boxes")):
-            if value is not None and ((value < 0) | (value > size)).any():
-                raise ValueError(f"{what} outside the model input frame [0, {size}]; transform them with predictor.transform first")
+        boxes = self._check_prompts(point_coords, point_labels, boxes, mask_input)
         with autocast(self.device, self.precision):
             low_res, iou = self.model.decode(
                 self.features,
@@ -278,6 +289,47 @@ class Predictor:
         if not return_logits:
             masks = masks > self.model.mask_threshold
         return masks, iou, low_res
+
+    def _check_prompts(self, point_coords: torch.Tensor | None, point_labels: torch.Tensor | None,
+                       boxes: torch.Tensor | None, mask_input: torch.Tensor | None) -> torch.Tensor | None:
+        """Raise ``ValueError`` naming the argument for prompts the model cannot take; returns ``boxes`` as
+        ``[B, 4]`` (``[B, 1, 4]`` is flattened)."""
+        if boxes is not None and boxes.ndim == 3 and boxes.shape[1:] == (1, 4):
+            boxes = boxes[:, 0]
+        batch: dict[str, int] = {}
+        if point_coords is not None:
+            if point_coords.ndim != 3 or point_coords.shape[-1] != 2:
+                raise ValueError(f"point_coords must be [B, N, 2] (x, y), got {tuple(point_coords.shape)}")
+            if point_labels is None or tuple(point_labels.shape) != tuple(point_coords.shape[:2]):
+                got = None if point_labels is None else tuple(point_labels.shape)
+                raise ValueError(f"point_labels must be [B, N] = {tuple(point_coords.shape[:2])} like point_coords, "
+                                 f"got {got}")
+            bad = sorted({int(v) for v in point_labels.unique().tolist()} - {-1, 0, 1, 2, 3})
+            if bad:
+                raise ValueError(f"point_labels must be -1 (padding), 0 (background), 1 (foreground) or 2 / 3 (box "
+                                 f"corners), got {bad}")
+            batch["point_coords"] = point_coords.shape[0]
+        if boxes is not None:
+            if boxes.ndim != 2 or boxes.shape[1] != 4:
+                raise ValueError(f"boxes must be [B, 4] xyxy (or [B, 1, 4]), got {tuple(boxes.shape)}")
+            batch["boxes"] = boxes.shape[0]
+        if mask_input is not None:
+            low = self.model.low_res_size
+            if mask_input.ndim != 4 or tuple(mask_input.shape[1:]) != (1, low, low):
+                raise ValueError(f"mask_input must be [B, 1, {low}, {low}] (low-res logits of earlier predictions), "
+                                 f"got {tuple(mask_input.shape)}")
+            batch["mask_input"] = mask_input.shape[0]
+        if len(set(batch.values())) > 1:
+            raise ValueError(f"prompts must have the same batch size B, got {batch}")
+        size = self.model.image_size
+        for value, what in ((point_coords, "point_coords"), (boxes, "boxes")):
+            if value is None:
+                continue
+            if not torch.isfinite(value).all():
+                raise ValueError(f"{what} must be finite, got NaN or inf")
+            if ((value < 0) | (value > size)).any():
+                raise ValueError(f"{what} outside the model input frame [0, {size}]; transform them with predictor.transform first")
+        return boxes
 
     # ----------------------------------------------------------------- state
     def get_image_embedding(self) -> torch.Tensor:

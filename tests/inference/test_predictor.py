@@ -1,6 +1,8 @@
 """samtune.Predictor: the documented behaviours of the drop-in SamPredictor (errors included)."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -77,6 +79,33 @@ def test_points_and_labels_must_match(predictor):
         predictor.predict(point_coords=np.array([[10.0, 10.0]]))
     with pytest.raises(ValueError, match=r"\[N, 2\]"):
         predictor.predict(point_coords=np.array([[10.0, 10.0]]), point_labels=np.array([1, 0]))
+
+
+def test_prompts_the_model_cannot_take_are_named(predictor):
+    """Bad shapes, batch sizes, labels, NaN and mask inputs: a ValueError naming the argument (they used to fail
+    deep inside torch, or to give NaN IoUs or another prompt silently)."""
+    point, label = np.array([[50.0, 60.0]]), np.array([1])
+    low = predictor.model.low_res_size
+    for bad in (np.zeros((low, low)), np.zeros((3, low, low)), np.zeros((1, 1, low, low)), np.zeros((1, 256, 256))):
+        with pytest.raises(ValueError, match=rf"mask_input must be \[1, {low}, {low}\].*got {re.escape(str(bad.shape))}"):
+            predictor.predict(point_coords=point, point_labels=label, mask_input=bad)
+    with pytest.raises(ValueError, match=r"point_coords must be finite, got \[\[nan, 60.0\]\]"):
+        predictor.predict(point_coords=np.array([[np.nan, 60.0]]), point_labels=label)
+    with pytest.raises(ValueError, match="box must be finite"):
+        predictor.predict(box=np.array([np.nan, 0.0, 10.0, 10.0]))
+    with pytest.raises(ValueError, match=r"point_labels must be -1 .* got \[5\]"):
+        predictor.predict(point_coords=point, point_labels=np.array([5]))
+    coords = torch.full((2, 1, 2), 30.0)
+    with pytest.raises(ValueError, match=r"same batch size B, got \{'point_coords': 2, 'boxes': 3\}"):
+        predictor.predict_torch(coords, torch.ones(2, 1), boxes=torch.tensor([[0.0, 0.0, 50.0, 50.0]] * 3))
+    with pytest.raises(ValueError, match=r"point_labels must be \[B, N\] = \(2, 1\) like point_coords, got \(2, 3\)"):
+        predictor.predict_torch(coords, torch.ones(2, 3))
+    with pytest.raises(ValueError, match=rf"mask_input must be \[B, 1, {low}, {low}\]"):
+        predictor.predict_torch(coords, torch.ones(2, 1), mask_input=torch.zeros(2, low, low))
+    with pytest.raises(ValueError, match=r"boxes must be \[B, 4\] xyxy \(or \[B, 1, 4\]\), got \(2, 2, 4\)"):
+        predictor.predict_torch(None, None, boxes=torch.zeros(2, 2, 4))
+    with pytest.raises(ValueError, match="boxes must be finite"):
+        predictor.predict_torch(None, None, boxes=torch.tensor([[0.0, float("inf"), 5.0, 5.0]]))
 
 
 @pytest.mark.parametrize(
@@ -172,6 +201,9 @@ def test_batched_predict_torch_equals_single_calls(predictor):
     assert (masks[0] - masks[1]).abs().max() > 1e-3
     bool_masks, _, _ = predictor.predict_torch(None, None, boxes=boxes_t)
     assert bool_masks.dtype == torch.bool and torch.equal(bool_masks, masks > 0)
+    # [B, 1, 4] boxes, as the official predict() passes them: the same as [B, 4].
+    masks3, iou3, _ = predictor.predict_torch(None, None, boxes=boxes_t[:, None], return_logits=True)
+    assert torch.equal(masks3, masks) and torch.equal(iou3, iou)
 
 
 def test_from_pretrained(model, image, tmp_path):
