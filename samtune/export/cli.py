@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from samtune.export.writer import FORMATS
+from samtune.export.writer import FORMAT_OPTIONS, FORMATS, inapplicable_options
 
 __all__ = ["main", "build_parser"]
 
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="merge LoRA/adapters into the base weights (required for pth/onnx of adapted checkpoints)")
     parser.add_argument("--base-checkpoint", default=None, help="base model weights of an adapter-only checkpoint")
     onnx = parser.add_argument_group("ONNX")
-    onnx.add_argument("--opset", type=int, default=17, help="ONNX opset, 14 or later (default 17)")
+    onnx.add_argument("--opset", type=int, default=None, help="ONNX opset, 14 or later (default 17)")
     onnx.add_argument("--return-single-mask", action="store_true",
                       help="decoder: output only the best mask (token 0 for > 2 points, else the best multimask one)")
     onnx.add_argument("--use-stability-score", action="store_true",
@@ -69,7 +69,12 @@ def main(argv: list[str]) -> int:
     the other subcommands: ``samtune``'s entry point (:func:`samtune.cli.main`) prints them on one line and exits
     1, or shows the traceback with ``--traceback`` / ``SAMTUNE_TRACEBACK=1``.
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    wrong = inapplicable_options(args.format, {name: getattr(args, name) for name in FORMAT_OPTIONS if name != "verify"})
+    if wrong:  # e.g. --include-preprocessing with --format onnx: the decoder would be written without it
+        parser.error("; ".join(f"--{n.replace('_', '-')} applies to --format {' / '.join(FORMAT_OPTIONS[n])}, not "
+                               f"{args.format}" for n in wrong))
     from samtune.checkpoints import CheckpointError
     from samtune.export.onnx import OnnxExportError
     from samtune.export.writer import export_checkpoint

@@ -18,6 +18,22 @@ __all__ = ["ExportFormat", "FORMATS", "ExportResult", "export_pth", "export_safe
 
 ExportFormat = Literal["pth", "safetensors", "onnx", "onnx-encoder"]
 FORMATS: tuple[str, ...] = ("pth", "safetensors", "onnx", "onnx-encoder")
+# Options of export_checkpoint that only some formats take (a value other than the default elsewhere is an error).
+FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
+    "opset": ("onnx", "onnx-encoder"),
+    "return_single_mask": ("onnx",),
+    "use_stability_score": ("onnx",),
+    "return_extra_metrics": ("onnx",),
+    "gelu_approximate": ("onnx",),
+    "include_preprocessing": ("onnx-encoder",),
+    "verify": ("onnx", "onnx-encoder"),
+}
+
+
+def inapplicable_options(format: str, given: dict[str, Any]) -> list[str]:
+    """The names in ``given`` (option -> value; None / False = not given) that ``format`` does not take."""
+    return [name for name, value in given.items()
+            if value not in (None, False) and format not in FORMAT_OPTIONS.get(name, FORMATS)]
 
 
 @dataclass
@@ -87,7 +103,7 @@ def export_checkpoint(
     model: str | None = None,
     merge: bool = False,
     base_checkpoint: str | Path | None = None,
-    opset: int = 17,
+    opset: int | None = None,
     return_single_mask: bool = False,
     use_stability_score: bool = False,
     return_extra_metrics: bool = False,
@@ -108,8 +124,8 @@ def export_checkpoint(
             adapter tensors and records their config in the metadata.
         base_checkpoint: base weights of an adapter-only checkpoint.
         opset / return_single_mask / use_stability_score / return_extra_metrics / gelu_approximate: ONNX
-            decoder options (:func:`samtune.export.onnx.export_onnx_decoder`); ``opset`` >= 14 for both ONNX
-            formats.
+            decoder options (:func:`samtune.export.onnx.export_onnx_decoder`); ``opset`` (default 17) >= 14 for
+            both ONNX formats.
         include_preprocessing: ``onnx-encoder`` takes resized 0-255 images and normalises/pads in-graph.
         verify: compare the ONNX file with PyTorch in onnxruntime.
 
@@ -119,11 +135,19 @@ def export_checkpoint(
     Raises:
         CheckpointError: the input cannot be read or its model cannot be inferred, or ``model`` differs from
             the model an adapter checkpoint records.
-        ValueError: unknown format, an ONNX ``opset`` below 14, or an adapted checkpoint exported to pth/ONNX
-            without ``merge``.
+        ValueError: unknown format, an option the format does not take (:data:`FORMAT_OPTIONS`), an ONNX
+            ``opset`` below 14, or an adapted checkpoint exported to pth/ONNX without ``merge``.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; expected one of {', '.join(FORMATS)}")
+    given = dict(opset=opset, return_single_mask=return_single_mask, use_stability_score=use_stability_score,
+                 return_extra_metrics=return_extra_metrics, gelu_approximate=gelu_approximate,
+                 include_preprocessing=include_preprocessing, verify=verify)
+    wrong = inapplicable_options(format, given)
+    if wrong:
+        raise ValueError(f"format {format!r} does not take "
+                         + ", ".join(f"{n} (only {' / '.join(FORMAT_OPTIONS[n])})" for n in wrong))
+    opset = 17 if opset is None else opset
     output = Path(output)
     if format in ("onnx", "onnx-encoder"):
         from samtune.export.onnx import check_opset

@@ -12,7 +12,7 @@ import torch
 import samtune
 from samtune import Sam, build_sam
 from samtune.checkpoints import CheckpointError, save_checkpoint, sha256sum
-from samtune.export import export_pth, read_export_metadata, sidecar_path
+from samtune.export import export_checkpoint, export_pth, read_export_metadata, sidecar_path
 from samtune.export.cli import main
 
 from ..modeling.reference import build_reference
@@ -145,6 +145,23 @@ def test_errors(tiny_sam, tiny_pth, tmp_path, capsys) -> None:
 
     with pytest.raises(ValueError, match="use --format safetensors"):
         main(["--checkpoint", str(tiny_pth), "--format", "pth", "--output", str(tmp_path / "o.safetensors")])
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--format", "pth", "--return-single-mask", "--opset", "3"],
+     "--opset applies to --format onnx / onnx-encoder, not pth; --return-single-mask applies to --format onnx, not pth"),
+    (["--format", "onnx", "--include-preprocessing"], "--include-preprocessing applies to --format onnx-encoder, not onnx"),
+    (["--format", "onnx-encoder", "--gelu-approximate"], "--gelu-approximate applies to --format onnx, not onnx-encoder"),
+])
+def test_options_of_other_formats_are_usage_errors(tiny_pth, tmp_path, capsys, args, message) -> None:
+    """An option the format does not take was silently dropped (an ONNX decoder written without the asked-for
+    preprocessing); now it is a usage error, and nothing is written."""
+    with pytest.raises(SystemExit) as info:
+        main(["--checkpoint", str(tiny_pth), "--output", str(tmp_path / "o"), *args])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match=r"format 'pth' does not take include_preprocessing \(only onnx-encoder\)"):
+        export_checkpoint(tiny_pth, tmp_path / "o.pth", "pth", include_preprocessing=True)
 
 
 def test_samtune_export_command(tiny_pth, tmp_path, capsys) -> None:
