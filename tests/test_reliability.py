@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import subprocess
@@ -17,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from samtune.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
-from samtune.cli import main, run_lightning
+from samtune.cli import run_lightning
 from tests.conftest import REPO_ROOT
 from tests.test_cli import quick_args, run_cli
 

@@ -4,7 +4,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from samtune.data import COCODataset, SampleError

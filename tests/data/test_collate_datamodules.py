@@ -1,6 +1,5 @@
 import sys
 
-import pytest
 import torch
 
 from samtune.data import SA1BDataset, collate_samples

@@ -129,7 +129,7 @@ def test_worker_error_is_sample_error_with_path(sa1b_dir):
 
 def test_synth_is_seeded_fast_and_cli(tmp_path):
     a = synthesize_sa1b(tmp_path / "a", 3, image_size=64, seed=5)
-    b = synthesize_sa1b(tmp_path / "b", 3, image_size=64, seed=5)
+    synthesize_sa1b(tmp_path / "b", 3, image_size=64, seed=5)
     assert [p.name for p in a] == ["sa_1.jpg", "sa_2.jpg", "sa_3.jpg"]
     assert (tmp_path / "a" / "sa_2.json").read_text() == (tmp_path / "b" / "sa_2.json").read_text()
     paths = synth_main(["--out", str(tmp_path / "c"), "--num-images", "2", "--image-size", "48"])

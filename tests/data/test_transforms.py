@@ -1,7 +1,6 @@
 import albumentations as A
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from samtune.data import MaskFolderDataset
