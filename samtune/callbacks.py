@@ -29,7 +29,7 @@ __all__ = ["SamtuneProgressBar", "ParameterCounts", "ValidationOverlays", "Final
 log = logging.getLogger("samtune")
 
 # shown in the progress bar: logged name -> short name
-_BAR_METRICS = {"train/loss": "loss", "train/iou": "iou", "val/iou_click_1": "val_iou@1"}
+_BAR_METRICS = {"train/loss": "loss", "train/iou": "iou_loss", "val/iou_click_1": "val_iou@1"}
 
 
 class SamtuneProgressBar(TQDMProgressBar):

@@ -229,7 +229,10 @@ def load_into(
         if misshaped:
             parts.append(f"{len(misshaped)} mis-shaped keys: {_list(misshaped)}")
         hint = ""
-        if unexpected and missing and any(k.startswith(_SAM_PREFIXES) for k in unexpected):
+        if any(marker in k for k in (*missing, *unexpected) for marker in (*_ADAPTER_MARKERS, ".base_layer.")):
+            hint = (" (a checkpoint of a LoRA/adapter run: load it with samtune.adapt.load_adapter_checkpoint or "
+                    "Predictor.from_checkpoint, which rebuild the base and the adaptation)")
+        elif unexpected and missing and any(k.startswith(_SAM_PREFIXES) for k in unexpected):
             hint = " (is it a checkpoint of another model? check the model name)"
         elif (misshaped and not (missing or unexpected) and not resize_positions
               and all(_is_position_table(k.split(" ")[0]) for k in misshaped)

@@ -251,6 +251,20 @@ def test_concurrent_saves_of_one_path_do_not_collide(tiny, tmp_path):
     _assert_same_weights(tiny, build_sam("sam_tiny", checkpoint=path))
 
 
+def test_adapted_run_checkpoint_names_the_loader(tiny, tmp_path):
+    """build_sam on a LoRA run's checkpoint (peft keys) points to load_adapter_checkpoint / Predictor.from_checkpoint
+    instead of asking whether it is another model."""
+    state = tiny.state_dict()
+    weight = state.pop("image_encoder.blocks.0.attn.qkv.weight")
+    state["image_encoder.blocks.0.attn.qkv.base_layer.weight"] = weight
+    state["image_encoder.blocks.0.attn.qkv.lora_A.default.weight"] = torch.zeros(2, weight.shape[1])
+    path = tmp_path / "lora.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}}, path)
+    with pytest.raises(CheckpointError, match=r"a checkpoint of a LoRA/adapter run: load it with "
+                                              r"samtune\.adapt\.load_adapter_checkpoint or Predictor\.from_checkpoint"):
+        build_sam("sam_tiny", checkpoint=path)
+
+
 def test_lightning_checkpoint_loads(tiny, tmp_path):
     state = {f"model.{k}": v for k, v in tiny.state_dict().items()}
     state["loss.focal_alpha"] = torch.tensor(0.25)  # another task submodule's buffer: not part of the model

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "ONNX interface); onnx-encoder: image encoder")
     parser.add_argument("--output", required=True, help="output file (metadata goes to OUTPUT.json)")
     parser.add_argument("--merge", action="store_true",
-                        help="merge LoRA/adapters into the base weights (required for pth/onnx of adapted checkpoints)")
+                        help="merge LoRA into the base weights (required for pth/onnx of LoRA checkpoints; bottleneck "
+                             "adapters cannot be merged: export them with --format safetensors)")
     parser.add_argument("--base-checkpoint", default=None, help="base model weights of an adapter-only checkpoint")
     onnx = parser.add_argument_group("ONNX")
     onnx.add_argument("--opset", type=int, default=None, help="ONNX opset, 14 or later (default 17)")

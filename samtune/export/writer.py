@@ -155,10 +155,12 @@ def export_checkpoint(
         check_opset(opset)  # before the (possibly slow) load
     loaded = load_sam(checkpoint, model, base_checkpoint=base_checkpoint, merge_adapters=merge)
     if loaded.adaptation is not None and not loaded.merged and format != "safetensors":
-        raise ValueError(
-            f"checkpoint {checkpoint} is adapted ({loaded.adaptation.get('method')}); the {format} format holds plain "
-            "SAM weights only: pass --merge (merge=True) to merge the adapters into them"
-        )
+        method = loaded.adaptation.get("method")
+        remedy = ("pass --merge (merge=True) to merge the LoRA weights into them" if method != "adapter" else
+                  "bottleneck adapters cannot be merged into them: export with --format safetensors (base + adapters, "
+                  "loaded by samtune.adapt.load_adapter_checkpoint / Predictor.from_checkpoint)")
+        raise ValueError(f"checkpoint {checkpoint} is adapted ({method}); the {format} format holds plain SAM "
+                         f"weights only: {remedy}")
     sam = loaded.model.float()
     onnx_info: dict[str, Any] | None = None
     if format in ("onnx", "onnx-encoder"):

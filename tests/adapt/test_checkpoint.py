@@ -269,6 +269,12 @@ def test_bottleneck_adapters_run_unmerged_in_the_predictor_and_evaluate(tmp_path
     assert (loaded.merged, loaded.name) == (False, "sam_tiny")
     with pytest.raises(CheckpointError, match="cannot be merged"):
         load_sam(path, merge_adapters=True)
+    from samtune.export import export_checkpoint
+
+    # Without --merge the error points to the format that holds adapters (it used to say "pass --merge", which
+    # then failed with "cannot be merged").
+    with pytest.raises(ValueError, match=r"\(adapter\).*cannot be merged into them: export with --format safetensors"):
+        export_checkpoint(path, tmp_path / "a.pth", "pth")
     lora, lora_base = trained["lora"]
     lora_path = save_adapter_checkpoint(lora, tmp_path / "l.pt", model_name="sam_tiny", base_checkpoint=lora_base,
                                         config=LORA)
