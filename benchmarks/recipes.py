@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = ("medical", "satellite")
+RECIPES = ("medical", "satellite")  # the defaults; any recipes/<name>.yaml runs (e.g. medical_cached)
 
 
 def assets_dir() -> Path:
@@ -64,6 +64,9 @@ def materialise(name: str, work: Path, assets: Path) -> Path:
         if callback["class_path"].endswith("ModelCheckpoint"):
             callback["init_args"]["dirpath"] = str(work / "checkpoints")
     trainer["enable_progress_bar"] = False
+    data = config["data"]["init_args"]
+    if "cache_dir" in data:  # cached-embedding recipes: the cache under work/, not in the repository
+        data["cache_dir"] = str(work / "cache")
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
