@@ -143,8 +143,10 @@ def _write_png_folder(folder: Path, masks: list[Any]) -> None:
     import numpy as np
 
     if folder.exists():
+        if not folder.is_dir():
+            raise AmgError(f"{folder} is a file, where the PNG masks of {folder.name} go; choose another --output")
         foreign = [p.name for p in folder.iterdir() if not (p.suffix == ".png" and p.stem.isdigit())]
-        if not folder.is_dir() or foreign:
+        if foreign:
             raise AmgError(f"{folder} holds files that samtune amg did not write ({', '.join(sorted(foreign)[:3])}); "
                            "choose another --output")
     fresh = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))

@@ -101,6 +101,11 @@ def test_binary_masks_of_a_rerun_replace_the_earlier_ones(setup, tmp_path, capsy
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "holds files that samtune amg did not write (notes.txt)" in err and str(out / "scene") in err
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "scene").write_text("a file where the folder goes")
+    assert main([*args[:5], str(blocked), *args[6:]]) == 1
+    assert "scene is a file, where the PNG masks of scene go" in capsys.readouterr().err
 
 
 def _umask() -> int:
