@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "fsync_dir", "mkstemp_beside", "new_dir_mode", "new_file_mode", "set_new_file_mode"]
+__all__ = ["atomic_write", "fsync_dir", "new_dir_mode", "new_file_mode", "set_new_file_mode"]
 
 
 def new_file_mode() -> int:
@@ -64,14 +64,6 @@ def set_new_file_mode(target: int | str | os.PathLike) -> None:
         pass
 
 
-def mkstemp_beside(path: Path) -> tuple[int, Path]:
-    """``tempfile.mkstemp`` in ``path``'s folder for an atomic write of ``path``: (open descriptor, temp path),
-    with the mode ``torch.save`` would give (:func:`set_new_file_mode`) instead of mkstemp's 0o600."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    set_new_file_mode(fd)
-    return fd, Path(tmp_name)
-
-
 def fsync_dir(directory: str | os.PathLike) -> None:
     """Persist a rename in ``directory`` (no-op where directories cannot be opened, e.g. Windows)."""
     with contextlib.suppress(OSError):
@@ -99,11 +91,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = mkstemp_beside(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    tmp = Path(tmp_name)
     try:
         write(tmp)
-        set_new_file_mode(tmp)  # writers that recreate the file (safetensors' save_file) make it 0o600
+        set_new_file_mode(tmp)  # mkstemp (and safetensors' save_file, which recreates the file) make it 0o600
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
