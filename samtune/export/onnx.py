@@ -50,6 +50,8 @@ cannot express that crop without rewriting it. Opset 17 by default; both graphs 
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -72,6 +74,7 @@ __all__ = [
     "OnnxExportError",
     "MIN_OPSET",
     "check_opset",
+    "external_data_name",
 ]
 
 DECODER_INPUT_NAMES = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
@@ -265,10 +268,9 @@ class SamOnnxEncoder(nn.Module):
 
     def __init__(self, model: Sam, include_preprocessing: bool = False) -> None:
         super().__init__()
-        # Traced with autograd on (see export_onnx_encoder): gradient-free CPU forwards of the ViT write the
-        # relative-position bias into a reusable workspace (``torch.add(..., out=...)``), which the TorchScript
-        # exporter cannot express; with gradients the encoder takes its plain path.
-        self.image_encoder = copy.deepcopy(model.image_encoder).float().eval().requires_grad_(True)
+        # No gradients: traced with autograd on, the forward keeps every activation for a backward that never
+        # comes (ViT-H at 1024 then ran out of 24 GB). The ViT's reusable bias workspace is off while tracing.
+        self.image_encoder = copy.deepcopy(model.image_encoder).float().eval().requires_grad_(False)
         self.include_preprocessing = include_preprocessing
         self.normalization = model.normalization
         self.image_size = int(model.image_size)
@@ -312,8 +314,17 @@ def decoder_dummy_inputs(model: Sam, num_points: int = 5, seed: int = 0) -> dict
 
 def _torch_export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
                   output_names: list[str], dynamic_axes: dict[str, dict[int, str]], opset: int) -> Path:
-    """Run the TorchScript-based exporter to a temporary file and move it into place (atomic)."""
-    def write(tmp: Path) -> None:
+    """Run the TorchScript-based exporter in a temporary folder beside ``path`` and move the result into place.
+
+    A graph over protobuf's 2 GB (ViT-L / ViT-H encoders) cannot hold its weights: the exporter then writes one
+    file per tensor beside the model, named after the tensor (``image_encoder.blocks.0.attn.qkv.weight``...),
+    so two such exports into one folder would overwrite each other's weights. Those are gathered into a single
+    ``<name>.data`` next to ``<name>`` (ONNX's external-data format, which onnxruntime reads from the model's
+    folder). Each file is replaced atomically, the weights first.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as work:
+        raw = Path(work) / path.name
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*")
@@ -322,7 +333,7 @@ def _torch_export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path,
             torch.onnx.export(
                 module,
                 args,
-                str(tmp),
+                str(raw),
                 dynamo=False,
                 export_params=True,
                 opset_version=opset,
@@ -331,8 +342,42 @@ def _torch_export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path,
                 output_names=output_names,
                 dynamic_axes=dynamic_axes,
             )
+        data = path.with_name(external_data_name(path))
+        if any(p != raw for p in Path(work).iterdir()):
+            single = _gather_external_data(raw, Path(work) / "gathered", data.name)
+            atomic_write(data, lambda tmp: os.replace(single.with_name(data.name), tmp))
+            atomic_write(path, lambda tmp: os.replace(single, tmp))
+        else:
+            atomic_write(path, lambda tmp: os.replace(raw, tmp))
+            if data.is_file():  # the weights of an earlier, larger export to this name: nothing refers to them now
+                data.unlink()
+    return path
 
-    return atomic_write(path, write)
+
+def external_data_name(path: str | Path) -> str:
+    """The file next to an exported ``.onnx`` over 2 GB that holds its weights: ``<name>.data``."""
+    return f"{Path(path).name}.data"
+
+
+def _gather_external_data(model_file: Path, out_dir: Path, data_name: str) -> Path:
+    """Rewrite an ONNX model whose weights lie in many files beside it with all of them in ``out_dir/data_name``.
+
+    Returns:
+        The rewritten model file (in ``out_dir``, with ``model_file``'s name).
+    """
+    try:
+        import onnx
+    except ImportError as err:
+        raise OnnxExportError(
+            f"the ONNX graph for {model_file.name} is over 2 GB and its weights are written as external data, "
+            "which needs the onnx package to gather them into one file (pip install onnx)"
+        ) from err
+    proto = onnx.load(str(model_file), load_external_data=True)
+    out_dir.mkdir()
+    out = out_dir / model_file.name
+    onnx.save_model(proto, str(out), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name,
+                    size_threshold=1024)
+    return out
 
 
 def _check_with_onnxruntime(path: Path, module: nn.Module, inputs: dict[str, torch.Tensor], atol: float) -> float:
@@ -456,7 +501,6 @@ def export_onnx_encoder(
         dynamic = {"x": {0: "batch"}, "image_embeddings": {0: "batch"}}
     with torch.no_grad():
         wrapper(example)  # fail early, with a PyTorch traceback, on a model that cannot run
-    with torch.enable_grad():
         path = _torch_export(wrapper, (example,), Path(path), [wrapper.input_name], ["image_embeddings"], dynamic, opset)
     if verify:
         with torch.no_grad():

@@ -343,3 +343,49 @@ def test_verification_catches_a_mismatch(tiny_case: Case, tmp_path: Path) -> Non
     other = randomize_(build_sam("sam_tiny"), seed=99).eval()
     with pytest.raises(OnnxExportError, match=r"d\.onnx: output masks differs from PyTorch"):
         _check_with_onnxruntime(path, SamOnnxDecoder(other), inputs, ATOL)
+
+
+# ----------------------------------------------------------------------------------------------- over 2 GB
+def _export_like_a_large_model(monkeypatch) -> None:
+    """Make torch.onnx.export behave as it does for graphs over protobuf's 2 GB: every weight in its own file
+    beside the model, named after the tensor."""
+    import onnx
+
+    real = torch.onnx.export
+
+    def export(module, args, f, **kwargs):
+        real(module, args, f, **kwargs)
+        onnx.save_model(onnx.load(f), f, save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+
+
+def test_weights_over_2gb_go_to_one_data_file(tiny_case: Case, tmp_path: Path, monkeypatch) -> None:
+    """A graph whose weights are external data is written as <name> + <name>.data (not one file per tensor,
+    which a second export into the folder would overwrite); it runs as the single-file export does; a later
+    small export to the name removes the stale .data."""
+    pytest.importorskip("onnx")
+    from samtune.export.onnx import decoder_dummy_inputs, external_data_name
+
+    single = export_onnx_decoder(tiny_case.model, tmp_path / "single" / "d.onnx")
+    with monkeypatch.context() as patch:
+        _export_like_a_large_model(patch)
+        path = export_onnx_decoder(tiny_case.model, tmp_path / "d.onnx", verify=True)
+        assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["d.onnx", "d.onnx.data"]
+        assert external_data_name(path) == "d.onnx.data"
+        assert (tmp_path / "d.onnx").stat().st_size < single.stat().st_size / 2 < (tmp_path / "d.onnx.data").stat().st_size
+    inputs = decoder_dummy_inputs(tiny_case.model)
+    for got, expected in zip(run(session(path), inputs), run(session(single), inputs)):
+        np.testing.assert_array_equal(got, expected)
+    export_onnx_decoder(tiny_case.model, path)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["d.onnx"]
+
+
+@pytest.mark.slow
+def test_encoder_vit_h_over_2gb(tmp_path: Path) -> None:
+    """The real case: the ViT-H encoder (2.5 GB of float32 weights) exports as encoder.onnx + encoder.onnx.data
+    and onnxruntime reproduces PyTorch (about 5 minutes and 9 GB of memory on 2 CPU cores)."""
+    model = build_sam("sam_vit_h").eval()
+    path = export_onnx_encoder(model, tmp_path / "encoder.onnx", verify=True, atol=2e-3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder.onnx", "encoder.onnx.data"]
+    assert (tmp_path / "encoder.onnx.data").stat().st_size > 2**31
