@@ -110,6 +110,48 @@ def test_ddp_two_processes_match_one_process(tmp_path, monkeypatch):
         assert val["val/iou_box"] == pytest.approx(val_single["val/iou_box"], abs=1e-4)
 
 
+class NaNOnRankOne(Callback):
+    """Fills rank 1's images with NaN at optimizer step ``step``; per rank and step, a checksum of the trainable
+    weights after the step and the skip count, appended to ``nan<rank>.jsonl``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == 1:
+            batch["images"].fill_(float("nan"))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        weights = [p.detach().double() for p in pl_module.parameters() if p.requires_grad]
+        record = {"step": trainer.global_step, "checksum": float(sum((w * w).sum() for w in weights)),
+                  "skipped": pl_module.skipped_nonfinite_steps}
+        with open(f"nan{trainer.global_rank}.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def test_ddp_nonfinite_loss_on_one_process_is_skipped_by_all(tmp_path):
+    """A NaN loss on one of 2 DDP processes skips that step on both (Lightning refuses a None loss under DDP, which
+    ended the run): the run finishes, no weight moves at the skipped step (no weight decay or momentum either), and
+    the processes' weights stay identical."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    inject = {"class_path": "tests.test_distributed.NaNOnRankOne", "init_args": {"step": 1}}
+    args = quick_args(*DETERMINISTIC, "--data.init_args.batch_size", "1", "--trainer.callbacks", json.dumps([inject]),
+                      "--trainer.logger", "false", "--trainer.limit_val_batches", "0", "--trainer.strategy", "ddp",
+                      "--trainer.devices", "2", "--trainer.accelerator", "cpu", steps=STEPS)
+    result = subprocess.run([sys.executable, "-m", "samtune", *args], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "non-finite loss at step 1" in result.stderr
+    rank0, rank1 = _read(tmp_path / "nan0.jsonl"), _read(tmp_path / "nan1.jsonl")
+    assert sorted(rank0) == sorted(rank1) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert rank0[step]["checksum"] == rank1[step]["checksum"], step
+    assert rank0[2]["checksum"] == rank0[1]["checksum"]  # the skipped step (the second) changed nothing
+    assert rank0[3]["checksum"] != rank0[2]["checksum"]  # and training went on
+    assert rank0[STEPS]["skipped"] == rank1[STEPS]["skipped"] == 1
+
+
 @pytest.mark.parametrize("prompts", ["mixed", "box_only"])
 def test_every_trainable_parameter_gets_a_gradient(prompts, tmp_path, monkeypatch):
     """What DDP with find_unused_parameters=False needs: a gradient for every trainable parameter every step,

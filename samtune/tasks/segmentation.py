@@ -93,8 +93,10 @@ class PromptableSegmentationTask(L.LightningModule):
             activations (memory of one round instead of all 11, ~0.1 GB per mask and round at a 64x64 embedding
             in fp32; costs one more decoder forward per round; gradients unchanged).
         val_num_clicks: k, the number of validation click rounds.
-        nan_policy: on a non-finite loss, ``"skip"`` the step (returns None, counted in
-            ``skipped_nonfinite_steps``) or ``"raise"`` ``FloatingPointError``.
+        nan_policy: on a non-finite loss, ``"skip"`` the batch (counted in ``skipped_nonfinite_steps``; an optimizer
+            step all of whose micro-batches were skipped updates nothing, on every process, while the step counter
+            and the learning-rate schedule advance as for a skipped AMP step) or ``"raise"`` ``FloatingPointError``.
+            The check is on the loss summed over all processes, so under DDP every process skips the same batches.
     """
 
     def __init__(
@@ -188,6 +190,7 @@ class PromptableSegmentationTask(L.LightningModule):
         # Gradient accumulation: the global mask count of the optimizer step's micro-batches so far (None before its
         # first); training_step normalises by it, on_before_optimizer_step starts the next window.
         self._window_masks: torch.Tensor | None = None
+        self._window_finite = False  # some micro-batch of the optimizer step so far had a finite loss
         self.train()  # build_sam returns an eval-mode model; Lightning keeps the mode it finds
 
     # ------------------------------------------------------------------------------------------ modes
@@ -268,7 +271,8 @@ class PromptableSegmentationTask(L.LightningModule):
         """One step: encode once, simulate the prompt rounds, sum the losses, normalise by the global mask count.
 
         Returns:
-            The loss, or None when it is not finite (the step is skipped, see ``nan_policy``).
+            The loss. When it is not finite (``nan_policy="skip"``): None, or under DDP, where Lightning refuses None,
+            a zero loss (every process, since all see the same global sums).
         """
         gt, image_index, sizes = self._flatten_valid(batch)
         m = gt.shape[0]
@@ -300,6 +304,7 @@ class PromptableSegmentationTask(L.LightningModule):
         total_masks = stats[-1]
         if not torch.isfinite(stats[: len(terms)]).all():
             return self._nonfinite(dict(zip(terms, local.tolist())))
+        self._window_finite = True
         denominator = total_masks.clamp_min(1.0)
         scale = self._world_size() / denominator
         if self._trainer is not None and self.trainer.accumulate_grad_batches > 1:
@@ -345,8 +350,30 @@ class PromptableSegmentationTask(L.LightningModule):
         (Lightning calls this hook once per optimizer step, also when the last micro-batch was skipped.)
         """
         self._window_masks = None
+        self._window_finite = False
 
-    def _nonfinite(self, terms: dict[str, float]) -> None:
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """Lightning's step, except that a step whose micro-batches all had non-finite losses updates nothing.
+
+        One process: such micro-batches returned None, so no gradient exists and the optimizer skips every weight.
+        DDP: they returned a zero loss (Lightning needs a backward on every process), which leaves zero gradients,
+        and AdamW would still apply weight decay and momentum: the gradients are dropped and the closure reports
+        a skipped backward (None), as on one process; every precision plugin then skips the update (AMP's
+        GradScaler included).
+        """
+        if optimizer_closure is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+
+        def closure() -> Any:
+            result = optimizer_closure()
+            if not self._window_finite:
+                optimizer.zero_grad(set_to_none=True)
+                return None
+            return result
+
+        return super().optimizer_step(epoch, batch_idx, optimizer, closure)
+
+    def _nonfinite(self, terms: dict[str, float]) -> torch.Tensor | None:
         described = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
         if self.nan_policy == "raise":
             raise FloatingPointError(f"non-finite loss at step {self.global_step} (local sums: {described})")
@@ -355,6 +382,11 @@ class PromptableSegmentationTask(L.LightningModule):
             "non-finite loss at step %d (local sums: %s): step skipped (%d so far)",
             self.global_step, described, self.skipped_nonfinite_steps,
         )
+        if self._world_size() > 1:
+            # Lightning refuses None under DDP ("not supported in distributed training"), and DDP needs a backward
+            # on every process: zero gradients for every weight; optimizer_step drops them if no micro-batch of the
+            # step was finite.
+            return self._zero_loss()
         return None
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
