@@ -16,6 +16,7 @@ Errors are one line (``samtune: error: ...``) with exit code 1 (2 for command-li
 from __future__ import annotations
 
 import argparse
+import logging
 import netrc
 import os
 import re
@@ -41,7 +42,12 @@ from samtune.callbacks import (
 from samtune.checkpoint_io import AtomicCheckpointIO
 from samtune.resumable import make_resumable
 
-__all__ = ["SamtuneCLI", "SyntheticData", "main", "ensure_synthetic_data", "configure_wandb_mode", "UsageError"]
+__all__ = [
+    "SamtuneCLI", "SyntheticData", "main", "ensure_synthetic_data", "configure_wandb_mode", "UsageError",
+    "preemption_checkpoint",
+]
+
+logger = logging.getLogger("samtune")
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 # Tool commands: each lives in its own module with ``main(argv: list[str]) -> int`` (argparse, its own --help).
@@ -217,6 +223,45 @@ class SamtuneCLI(LightningCLI):
             plugins.append(AtomicCheckpointIO())
         config["plugins"] = plugins
         return super()._instantiate_trainer(config, list(callbacks) + extras)
+
+    def before_fit(self) -> None:
+        """``--ckpt_path last`` also considers Lightning's SLURM pre-emption checkpoint (see
+        :func:`preemption_checkpoint`): a re-queued job continues from the save made at the signal."""
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == "last":
+            newer = preemption_checkpoint(self.trainer)
+            if newer is not None:
+                config["ckpt_path"] = newer
+
+
+_HPC_CHECKPOINT = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
+
+
+def preemption_checkpoint(trainer: L.Trainer) -> str | None:
+    """Lightning's SLURM pre-emption checkpoint when it is newer than every ``last`` checkpoint, else None.
+
+    On the pre-emption signal (``SLURMEnvironment(auto_requeue=True)``) Lightning saves
+    ``<default_root_dir>/hpc_ckpt_<n>.ckpt``, not ``last.ckpt``, and restores it on its own only without
+    ``ckpt_path``; with ``--ckpt_path last`` it takes the ModelCheckpoints' ``last*.ckpt`` and the steps since the
+    last periodic save would be trained again. The newest of Lightning's candidates (highest ``n``, as Lightning
+    picks) wins when its file is newer than all of them.
+    """
+    root = Path(trainer.default_root_dir)
+    versions = [(int(m.group(1)), p) for p in root.glob("hpc_ckpt_*.ckpt") if (m := _HPC_CHECKPOINT.fullmatch(p.name))]
+    if not versions:
+        return None
+    hpc = max(versions)[1]
+    lasts: set[str] = set()
+    for callback in trainer.checkpoint_callbacks:
+        find = getattr(callback, "_find_last_checkpoints", None)  # Lightning's own "last" candidates
+        if callable(find):
+            lasts |= set(find(trainer))
+    newest = max((os.path.getmtime(p) for p in lasts if os.path.isfile(p)), default=float("-inf"))
+    if os.path.getmtime(hpc) <= newest:
+        return None
+    logger.info("resuming from the pre-emption checkpoint %s (newer than %s)", hpc,
+                ", ".join(sorted(lasts)) or "any last checkpoint")
+    return str(hpc)
 
 
 def _uses_config(args: Sequence[str]) -> bool:

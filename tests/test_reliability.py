@@ -285,3 +285,26 @@ def test_resumable_sampler_shards_like_one_process_and_skips():
     sampler.start_index = 4
     assert list(sampler) == epoch1[4:]
     assert list(sampler) == epoch1  # the skip applies once
+
+
+def test_ckpt_path_last_takes_a_newer_preemption_checkpoint(tmp_path, monkeypatch, caplog):
+    """On SLURM's pre-emption signal Lightning saves <default_root_dir>/hpc_ckpt_<n>.ckpt, not last.ckpt: the
+    documented restart (--ckpt_path last) continues from it when it is newer (it trained the steps since the last
+    periodic save again), and from last.ckpt when that is newer (an old pre-emption save)."""
+    monkeypatch.chdir(tmp_path)
+    common = ["--trainer.val_check_interval", "null", "--trainer.check_val_every_n_epoch", "100"]
+    record = {"class_path": "tests.test_reliability.RecordSteps", "init_args": {"path": "steps.jsonl"}}
+    assert run_cli(quick_args(*common, *_callbacks_arg(), steps=2)) == 0
+    early = (tmp_path / "ckpts" / "last.ckpt").read_bytes()  # the periodic save, at step 2
+    assert run_cli([*quick_args(*common, *_callbacks_arg(), steps=4), "--ckpt_path", "last"]) == 0
+    os.replace(tmp_path / "ckpts" / "last.ckpt", tmp_path / "hpc_ckpt_1.ckpt")  # the pre-emption save, step 4
+    (tmp_path / "ckpts" / "last.ckpt").write_bytes(early)
+    os.utime(tmp_path / "ckpts" / "last.ckpt", (1e9, 1e9))  # older than the pre-emption save
+    with caplog.at_level(logging.INFO, logger="samtune"):
+        assert run_cli([*quick_args(*common, *_callbacks_arg(record), steps=5), "--ckpt_path", "last"]) == 0
+    assert "resuming from the pre-emption checkpoint" in caplog.text and "hpc_ckpt_1.ckpt" in caplog.text
+    assert sorted(_records(tmp_path / "steps.jsonl")) == [5]  # continued after step 4, not after step 2
+    # Now last.ckpt (step 5) is the newest: the old pre-emption save is ignored.
+    os.utime(tmp_path / "hpc_ckpt_1.ckpt", (1e9, 1e9))
+    assert run_cli([*quick_args(*common, *_callbacks_arg(record), steps=6), "--ckpt_path", "last"]) == 0
+    assert sorted(_records(tmp_path / "steps.jsonl")) == [5, 6]
