@@ -49,7 +49,7 @@ __all__ = [
 
 logger = logging.getLogger("samtune")
 
-TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+TRAINER_COMMANDS = ("fit", "validate")
 # Tool commands: each lives in its own module with ``main(argv: list[str]) -> int`` (argparse, its own --help).
 TOOL_COMMANDS = {
     "export": ("samtune.export.cli", "write official-format .pth, merged-LoRA, safetensors or ONNX weights from a checkpoint"),
@@ -313,7 +313,7 @@ def _null_overrides(args: Sequence[str]) -> list[str]:
 
 
 def run_lightning(args: list[str], run: bool = True) -> SamtuneCLI:
-    """``fit``/``validate``/``test``/``predict`` through :class:`SamtuneCLI`.
+    """``fit`` / ``validate`` through :class:`SamtuneCLI`.
 
     Args:
         args: command-line arguments starting with the subcommand.
@@ -365,8 +365,6 @@ def _top_level_parser() -> argparse.ArgumentParser:
     helps = {
         "fit": "train a task (default recipe: recipes/quickstart.yaml)",
         "validate": "run validation of a task (--ckpt_path)",
-        "test": "run the test loop of a task (--ckpt_path)",
-        "predict": "run prediction of a task (--ckpt_path)",
     }
     for name, text in helps.items():
         sub.add_parser(name, help=text, add_help=False)
@@ -387,6 +385,11 @@ def _dispatch(args: list[str]) -> int:
     if command in TRAINER_COMMANDS:
         run_lightning(args)
         return 0
+    if command in ("test", "predict"):  # Lightning's other loops: the task defines neither
+        raise UsageError(
+            f"samtune {command}: the SAM task has no {command} loop; score a checkpoint on a dataset with "
+            "`samtune evaluate` (IoU per click, NoC), segment images with `samtune amg` or samtune.Predictor"
+        )
     if command == "data":
         if len(args) < 2 or args[1] in ("-h", "--help"):
             parser.parse_args(["data", "--help"])

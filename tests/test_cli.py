@@ -49,8 +49,17 @@ def quick_args(*extra: str, steps: int = 3) -> list[str]:
 def test_help_lists_every_command(capsys):
     assert run_cli(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("fit", "validate", "test", "predict", "data", "export", "evaluate", "amg"):
+    for command in ("fit", "validate", "data", "export", "evaluate", "amg"):
         assert f"\n    {command} " in out, command
+
+
+@pytest.mark.parametrize("command", ["test", "predict"])
+def test_lightning_loops_the_task_lacks_are_a_usage_error(command, capsys):
+    """The task has no test_step / predict_step: the commands are not offered, and point to what does the job."""
+    assert f"\n    {command} " not in (run_cli(["--help"]), capsys.readouterr().out)[1]
+    assert run_cli([command, "--config", str(QUICKSTART)]) == 2
+    err = capsys.readouterr().err
+    assert f"samtune {command}: the SAM task has no {command} loop" in err and "samtune evaluate" in err
 
 
 @pytest.mark.parametrize("command", ["export", "evaluate", "amg"])
