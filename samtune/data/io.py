@@ -19,6 +19,7 @@ data (``auto``, ``minmax``, ``percentile``), which they would turn into an all-b
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, get_args
 
@@ -34,6 +35,7 @@ INTENSITY_PRESETS: tuple[str, ...] = get_args(Intensity)
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"  # start-of-image (+ next marker) and end-of-image markers
 
 
 def _channel_last(array: np.ndarray, path: Path) -> np.ndarray:
@@ -56,7 +58,8 @@ def read_image(path: str | Path) -> np.ndarray:
         ``[H, W]`` or ``[H, W, C]`` array in the file's dtype, channels in RGB order.
 
     Raises:
-        SampleError: the file is missing or cannot be decoded.
+        SampleError: the file is missing, cannot be decoded, or is a JPEG cut short (libjpeg only warns about
+            those, and can fill in the missing part).
     """
     path = Path(path)
     if not path.is_file():
@@ -67,7 +70,10 @@ def read_image(path: str | Path) -> np.ndarray:
         except Exception as exc:  # tifffile raises several types for corrupt files
             raise SampleError(path, f"cannot decode TIFF image ({type(exc).__name__}: {exc})") from exc
         return _channel_last(np.asarray(array), path)
-    array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    data = path.read_bytes()
+    if data.startswith(JPEG_START):
+        _check_jpeg_complete(data, path)
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
     if array is None:
         raise SampleError(path, "cannot decode image (corrupt or unsupported format)")
     if array.ndim == 3 and array.shape[2] == 3:
@@ -75,6 +81,26 @@ def read_image(path: str | Path) -> np.ndarray:
     elif array.ndim == 3 and array.shape[2] == 4:
         array = cv2.cvtColor(array, cv2.COLOR_BGRA2RGBA)
     return array
+
+
+def _check_jpeg_complete(data: bytes, path: Path) -> None:
+    """Raise :class:`SampleError` when the JPEG ``data`` (of file ``path``) is cut short.
+
+    libjpeg only warns about a truncated file ("Premature end of JPEG file"), and ``cv2.imread`` returns such an
+    image with its missing rows filled in. A file ending with the end-of-image marker (after any NUL padding) is
+    whole (the fast path: normal files); any other is decoded by Pillow, which raises on missing data but ignores
+    bytes after the marker (trailing data some writers append).
+    """
+    if data.rstrip(b"\x00").endswith(JPEG_END):
+        return
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except Image.DecompressionBombError:
+        return  # beyond Pillow's size limit: left to OpenCV's decoder
+    except Exception as exc:  # noqa: BLE001 - Pillow raises OSError for truncated data, others for broken files
+        raise SampleError(path, f"JPEG file cut short or corrupt: no end-of-image marker, and decoding fails "
+                                f"({type(exc).__name__}: {exc})") from exc
 
 
 def read_label_map(path: str | Path) -> np.ndarray:

@@ -88,3 +88,17 @@ def test_window_and_none_clip_infinities_but_reject_nan():
     for intensity, options in (("window", {"window": (0, 2)}), ("none", {})):
         with pytest.raises(SampleError, match=r"x\.tif: float image holds NaN/inf values \(1 NaN pixels"):
             prepare_image(image, intensity=intensity, path="x.tif", **options)
+
+
+def test_truncated_jpeg_is_a_sample_error_but_trailing_bytes_are_not(tmp_path):
+    """libjpeg only warns ("Premature end of JPEG file"): cv2.imread returned the image with a constant bottom."""
+    image = cv2.GaussianBlur(np.random.default_rng(0).integers(0, 256, (128, 128, 3), np.uint8), (0, 0), 2)
+    cv2.imwrite(str(tmp_path / "whole.jpg"), image)
+    data = (tmp_path / "whole.jpg").read_bytes()
+    expected = read_image(tmp_path / "whole.jpg")
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SampleError, match=r"cut\.jpg: JPEG file cut short or corrupt: .*image file is truncated"):
+        read_image(tmp_path / "cut.jpg")
+    for name, tail in (("zeros", b"\x00" * 64), ("junk", b"trailing \xff\xda bytes")):  # data after the end marker
+        (tmp_path / f"{name}.jpg").write_bytes(data + tail)
+        np.testing.assert_array_equal(read_image(tmp_path / f"{name}.jpg"), expected)
