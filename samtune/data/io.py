@@ -12,6 +12,10 @@ Intensity presets:
 * ``"percentile"``: clip to the ``percentiles`` (default 0.5 / 99.5) then scale: 16-bit satellite and microscopy.
 * ``"window"``: clip to a fixed ``window=(low, high)`` in raw units then scale: CT-like data (e.g. (-160, 240)).
 
+Orientation: the EXIF ``Orientation`` tag of JPEG / PNG / WebP files is applied, so images, label maps and
+their sizes are those that viewers show and annotation tools (labelme, CVAT) annotate, and that ``cv2.imread``'s
+default (the official SAM scripts) reads. TIFFs are read as stored (as GDAL and tifffile do).
+
 Float images holding NaN (e.g. nodata) are rejected with a :class:`SampleError` naming the file (a dataset then
 raises or skips it, per ``on_error``), and so are infinities under the presets that take their range from the
 data (``auto``, ``minmax``, ``percentile``), which they would turn into an all-black image; ``window`` and
@@ -35,6 +39,7 @@ INTENSITY_PRESETS: tuple[str, ...] = get_args(Intensity)
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+EXIF_ORIENTATION = 0x0112  # EXIF tag number of Orientation
 JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"  # start-of-image (+ next marker) and end-of-image markers
 
 
@@ -55,7 +60,8 @@ def read_image(path: str | Path) -> np.ndarray:
         path: PNG/JPEG/BMP/WebP (via OpenCV, converted to RGB order) or TIFF (via tifffile).
 
     Returns:
-        ``[H, W]`` or ``[H, W, C]`` array in the file's dtype, channels in RGB order.
+        ``[H, W]`` or ``[H, W, C]`` array in the file's dtype, channels in RGB order, turned as its EXIF
+        orientation says (see the module docstring).
 
     Raises:
         SampleError: the file is missing, cannot be decoded, or is a JPEG cut short (libjpeg only warns about
@@ -80,7 +86,51 @@ def read_image(path: str | Path) -> np.ndarray:
         array = cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
     elif array.ndim == 3 and array.shape[2] == 4:
         array = cv2.cvtColor(array, cv2.COLOR_BGRA2RGBA)
-    return array
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # parses the header only
+            orientation = exif_orientation(img)
+    except Exception:  # noqa: BLE001 - a format Pillow cannot open carries no EXIF it could read
+        orientation = 1
+    return apply_orientation(array, orientation)
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF ``Orientation`` (1-8) of an opened Pillow image, from its header (no pixels are decoded); 1 when
+    the file has none or an invalid one."""
+    raw = img.info.get("exif")
+    if not raw:
+        return 1
+    try:
+        exif = Image.Exif()
+        exif.load(raw)
+        value = int(exif.get(EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - a damaged EXIF block is ignored, as viewers do
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def apply_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn ``[H, W(, C)]`` as EXIF ``orientation`` says (the result of Pillow's ``ImageOps.exif_transpose``).
+
+    Orientations 5-8 swap height and width; 1 (or an unknown value) returns ``array`` itself.
+    """
+    if orientation == 2:
+        out = array[:, ::-1]
+    elif orientation == 3:
+        out = array[::-1, ::-1]
+    elif orientation == 4:
+        out = array[::-1]
+    elif orientation == 5:
+        out = array.swapaxes(0, 1)
+    elif orientation == 6:
+        out = np.rot90(array, -1)
+    elif orientation == 7:
+        out = np.rot90(array, 2).swapaxes(0, 1)
+    elif orientation == 8:
+        out = np.rot90(array, 1)
+    else:
+        return array
+    return np.ascontiguousarray(out)
 
 
 def _check_jpeg_complete(data: bytes, path: Path) -> None:
@@ -110,7 +160,7 @@ def read_label_map(path: str | Path) -> np.ndarray:
         path: PNG/BMP (via Pillow, so palette indices survive) or TIFF (via tifffile).
 
     Returns:
-        ``[H, W]`` integer or bool array.
+        ``[H, W]`` integer or bool array, turned as its EXIF orientation says (as :func:`read_image`).
 
     Raises:
         SampleError: missing, undecodable, or a colour image whose channels differ.
@@ -123,7 +173,7 @@ def read_label_map(path: str | Path) -> np.ndarray:
             array = np.asarray(tifffile.imread(path))
         else:
             with Image.open(path) as img:
-                array = np.asarray(img)
+                array = apply_orientation(np.asarray(img), exif_orientation(img))
     except Exception as exc:
         raise SampleError(path, f"cannot decode mask image ({type(exc).__name__}: {exc})") from exc
     array = np.squeeze(array)
@@ -144,7 +194,8 @@ def read_label_map(path: str | Path) -> np.ndarray:
 
 
 def image_shape(path: str | Path) -> tuple[int, int]:
-    """(H, W) of an image file read from its header only (used to plan tiles).
+    """(H, W) of an image file, as :func:`read_image` gives it (EXIF orientation applied), read from its header
+    only (used to plan tiles).
 
     Raises:
         SampleError: missing or unreadable file.
@@ -161,6 +212,8 @@ def image_shape(path: str | Path) -> tuple[int, int]:
             return shape[0], shape[1]
         with Image.open(path) as img:
             width, height = img.size
+            if exif_orientation(img) in (5, 6, 7, 8):  # turned by a quarter
+                width, height = height, width
         return height, width
     except Exception as exc:
         raise SampleError(path, f"cannot read image header ({type(exc).__name__}: {exc})") from exc

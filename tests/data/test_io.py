@@ -2,6 +2,7 @@ import cv2
 import numpy as np
 import pytest
 import tifffile
+from PIL import Image, ImageOps
 
 from samtune.data import SampleError
 from samtune.data.io import image_shape, normalize_intensity, prepare_image, read_image, read_label_map
@@ -102,3 +103,34 @@ def test_truncated_jpeg_is_a_sample_error_but_trailing_bytes_are_not(tmp_path):
     for name, tail in (("zeros", b"\x00" * 64), ("junk", b"trailing \xff\xda bytes")):  # data after the end marker
         (tmp_path / f"{name}.jpg").write_bytes(data + tail)
         np.testing.assert_array_equal(read_image(tmp_path / f"{name}.jpg"), expected)
+
+
+def _with_orientation(path, array, orientation, **options):
+    image = Image.fromarray(array)
+    exif = image.getexif()
+    exif[0x0112] = orientation  # EXIF Orientation
+    image.save(path, exif=exif, **options)
+
+
+def test_exif_orientation_is_applied_as_image_viewers_and_annotation_tools_do(tmp_path):
+    """A phone photo stored 100x200 with Orientation=6 is shown (and annotated, e.g. by labelme) as 200x100; it was
+    read as stored, so its annotations lay rotated on the image."""
+    stored = np.zeros((100, 200, 3), np.uint8)
+    stored[:, :100] = 255  # left half white: after a 90-degree clockwise turn, the top half
+    _with_orientation(tmp_path / "photo.jpg", stored, 6, quality=95)
+    image = read_image(tmp_path / "photo.jpg")
+    assert image.shape == (200, 100, 3) and image_shape(tmp_path / "photo.jpg") == (200, 100)
+    assert image[:90].min() > 200 and image[110:].max() < 50
+    with Image.open(tmp_path / "photo.jpg") as shown:
+        assert np.abs(image.astype(int) - np.asarray(ImageOps.exif_transpose(shown)).astype(int)).max() <= 2
+
+    # every orientation, lossless (PNG): pixels as Pillow's exif_transpose shows them, label maps alike
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), np.uint8)
+    for orientation in range(1, 9):
+        _with_orientation(tmp_path / f"o{orientation}.png", pixels, orientation)
+        _with_orientation(tmp_path / f"m{orientation}.png", pixels[..., 0], orientation)
+        with Image.open(tmp_path / f"o{orientation}.png") as shown:
+            expected = np.asarray(ImageOps.exif_transpose(shown))
+        np.testing.assert_array_equal(read_image(tmp_path / f"o{orientation}.png"), expected, err_msg=str(orientation))
+        np.testing.assert_array_equal(read_label_map(tmp_path / f"m{orientation}.png"), expected[..., 0])
+        assert image_shape(tmp_path / f"o{orientation}.png") == expected.shape[:2]
