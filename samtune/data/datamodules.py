@@ -18,8 +18,8 @@ from samtune.data.base import SegmentationDataset, read_name_list
 from samtune.data.coco import COCODataset, load_coco_index
 from samtune.data.collate import collate_samples, worker_init
 from samtune.data.errors import OnError
-from samtune.data.io import IMAGE_SUFFIXES, Intensity
-from samtune.data.mask_folder import MaskFolderDataset
+from samtune.data.io import Intensity
+from samtune.data.mask_folder import MaskFolderDataset, image_files
 from samtune.data.masks import Connectivity, MaskType
 from samtune.data.sa1b import SA1BDataset
 from samtune.data.transforms import AugmentationPreset
@@ -324,7 +324,7 @@ class MaskFolderDataModule(SegmentationDataModule):
     """Image folder + mask folder.
 
     Args:
-        image_dir, mask_dir: the paired folders.
+        image_dir, mask_dir: the paired folders (may be one folder, with ``mask_suffix``).
         train_split, val_split: files listing image stems of each split (otherwise a seeded ratio split).
         mask_suffix: appended to the image stem to name its mask.
         mask_type: binary, components, instance or semantic (see ``samtune.data.mask_folder``).
@@ -393,7 +393,7 @@ class MaskFolderDataModule(SegmentationDataModule):
     def build_datasets(self) -> tuple[MaskFolderDataset, MaskFolderDataset]:
         if not self.image_dir.is_dir():
             raise ValueError(f"MaskFolderDataModule.image_dir is not a folder: {self.image_dir}")
-        names = sorted({p.stem for p in self.image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES})
+        names = sorted(image_files(self.image_dir, self.mask_dir, self.folder_options["mask_suffix"]))
         train_list = read_name_list(self.train_split) if self.train_split else None
         val_list = read_name_list(self.val_split) if self.val_split else None
         train_names, val_names = self._split(names, train_list, val_list)

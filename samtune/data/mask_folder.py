@@ -1,6 +1,8 @@
 """Folders of images and mask images paired by name (medical, microscopy, satellite exports).
 
 ``image_dir/<name>.<ext>`` pairs with ``mask_dir/<name><mask_suffix>.<ext>`` (any image extension, TIFF included).
+The masks may share the images' folder (``mask_dir == image_dir``, e.g. ``x.png`` + ``x_mask.png``): files whose stem
+ends with ``mask_suffix`` (required then) are masks, and not images.
 Mask images are read as label maps and turned into instances according to ``mask_type``:
 
 * ``"binary"``: all foreground (non-background, non-ignored) pixels form one instance;
@@ -27,12 +29,29 @@ def _files_by_stem(folder: Path) -> dict[str, Path]:
     return files
 
 
+def image_files(image_dir: Path, mask_dir: Path, mask_suffix: str) -> dict[str, Path]:
+    """The image files of ``image_dir`` by stem, without the masks when they share the folder.
+
+    Raises:
+        ValueError: the folders are the same and ``mask_suffix`` is empty (every image would be its own mask).
+    """
+    files = _files_by_stem(image_dir)
+    if image_dir.resolve() != mask_dir.resolve():
+        return files
+    if not mask_suffix:
+        raise ValueError(
+            f"image_dir and mask_dir are the same folder ({image_dir}): give mask_suffix (e.g. '_mask') to tell "
+            "the masks <name><mask_suffix>.<ext> apart from the images <name>.<ext>"
+        )
+    return {stem: path for stem, path in files.items() if not stem.endswith(mask_suffix)}
+
+
 class MaskFolderDataset(SegmentationDataset):
     """Image folder + mask folder dataset.
 
     Args:
         image_dir: folder of images.
-        mask_dir: folder of mask images.
+        mask_dir: folder of mask images (may be ``image_dir``, see the module docstring).
         names: image stems to use (a split); None for all images in ``image_dir``.
         split_file: text file of stems (alternative to ``names``).
         mask_suffix: appended to the image stem to find its mask (e.g. ``"_mask"``).
@@ -75,7 +94,7 @@ class MaskFolderDataset(SegmentationDataset):
         self.ignore_values = tuple(ignore_values)
         self.min_area = min_area
         self.connectivity = connectivity
-        self._images = _files_by_stem(self.image_dir)
+        self._images = image_files(self.image_dir, self.mask_dir, mask_suffix)
         self._masks = _files_by_stem(self.mask_dir)
         if split_file is not None:
             names = read_name_list(split_file)

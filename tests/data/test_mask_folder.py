@@ -178,3 +178,24 @@ def test_validation_tiles_score_every_instance_despite_the_mask_cap(tmp_path):
     assert [i for s in (val[i] for i in range(len(val))) for i in s["instance_ids"].tolist()] == ids  # fixed
     train = MaskFolderDataset(tmp_path / "i", tmp_path / "m", train=True, **options)
     assert len(train[0]["instance_ids"]) == 16  # training crops keep the cap
+
+
+def test_masks_in_the_image_folder_are_not_taken_as_images(tmp_path):
+    """``case0.png`` + ``case0_mask.png`` in one folder: the masks were indexed as images too (and then failed:
+    'no mask ... case0_mask_mask.png'), in the dataset and in the datamodule's split."""
+    from samtune.data.datamodules import MaskFolderDataModule
+
+    labels = np.zeros((32, 32), np.uint8)
+    labels[4:20, 4:20] = 1
+    for n in range(4):
+        tifffile.imwrite(tmp_path / f"case{n}.tif", np.full((32, 32), 100, np.uint8))
+        tifffile.imwrite(tmp_path / f"case{n}_mask.tif", labels)
+    ds = MaskFolderDataset(tmp_path, tmp_path, mask_suffix="_mask", image_size=32)
+    assert ds.names == ["case0", "case1", "case2", "case3"]
+    assert [ds[i]["masks"].shape[0] for i in range(4)] == [1, 1, 1, 1]
+    dm = MaskFolderDataModule(str(tmp_path), str(tmp_path), mask_suffix="_mask", image_size=32, num_workers=0,
+                              val_fraction=0.25)
+    dm.setup()
+    assert sorted(dm.train_dataset.names + dm.val_dataset.names) == ds.names
+    with pytest.raises(ValueError, match=r"image_dir and mask_dir are the same folder .* give mask_suffix"):
+        MaskFolderDataset(tmp_path, tmp_path, image_size=32)
