@@ -57,6 +57,55 @@ def _required_int(path: Path, section: str, k: int, entry: Any, key: str) -> int
         raise ValueError(f"{where}: '{key}' must be an integer, got {entry[key]!r}") from None
 
 
+def index_coco(
+    annotation_file: str | Path,
+    category_ids: Sequence[int] | None = None,
+    include_crowd: bool = False,
+) -> tuple[dict[int, dict[str, Any]], dict[int, list[dict[str, Any]]]]:
+    """Read and check a COCO JSON; the image entries by id and the annotations that the filters keep, by image id.
+
+    Args:
+        annotation_file: the COCO JSON.
+        category_ids: keep only annotations of these categories; None for all.
+        include_crowd: keep ``iscrowd=1`` annotations too.
+
+    Returns:
+        ``(images, annotations)``: ``{id: image entry}`` of every image, ``{image id: [annotation, ...]}`` of the
+        kept annotations (images without one are absent).
+
+    Raises:
+        ValueError: see :class:`COCODataset`.
+    """
+    path = Path(annotation_file)
+    data = load_coco_index(path)
+    images: dict[int, dict[str, Any]] = {}
+    for k, img in enumerate(data["images"]):
+        image_id = _required_int(path, "images", k, img, "id")
+        if "file_name" not in img:
+            raise ValueError(f"{path}: images[{k}] (id {image_id}) has no 'file_name' (required by the COCO "
+                             "instances format: the image's path relative to the image folder)")
+        if not isinstance(img["file_name"], str) or not img["file_name"]:
+            raise ValueError(f"{path}: images[{k}] (id {image_id}): 'file_name' must be a non-empty path, got "
+                             f"{img['file_name']!r}")
+        images[image_id] = img
+    wanted_categories = set(int(c) for c in category_ids) if category_ids is not None else None
+    by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for k, ann in enumerate(data["annotations"]):
+        image_id = _required_int(path, "annotations", k, ann, "image_id")
+        if not include_crowd and int(ann.get("iscrowd", 0)):
+            continue
+        if wanted_categories is not None and int(ann.get("category_id", -1)) not in wanted_categories:
+            continue
+        by_image[image_id].append(ann)
+    return images, by_image
+
+
+def filters_text(category_ids: Sequence[int] | None, include_crowd: bool) -> str:
+    """The annotation filters, as named in errors."""
+    categories = list(category_ids) if category_ids is not None else None
+    return f"include_crowd={include_crowd}, category_ids={categories}"
+
+
 class COCODataset(SegmentationDataset):
     """COCO instances dataset.
 
@@ -85,26 +134,7 @@ class COCODataset(SegmentationDataset):
         super().__init__(**base)
         self.annotation_file = Path(annotation_file)
         self.image_dir = Path(image_dir) if image_dir is not None else self.annotation_file.parent
-        data = load_coco_index(self.annotation_file)
-        images: dict[int, dict[str, Any]] = {}
-        for k, img in enumerate(data["images"]):
-            image_id = _required_int(self.annotation_file, "images", k, img, "id")
-            if "file_name" not in img:
-                raise ValueError(f"{self.annotation_file}: images[{k}] (id {image_id}) has no 'file_name' (required "
-                                 "by the COCO instances format: the image's path relative to the image folder)")
-            if not isinstance(img["file_name"], str) or not img["file_name"]:
-                raise ValueError(f"{self.annotation_file}: images[{k}] (id {image_id}): 'file_name' must be a "
-                                 f"non-empty path, got {img['file_name']!r}")
-            images[image_id] = img
-        wanted_categories = set(int(c) for c in category_ids) if category_ids is not None else None
-        by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        for k, ann in enumerate(data["annotations"]):
-            image_id = _required_int(self.annotation_file, "annotations", k, ann, "image_id")
-            if not include_crowd and int(ann.get("iscrowd", 0)):
-                continue
-            if wanted_categories is not None and int(ann.get("category_id", -1)) not in wanted_categories:
-                continue
-            by_image[image_id].append(ann)
+        images, by_image = index_coco(self.annotation_file, category_ids, include_crowd)
         if image_ids is None:
             ids = sorted(images)
         else:

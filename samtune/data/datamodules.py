@@ -15,7 +15,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from samtune.data.base import SegmentationDataset, read_name_list
-from samtune.data.coco import COCODataset, load_coco_index
+from samtune.data.coco import COCODataset, filters_text, index_coco
 from samtune.data.collate import collate_samples, worker_init
 from samtune.data.errors import OnError
 from samtune.data.io import Intensity
@@ -247,7 +247,8 @@ class COCODataModule(SegmentationDataModule):
     Args:
         train_annotations: COCO JSON of the training images.
         train_image_dir: folder of ``file_name`` paths (default: the JSON's folder).
-        val_annotations: COCO JSON of validation images; otherwise a seeded split of the training file.
+        val_annotations: COCO JSON of validation images; otherwise a seeded split of the training file's images
+            that have annotations left by ``category_ids`` / ``include_crowd``.
         val_image_dir: image folder of ``val_annotations``.
         category_ids: keep only these categories.
         include_crowd: use ``iscrowd`` annotations as instances too.
@@ -303,14 +304,33 @@ class COCODataModule(SegmentationDataModule):
         self.coco_options = dict(category_ids=category_ids, include_crowd=include_crowd)
 
     def build_datasets(self) -> tuple[COCODataset, COCODataset]:
+        """The two splits: the two files, or a seeded ratio split of the training file's images that keep an
+        annotation under ``category_ids`` / ``include_crowd``.
+
+        Raises:
+            ValueError: a split would hold no image (named with the file and the filters).
+        """
+        filters = filters_text(**self.coco_options)
         if self.val_annotations is not None:
-            return (
-                COCODataset(self.train_annotations, self.train_image_dir, **self.coco_options,
-                            **self.dataset_options(True)),
-                COCODataset(self.val_annotations, self.val_image_dir, **self.coco_options,
-                            **self.dataset_options(False)),
+            train = COCODataset(self.train_annotations, self.train_image_dir, **self.coco_options,
+                                **self.dataset_options(True))
+            val = COCODataset(self.val_annotations, self.val_image_dir, **self.coco_options,
+                              **self.dataset_options(False))
+            for role, dataset in (("training", train), ("validation", val)):
+                if not dataset.image_ids:
+                    raise ValueError(
+                        f"COCODataModule: the {role} split is empty: none of the {dataset.num_unannotated} image(s) "
+                        f"of {dataset.annotation_file} has annotations left by {filters}"
+                    )
+            return train, val
+        images, annotations = index_coco(self.train_annotations, **self.coco_options)
+        ids = sorted(i for i in images if annotations.get(i))
+        if len(ids) < 2:
+            raise ValueError(
+                f"{self.train_annotations}: {len(ids)} of its {len(images)} image(s) have annotations left by "
+                f"{filters}; a ratio split (val_fraction) needs at least 2 images: give val_annotations, or keep "
+                "more categories"
             )
-        ids = sorted(int(img["id"]) for img in load_coco_index(self.train_annotations)["images"])
         train_ids, val_ids = split_by_ratio(ids, self.val_fraction, self.split_seed)
         return (
             COCODataset(self.train_annotations, self.train_image_dir, image_ids=train_ids, **self.coco_options,

@@ -71,3 +71,29 @@ def test_datasets_do_not_import_lightning(tmp_path):
     code = ("import sys; sys.modules['lightning'] = None; sys.modules['pytorch_lightning'] = None; "
             "import samtune.data, samtune.data.synth")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_coco_ratio_split_draws_from_the_images_left_by_the_filters(coco_file, tmp_path):
+    """The split was drawn over every image entry and the filters applied afterwards: a split could end up empty
+    (image 3 has no annotation; category 1 is on image 1 only), silently."""
+    import json
+
+    import pytest
+
+    for seed in range(6):
+        coco = COCODataModule(str(coco_file), image_size=32, num_workers=0, val_fraction=0.5, split_seed=seed)
+        coco.setup("fit")
+        assert sorted(coco.train_dataset.image_ids + coco.val_dataset.image_ids) == [1, 2]
+        assert len(coco.train_dataset.image_ids) == len(coco.val_dataset.image_ids) == 1
+    with pytest.raises(ValueError, match=r"annotations\.json: 1 of its 3 image\(s\) have annotations left by "
+                                         r"include_crowd=False, category_ids=\[1\]; a ratio split .* at least 2"):
+        COCODataModule(str(coco_file), category_ids=[1], num_workers=0).setup("fit")
+    data = json.loads(coco_file.read_text())
+    (coco_file.parent / "val.json").write_text(json.dumps(dict(data, annotations=data["annotations"][3:4])))  # crowd
+    with pytest.raises(ValueError, match=r"the validation split is empty: none of the 3 image\(s\) of .*val\.json has "
+                                         r"annotations left by include_crowd=False, category_ids=None"):
+        COCODataModule(str(coco_file), val_annotations=str(coco_file.parent / "val.json"), num_workers=0).setup()
+    del data["images"][1]["id"]
+    (tmp_path / "no_id.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"no_id\.json: images\[1\] has no 'id'"):  # was a bare KeyError('id')
+        COCODataModule(str(tmp_path / "no_id.json"), num_workers=0).setup()
