@@ -22,12 +22,14 @@ training then matches training with the live frozen encoder up to batching round
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
 import os
+import random
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import lightning as L
 import numpy as np
@@ -376,6 +378,20 @@ class _FillItems(Dataset):
         ]
 
 
+@contextlib.contextmanager
+def _global_random_state_kept(device: torch.device) -> Iterator[None]:
+    """Run a block, then restore torch's CPU generator (and ``device``'s when it is a GPU), NumPy's global
+    generator and Python's ``random`` to their state before it."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            yield
+        finally:
+            np.random.set_state(numpy_state)
+            random.setstate(python_state)
+
+
 def fill_cache(
     cached: CachedEmbeddingDataset,
     encoder: torch.nn.Module,
@@ -404,15 +420,23 @@ def fill_cache(
 
     Returns:
         Number of embeddings computed by this call.
+
+    The global random state (torch's CPU and fill-device generators, NumPy's and Python's) is left as it was:
+    a run draws the same training samples whether its cache was cold (reading samples here draws from torch's
+    generator, see :mod:`samtune.data.base`) or warm.
     """
     if not 0 <= rank < max(world_size, 1):
         raise ValueError(f"rank {rank} out of range for world_size {world_size}")
     n = len(cached)
     start = (rank * n) // max(world_size, 1)
     order = list(range(start, n)) + list(range(start))
-    loader = DataLoader(_FillItems(cached, order, verify), batch_size=None, shuffle=False, num_workers=num_workers)
-    items = (item for entries in loader for item in entries)
-    computed = cached.cache.encode_and_store(encoder, items, batch_size=batch_size, device=device)
+    if device is None:
+        device = next(encoder.parameters()).device
+    with _global_random_state_kept(torch.device(device)):
+        loader = DataLoader(_FillItems(cached, order, verify), batch_size=None, shuffle=False,
+                            num_workers=num_workers)
+        items = (item for entries in loader for item in entries)
+        computed = cached.cache.encode_and_store(encoder, items, batch_size=batch_size, device=device)
     logger.info("embedding cache %s: computed %d embeddings for %d images x %d views", cached.cache.directory,
                 computed, n, len(cached.views))
     return computed

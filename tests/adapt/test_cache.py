@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import threading
 from pathlib import Path
 
@@ -103,6 +104,7 @@ def test_hits_and_misses_follow_image_preprocessing_and_weights(data_dir, encode
     assert fill_cache(make_cached(root, cache_dir, encoder, normalization="minmax"), encoder) == 4
 
     # encoder weights changed -> every image misses
+    torch.manual_seed(1)  # the fixture's encoder is that of seed 0 (and filling draws no random numbers)
     other_encoder = build_sam("sam_tiny").image_encoder.requires_grad_(False).eval()
     assert encoder_fingerprint(other_encoder) != encoder_fingerprint(encoder)
     assert fill_cache(make_cached(root, cache_dir, other_encoder), other_encoder) == 4
@@ -247,6 +249,33 @@ def test_concurrent_fills_share_one_cache(data_dir, encoder, tmp_path):
     cached = make_cached(data_dir, tmp_path / "cache", encoder, views=("identity", "rot90"))
     assert fill_cache(cached, encoder, verify="full") == 0
     assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+@pytest.mark.filterwarnings("ignore:.*pin_memory.*")
+def test_a_cold_cache_gives_the_training_samples_of_a_warm_one(data_dir, encoder, tmp_path):
+    """Filling drew training samples (``_get``) from torch's global generator: the same seed then gave other
+    training batches on a cold cache than on a warm one."""
+    cached = make_cached(data_dir, tmp_path / "direct", encoder, train=True)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    assert fill_cache(cached, encoder) == 4
+    assert torch.equal(torch.get_rng_state(), before[0]) and np.array_equal(np.random.get_state()[1], before[1])
+    assert random.getstate() == before[2]
+
+    def train_batches() -> list:
+        L.seed_everything(0, verbose=False)
+        dm = CachedEmbeddingDataModule(
+            SA1BDataModule(str(data_dir), image_size=SIZE, num_workers=0, pin_memory=False, max_masks_per_image=2,
+                           val_fraction=0.25),
+            cache_dir=str(tmp_path / "cache"), model="sam_tiny", device="cpu",
+        )
+        dm.setup("fit")
+        return [(b["image_id"], b["instance_ids"].tolist()) for b in dm.train_dataloader()]
+
+    cold = train_batches()
+    assert cold == train_batches()
 
 
 # --------------------------------------------------------------------------------------------------- views
