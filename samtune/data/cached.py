@@ -459,7 +459,8 @@ class CachedEmbeddingDataModule(L.LightningDataModule):
 
     Args:
         data: the datamodule reading images and masks (MaskFolderDataModule, COCODataModule, SA1BDataModule);
-            its batch size, workers and pinning are used.
+            its batch size, workers and pinning are used. Its ``image_size`` and ``normalization`` must be the
+            model's (checked in ``setup``).
         cache_dir: folder of the cache (shared by runs and configurations; safe for concurrent processes).
         model: registry name of the model whose image encoder computes the embeddings, with ``checkpoint``.
             None (default): the attached task's own image encoder (the embeddings are then computed with
@@ -525,15 +526,16 @@ class CachedEmbeddingDataModule(L.LightningDataModule):
         self._encoder: torch.nn.Module | None = None
 
     # ------------------------------------------------------------------------------ encoder
-    def _task_encoder(self) -> torch.nn.Module | None:
+    def _task_model(self) -> torch.nn.Module | None:
         trainer = self.trainer
         task = trainer.lightning_module if trainer is not None else None
-        model = getattr(task, "model", None)
-        return getattr(model, "image_encoder", None)
+        return getattr(task, "model", None)
 
-    def _source_encoder(self) -> torch.nn.Module:
-        """The encoder that computes the embeddings (on the CPU; copied to the fill device later)."""
-        task_encoder = self._task_encoder()
+    def _source_encoder(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """The encoder that computes the embeddings (on the CPU; copied to the fill device later) and the model it
+        belongs to (whose ``image_size`` / ``normalization`` the data must match)."""
+        task_model = self._task_model()
+        task_encoder = getattr(task_model, "image_encoder", None)
         if self.model_name is None:
             if task_encoder is None:
                 raise ValueError(
@@ -542,10 +544,11 @@ class CachedEmbeddingDataModule(L.LightningDataModule):
                     "`checkpoint`) to use it on its own"
                 )
             require_frozen_encoder(task_encoder)
-            return task_encoder
+            return task_encoder, task_model
         from samtune.build import build_sam
 
-        encoder = build_sam(self.model_name, self.checkpoint).image_encoder.requires_grad_(False).eval()
+        model = build_sam(self.model_name, self.checkpoint)
+        encoder = model.image_encoder.requires_grad_(False).eval()
         if task_encoder is not None:
             require_frozen_encoder(task_encoder)
             if memoized_encoder_fingerprint(task_encoder) != encoder_fingerprint(encoder):
@@ -555,7 +558,21 @@ class CachedEmbeddingDataModule(L.LightningDataModule):
                     "the cached embeddings would not be the task's. Give the task's model and checkpoint, or leave "
                     "`model` unset to use the task's own encoder"
                 )
-        return encoder
+        return encoder, model
+
+    def _check_model_input(self, spec: dict[str, Any], model: torch.nn.Module) -> None:
+        """Raise ValueError unless the data is resized and normalised as ``model`` takes its input."""
+        size, normalization = getattr(model, "image_size", None), getattr(model, "normalization", None)
+        if size is None or normalization is None:
+            return  # not a samtune Sam: nothing to compare with
+        if (spec["image_size"], spec["normalization"]) != (int(size), normalization):
+            name = f"model {self.model_name!r}" if self.model_name is not None else "the task's model"
+            raise ValueError(
+                f"CachedEmbeddingDataModule: the data is prepared for image_size={spec['image_size']}, "
+                f"normalization={spec['normalization']!r}, but the image encoder takes image_size={int(size)}, "
+                f"normalization={normalization!r} ({name}); set image_size / normalization of the wrapped "
+                "datamodule to the model's"
+            )
 
     def _fill_device(self) -> torch.device:
         if self.device is not None:
@@ -578,7 +595,8 @@ class CachedEmbeddingDataModule(L.LightningDataModule):
             spec = preprocessing_spec(train)
             if preprocessing_spec(val) != spec:
                 raise ValueError("the training and validation datasets preprocess images differently")
-            source = self._source_encoder()
+            source, model = self._source_encoder()
+            self._check_model_input(spec, model)
             config = CacheConfig(encoder_fingerprint(source), spec, self.storage_dtype, self.file_identity,
                                  model=self.model_name)
             self.cache = EmbeddingCache(self.cache_dir, config)

@@ -399,6 +399,21 @@ def test_datamodule_rejects_augmentation_and_other_weights(data_dir, tmp_path):
     assert not (tmp_path / "cache2").exists()
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    (dict(image_size=64), r"image_size=64, normalization='sam'.* takes image_size=256, normalization='sam'"),
+    (dict(normalization="minmax"), r"image_size=256, normalization='minmax'.* image_size=256, normalization='sam'"),
+])
+def test_datamodule_rejects_data_prepared_for_another_model_input(data_dir, tmp_path, options, message):
+    """Embeddings of 64-px inputs for a 256-px model used to fail later, in the decoder, with a size mismatch."""
+    dm = CachedEmbeddingDataModule(
+        SA1BDataModule(str(data_dir), **(dict(image_size=SIZE) | options), num_workers=0, val_fraction=0.25),
+        cache_dir=str(tmp_path / "cache"), model="sam_tiny", device="cpu",
+    )
+    with pytest.raises(ValueError, match=rf"the data is prepared for {message} \(model 'sam_tiny'\)"):
+        dm.setup("fit")
+    assert not (tmp_path / "cache").exists()
+
+
 @pytest.mark.filterwarnings("ignore:.*pin_memory.*")
 def test_datamodule_batches_and_views(data_dir, tmp_path):
     dm = CachedEmbeddingDataModule(
