@@ -157,25 +157,34 @@ def read_label_map(path: str | Path) -> np.ndarray:
     """Read a mask / label image keeping its integer values (palette PNGs give their indices).
 
     Args:
-        path: PNG/BMP (via Pillow, so palette indices survive) or TIFF (via tifffile).
+        path: PNG/BMP/lossless WebP (via Pillow, so palette indices survive) or TIFF (via tifffile).
 
     Returns:
         ``[H, W]`` integer or bool array, turned as its EXIF orientation says (as :func:`read_image`).
 
     Raises:
-        SampleError: missing, undecodable, or a colour image whose channels differ.
+        SampleError: missing, undecodable, stored with lossy compression (JPEG, lossy WebP: it changes label values
+            and adds noisy edges, which would become invented instances), or a colour image whose channels differ.
     """
     path = Path(path)
     if not path.is_file():
         raise SampleError(path, "mask file not found")
+    lossy = None
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
             array = np.asarray(tifffile.imread(path))
         else:
             with Image.open(path) as img:
-                array = apply_orientation(np.asarray(img), exif_orientation(img))
+                lossy = _lossy_format(img, path)
+                if lossy is None:
+                    array = apply_orientation(np.asarray(img), exif_orientation(img))
     except Exception as exc:
         raise SampleError(path, f"cannot decode mask image ({type(exc).__name__}: {exc})") from exc
+    if lossy is not None:
+        raise SampleError(
+            path, f"mask file is {lossy}, whose lossy compression changes label values (compression noise would "
+            "become invented instances): save masks as PNG or TIFF",
+        )
     array = np.squeeze(array)
     if array.ndim == 3:
         if array.shape[2] in (3, 4) and np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(
@@ -191,6 +200,22 @@ def read_label_map(path: str | Path) -> np.ndarray:
             raise SampleError(path, "float label image holds non-integer values")
         array = array.astype(np.int64)
     return array
+
+
+def _lossy_format(img: Image.Image, path: Path) -> str | None:
+    """``"JPEG"`` or ``"lossy WebP"`` when the opened image (of file ``path``) is stored with lossy compression,
+    by content (whatever the file's name), else None."""
+    if img.format in ("JPEG", "MPO"):
+        return "JPEG"
+    if img.format == "WEBP":
+        with open(path, "rb") as f:  # RIFF chunks: "VP8 " holds lossy data, "VP8L" lossless
+            f.seek(12)
+            while len(chunk := f.read(8)) == 8:
+                if chunk[:4] in (b"VP8 ", b"VP8L"):
+                    return "lossy WebP" if chunk[:4] == b"VP8 " else None
+                size = int.from_bytes(chunk[4:], "little")
+                f.seek(size + (size & 1), 1)
+    return None
 
 
 def image_shape(path: str | Path) -> tuple[int, int]:

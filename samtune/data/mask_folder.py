@@ -1,6 +1,7 @@
 """Folders of images and mask images paired by name (medical, microscopy, satellite exports).
 
-``image_dir/<name>.<ext>`` pairs with ``mask_dir/<name><mask_suffix>.<ext>`` (any image extension, TIFF included).
+``image_dir/<name>.<ext>`` pairs with ``mask_dir/<name><mask_suffix>.<ext>`` (any image extension, TIFF included;
+masks must be stored losslessly: JPEG and lossy WebP masks are rejected, see :func:`samtune.data.io.read_label_map`).
 The masks may share the images' folder (``mask_dir == image_dir``, e.g. ``x.png`` + ``x_mask.png``): files whose stem
 ends with ``mask_suffix`` (required then) are masks, and not images.
 Mask images are read as label maps and turned into instances according to ``mask_type``:

@@ -134,3 +134,18 @@ def test_exif_orientation_is_applied_as_image_viewers_and_annotation_tools_do(tm
         np.testing.assert_array_equal(read_image(tmp_path / f"o{orientation}.png"), expected, err_msg=str(orientation))
         np.testing.assert_array_equal(read_label_map(tmp_path / f"m{orientation}.png"), expected[..., 0])
         assert image_shape(tmp_path / f"o{orientation}.png") == expected.shape[:2]
+
+
+def test_lossy_mask_files_are_rejected(tmp_path):
+    """A 0/255 mask saved as JPEG: compression noise made 14 'instances' of 2 circles (35 components)."""
+    labels = np.zeros((32, 32), np.uint8)
+    labels[4:12, 4:12], labels[20:30, 18:28] = 255, 255
+    cv2.imwrite(str(tmp_path / "a.jpg"), labels)
+    (tmp_path / "jpeg_named.png").write_bytes((tmp_path / "a.jpg").read_bytes())
+    Image.fromarray(labels).save(tmp_path / "lossy.webp", quality=90)
+    for name, kind in (("a.jpg", "JPEG"), ("jpeg_named.png", "JPEG"), ("lossy.webp", "lossy WebP")):
+        with pytest.raises(SampleError, match=rf"{name}: mask file is {kind}, whose lossy compression changes label "
+                                              r"values .*: save masks as PNG or TIFF"):
+            read_label_map(tmp_path / name)
+    Image.fromarray(labels).save(tmp_path / "lossless.webp", lossless=True)
+    np.testing.assert_array_equal(read_label_map(tmp_path / "lossless.webp"), labels)
