@@ -87,12 +87,23 @@ def index_coco(
         if not isinstance(img["file_name"], str) or not img["file_name"]:
             raise ValueError(f"{path}: images[{k}] (id {image_id}): 'file_name' must be a non-empty path, got "
                              f"{img['file_name']!r}")
+        for key in ("height", "width"):
+            if key in img and _required_int(path, "images", k, img, key) <= 0:
+                raise ValueError(f"{path}: images[{k}] (id {image_id}): '{key}' must be a positive integer, got "
+                                 f"{img[key]!r}")
         images[image_id] = img
     wanted_categories = set(int(c) for c in category_ids) if category_ids is not None else None
     by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for k, ann in enumerate(data["annotations"]):
         image_id = _required_int(path, "annotations", k, ann, "image_id")
-        if not include_crowd and int(ann.get("iscrowd", 0)):
+        for key in ("id", "category_id"):  # optional here, but integers where given
+            if key in ann:
+                _required_int(path, "annotations", k, ann, key)
+        crowd = ann.get("iscrowd", 0)
+        if crowd not in (0, 1):
+            where = f"annotations[{k}]" + (f" (id {ann['id']!r})" if "id" in ann else "")
+            raise ValueError(f"{path}: {where}: 'iscrowd' must be 0 or 1, got {crowd!r}")
+        if not include_crowd and crowd:
             continue
         if wanted_categories is not None and int(ann.get("category_id", -1)) not in wanted_categories:
             continue
@@ -119,7 +130,9 @@ class COCODataset(SegmentationDataset):
 
     Raises:
         ValueError: the file is missing or malformed: an image entry without an integer ``id`` or a
-            ``file_name``, an annotation without an integer ``image_id`` (named by file, entry and key).
+            ``file_name``, or with a ``height`` / ``width`` that is not a positive integer; an annotation without
+            an integer ``image_id``, with an ``id`` / ``category_id`` that is not an integer or an ``iscrowd``
+            other than 0 / 1 (named by file, entry and key).
     """
 
     def __init__(

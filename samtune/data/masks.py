@@ -85,7 +85,10 @@ def validate_rle(rle: dict[str, Any], height: int, width: int, where: str | Path
     size = rle["size"]
     if not isinstance(size, (list, tuple)) or len(size) != 2:
         raise SampleError(where, f"RLE 'size' must be [height, width], got {size!r}")
-    h, w = int(size[0]), int(size[1])
+    try:
+        h, w = int(size[0]), int(size[1])
+    except (TypeError, ValueError):
+        raise SampleError(where, f"RLE 'size' must be [height, width] (integers), got {size!r}") from None
     if (h, w) != (height, width):
         raise SampleError(where, f"RLE size {h}x{w} differs from the image size {height}x{width}")
     counts = rle["counts"]

@@ -95,7 +95,35 @@ class SA1BDataset(SegmentationDataset):
             raise SampleError(json_path, f"invalid JSON ({exc})") from exc
         if not isinstance(record, dict) or not isinstance(record.get("annotations"), list):
             raise SampleError(json_path, "expected an object with an 'annotations' list (SA-1B format)")
+        _check_fields(record, json_path)
         return json_path, record
+
+
+def _check_fields(record: dict[str, Any], json_path: Path) -> None:
+    """Raise :class:`SampleError` naming the JSON file (and the annotation's index) for a field of the wrong type:
+    ``"image"`` not an object, its ``height`` / ``width`` not positive integers, an annotation not an object or
+    its ``id`` not an integer. (Segmentations are checked when they are decoded.)"""
+    info = record.get("image", {})
+    if not isinstance(info, dict):
+        raise SampleError(json_path, f"'image' must be a JSON object (SA-1B format), got {type(info).__name__}")
+    for key in ("height", "width"):
+        if key in info and _as_int(info[key], minimum=1) is None:
+            raise SampleError(json_path, f"image '{key}' must be a positive integer, got {info[key]!r}")
+    for n, ann in enumerate(record["annotations"]):
+        where = file_label(json_path, f"annotations[{n}]")
+        if not isinstance(ann, dict):
+            raise SampleError(where, f"an annotation must be a JSON object (SA-1B format), got {type(ann).__name__}")
+        if "id" in ann and _as_int(ann["id"]) is None:
+            raise SampleError(where, f"'id' must be an integer, got {ann['id']!r}")
+
+
+def _as_int(value: Any, minimum: int | None = None) -> int | None:
+    """``int(value)``, or None when it is not an integer (at least ``minimum``)."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return None
+    return number if minimum is None or number >= minimum else None
 
 
 def _mask_source(record: dict[str, Any], json_path: Path, height: int, width: int) -> RLEMaskSource:

@@ -80,6 +80,22 @@ def test_non_integer_ids_are_named(coco_file):
         COCODataset(coco_file, image_size=32)
 
 
+@pytest.mark.parametrize(("section", "position", "key", "value", "message"), [
+    ("annotations", 0, "iscrowd", "no", r"annotations\[0\] \(id 10\): 'iscrowd' must be 0 or 1, got 'no'"),
+    ("annotations", 0, "category_id", None, r"annotations\[0\] \(id 10\): 'category_id' must be an integer, got None"),
+    ("annotations", 0, "id", "a1", r"annotations\[0\]: 'id' must be an integer, got 'a1'"),
+    ("images", 0, "height", "abc", r"images\[0\] \(id 1\): 'height' must be an integer, got 'abc'"),
+    ("images", 1, "width", 0, r"images\[1\] \(id 2\): 'width' must be a positive integer, got 0"),
+])
+def test_malformed_fields_are_named_at_construction(coco_file, section, position, key, value, message):
+    """They were a bare ValueError / TypeError, or an unexpected error blamed on the image file at the sample."""
+    data = json.loads(coco_file.read_text())
+    data[section][position][key] = value
+    coco_file.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=rf"annotations\.json: {message}"):
+        COCODataset(coco_file, image_size=32, category_ids=[1, 2])
+
+
 def test_skip_handler_survives_an_unusable_image_path(coco_file):
     """Turning an unexpected error into a SampleError must not fail itself on the entry whose path is broken."""
     ds = COCODataset(coco_file, image_size=32, on_error="skip")

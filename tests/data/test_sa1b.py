@@ -110,6 +110,27 @@ def test_on_error_raise_and_skip(sa1b_dir, kind, caplog):
     assert name in caplog.text and "1 skipped" in caplog.text
 
 
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda r: r["annotations"].__setitem__(0, "oops"),
+     r" \[annotations\[0\]\]: an annotation must be a JSON object \(SA-1B format\), got str"),
+    (lambda r: r.__setitem__("image", [1]), r": 'image' must be a JSON object \(SA-1B format\), got list"),
+    (lambda r: r["image"].__setitem__("height", "abc"), r": image 'height' must be a positive integer, got 'abc'"),
+    (lambda r: r["annotations"][0].__setitem__("id", "a1"),
+     r" \[annotations\[0\]\]: 'id' must be an integer, got 'a1'"),
+    (lambda r: r["annotations"][0]["segmentation"].__setitem__("size", ["a", "b"]),
+     r" \[annotation \d+\]: RLE 'size' must be \[height, width\] \(integers\), got \['a', 'b'\]"),
+])
+def test_malformed_annotation_fields_name_the_json_file(sa1b_dir, mutate, message):
+    """They were reported as an unexpected AttributeError / ValueError of the image file, or not at all (a list
+    as 'image')."""
+    record = json.loads((sa1b_dir / "sa_2.json").read_text())
+    mutate(record)
+    (sa1b_dir / "sa_2.json").write_text(json.dumps(record))
+    for options in ({}, {"crop_size": 64}):  # the sample, and planning validation tiles from the JSON alone
+        with pytest.raises(SampleError, match=rf"sa_2\.json{message}"):
+            SA1BDataset(sa1b_dir, image_size=32, **options)[1]
+
+
 def test_skip_counter_across_workers(sa1b_dir):
     _break(sa1b_dir, "corrupt_image")
     ds = SA1BDataset(sa1b_dir, image_size=32, on_error="skip")
