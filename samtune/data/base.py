@@ -41,7 +41,7 @@ from samtune.data.errors import OnError, SampleError, SkipCounter
 from samtune.data.io import Intensity, check_intensity_options, prepare_image
 from samtune.data.masks import DenseMaskSource, MaskSource, masks_to_boxes
 from samtune.data.transforms import Augmenter, AugmentationPreset, resize_longest, to_model_input
-from samtune.modeling.preprocessing import Normalization
+from samtune.modeling.preprocessing import Interpolation, Normalization
 
 logger = logging.getLogger("samtune.data")
 
@@ -74,6 +74,10 @@ class SegmentationDataset(Dataset):
     Args:
         image_size: S, the model's square input size (1024 for SAM, 256 for LiteMedSAM).
         normalization: ``"sam"`` or ``"minmax"`` (see ``samtune.modeling.preprocessing``).
+        resize_interpolation: the resize filter, which must be the model's (``Sam.resize_interpolation``, what
+            :class:`samtune.Predictor` uses at inference): ``"bilinear"`` (PIL, SAM) or ``"area"`` (OpenCV
+            ``INTER_AREA``, LiteMedSAM). None: the filter of the models with this ``normalization`` (``"sam"``:
+            bilinear, ``"minmax"``: area).
         train: training mode (random mask sampling, augmentation, random crops) vs deterministic validation.
         augmentation: preset applied in training (see ``samtune.data.transforms.preset_transforms``).
         augmentation_pipeline: extra albumentations pipeline (dict or YAML/JSON file) applied in training.
@@ -110,6 +114,7 @@ class SegmentationDataset(Dataset):
         *,
         image_size: int = 1024,
         normalization: Normalization = "sam",
+        resize_interpolation: Interpolation | None = None,
         train: bool = False,
         augmentation: AugmentationPreset = "none",
         augmentation_pipeline: str | Path | dict[str, Any] | None = None,
@@ -132,6 +137,10 @@ class SegmentationDataset(Dataset):
             raise ValueError(f"image_size must be positive, got {image_size}")
         if normalization not in ("sam", "minmax"):
             raise ValueError(f"normalization must be 'sam' or 'minmax', got {normalization!r}")
+        if resize_interpolation is None:
+            resize_interpolation = "area" if normalization == "minmax" else "bilinear"
+        if resize_interpolation not in ("bilinear", "area"):
+            raise ValueError(f"resize_interpolation must be 'bilinear' or 'area', got {resize_interpolation!r}")
         if max_masks_per_image <= 0:
             raise ValueError(f"max_masks_per_image must be positive, got {max_masks_per_image}")
         if not 0.0 < max_mask_area_fraction <= 1.0:
@@ -155,8 +164,10 @@ class SegmentationDataset(Dataset):
         check_intensity_options(intensity, percentiles, window)
         self.image_size = image_size
         self.normalization = normalization
+        self.resize_interpolation: Interpolation = resize_interpolation
         self.train = train
-        self.augmenter = Augmenter(augmentation, augmentation_pipeline, image_size) if train else None
+        self.augmenter = Augmenter(augmentation, augmentation_pipeline, image_size, resize_interpolation) \
+            if train else None
         self.max_masks_per_image = max_masks_per_image
         self.max_mask_area_fraction = max_mask_area_fraction
         self.bands = list(bands) if bands is not None else None
@@ -342,7 +353,7 @@ class SegmentationDataset(Dataset):
             masks, ids = source.decode(chosen), source.ids[chosen]
         original_size = image.shape[:2]
 
-        resized_image, resized_masks = resize_longest(image, masks, self.image_size)
+        resized_image, resized_masks = resize_longest(image, masks, self.image_size, self.resize_interpolation)
         out_image, out_masks = resized_image, resized_masks
         keep = resized_masks.reshape(len(resized_masks), -1).any(1)
         if self.augmenter is not None and self.augmenter.active:

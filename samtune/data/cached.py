@@ -147,7 +147,7 @@ def view_sample(sample: dict[str, Any], view: str, image_size: int) -> dict[str,
 
 
 # --------------------------------------------------------------------------------------------------- keys
-def _probe_hash(image_size: int, normalization: str) -> str:
+def _probe_hash(image_size: int, normalization: str, interpolation: str) -> str:
     """SHA-256 of the resize + normalise + pad stage on two fixed probe images (one enlarged, one shrunk).
 
     Any change of the resize filter or of the normalisation code changes it, and with it the cache keys.
@@ -156,7 +156,8 @@ def _probe_hash(image_size: int, normalization: str) -> str:
     digest = hashlib.sha256()
     for shape in ((13, 21), (image_size + 7, image_size // 2 + 3)):
         image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
-        resized, masks = resize_longest(image, np.ones((1, *shape), np.uint8), image_size)
+        ones = np.ones((1, *shape), np.uint8)
+        resized, masks = resize_longest(image, ones, image_size, interpolation)  # type: ignore[arg-type]
         tensor, _ = to_model_input(resized, masks, image_size, normalization)  # type: ignore[arg-type]
         digest.update(tensor.numpy().tobytes())
     return digest.hexdigest()[:32]
@@ -194,7 +195,8 @@ def preprocessing_spec(dataset: SegmentationDataset) -> dict[str, Any]:
         "pipeline_version": PIPELINE_VERSION,
         "image_size": int(dataset.image_size),
         "normalization": dataset.normalization,
-        "resize_normalize_probe": _probe_hash(dataset.image_size, dataset.normalization),
+        "resize_interpolation": dataset.resize_interpolation,
+        "resize_normalize_probe": _probe_hash(dataset.image_size, dataset.normalization, dataset.resize_interpolation),
         "bands": list(dataset.bands) if dataset.bands is not None else None,
         "intensity": dataset.intensity,
         "percentiles": [float(v) for v in dataset.percentiles],
@@ -459,8 +461,8 @@ class CachedEmbeddingDataModule(L.LightningDataModule):
 
     Args:
         data: the datamodule reading images and masks (MaskFolderDataModule, COCODataModule, SA1BDataModule);
-            its batch size, workers and pinning are used. Its ``image_size`` and ``normalization`` must be the
-            model's (checked in ``setup``).
+            its batch size, workers and pinning are used. Its ``image_size``, ``normalization`` and
+            ``resize_interpolation`` must be the model's (checked in ``setup``).
         cache_dir: folder of the cache (shared by runs and configurations; safe for concurrent processes).
         model: registry name of the model whose image encoder computes the embeddings, with ``checkpoint``.
             None (default): the attached task's own image encoder (the embeddings are then computed with
@@ -565,13 +567,16 @@ class CachedEmbeddingDataModule(L.LightningDataModule):
         size, normalization = getattr(model, "image_size", None), getattr(model, "normalization", None)
         if size is None or normalization is None:
             return  # not a samtune Sam: nothing to compare with
-        if (spec["image_size"], spec["normalization"]) != (int(size), normalization):
+        interpolation = getattr(model, "resize_interpolation", spec["resize_interpolation"])
+        have = (spec["image_size"], spec["normalization"], spec["resize_interpolation"])
+        if have != (int(size), normalization, interpolation):
             name = f"model {self.model_name!r}" if self.model_name is not None else "the task's model"
             raise ValueError(
                 f"CachedEmbeddingDataModule: the data is prepared for image_size={spec['image_size']}, "
-                f"normalization={spec['normalization']!r}, but the image encoder takes image_size={int(size)}, "
-                f"normalization={normalization!r} ({name}); set image_size / normalization of the wrapped "
-                "datamodule to the model's"
+                f"normalization={spec['normalization']!r}, resize_interpolation={spec['resize_interpolation']!r}, "
+                f"but the image encoder takes image_size={int(size)}, normalization={normalization!r}, "
+                f"resize_interpolation={interpolation!r} ({name}); set image_size / normalization / "
+                "resize_interpolation of the wrapped datamodule to the model's"
             )
 
     def _fill_device(self) -> torch.device:

@@ -23,7 +23,7 @@ from samtune.data.mask_folder import MaskFolderDataset, image_files
 from samtune.data.masks import Connectivity, MaskType
 from samtune.data.sa1b import SA1BDataset
 from samtune.data.transforms import AugmentationPreset
-from samtune.modeling.preprocessing import Normalization
+from samtune.modeling.preprocessing import Interpolation, Normalization
 
 logger = logging.getLogger("samtune.data")
 
@@ -48,6 +48,8 @@ class SegmentationDataModule(L.LightningDataModule):
     Args:
         image_size: model input size S (1024 SAM, 256 LiteMedSAM).
         normalization: ``"sam"`` (mean/std) or ``"minmax"`` (LiteMedSAM).
+        resize_interpolation: resize filter, ``"bilinear"`` (SAM) or ``"area"`` (LiteMedSAM); None: the one that
+            goes with ``normalization`` (what the model's predictor uses).
         batch_size: images per batch.
         num_workers: DataLoader worker processes.
         pin_memory: pin batches for fast host-to-GPU copies.
@@ -79,6 +81,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self,
         image_size: int = 1024,
         normalization: Normalization = "sam",
+        resize_interpolation: Interpolation | None = None,
         batch_size: int = 1,
         num_workers: int = 2,
         pin_memory: bool = True,
@@ -114,7 +117,8 @@ class SegmentationDataModule(L.LightningDataModule):
         self.split_seed = split_seed
         self.return_original_masks = return_original_masks
         self._common: dict[str, Any] = dict(
-            image_size=image_size, normalization=normalization, max_masks_per_image=max_masks_per_image,
+            image_size=image_size, normalization=normalization, resize_interpolation=resize_interpolation,
+            max_masks_per_image=max_masks_per_image,
             max_mask_area_fraction=max_mask_area_fraction, bands=bands, intensity=intensity,
             percentiles=percentiles, window=window, crop_size=crop_size, on_error=on_error, seed=seed,
             region_min_fraction=region_min_fraction, tile_overlap=tile_overlap,
@@ -202,6 +206,7 @@ class SA1BDataModule(SegmentationDataModule):
         val_split: str | None = None,
         image_size: int = 1024,
         normalization: Normalization = "sam",
+        resize_interpolation: Interpolation | None = None,
         batch_size: int = 1,
         num_workers: int = 2,
         pin_memory: bool = True,
@@ -217,7 +222,8 @@ class SA1BDataModule(SegmentationDataModule):
         return_original_masks: bool = False,
     ) -> None:
         super().__init__(
-            image_size=image_size, normalization=normalization, batch_size=batch_size, num_workers=num_workers,
+            image_size=image_size, normalization=normalization, resize_interpolation=resize_interpolation,
+            batch_size=batch_size, num_workers=num_workers,
             pin_memory=pin_memory, max_masks_per_image=max_masks_per_image,
             max_mask_area_fraction=max_mask_area_fraction, augmentation=augmentation,
             augmentation_pipeline=augmentation_pipeline, crop_size=crop_size, val_fraction=val_fraction,
@@ -265,6 +271,7 @@ class COCODataModule(SegmentationDataModule):
         include_crowd: bool = False,
         image_size: int = 1024,
         normalization: Normalization = "sam",
+        resize_interpolation: Interpolation | None = None,
         batch_size: int = 1,
         num_workers: int = 2,
         pin_memory: bool = True,
@@ -289,7 +296,8 @@ class COCODataModule(SegmentationDataModule):
         return_original_masks: bool = False,
     ) -> None:
         super().__init__(
-            image_size=image_size, normalization=normalization, batch_size=batch_size, num_workers=num_workers,
+            image_size=image_size, normalization=normalization, resize_interpolation=resize_interpolation,
+            batch_size=batch_size, num_workers=num_workers,
             pin_memory=pin_memory, max_masks_per_image=max_masks_per_image,
             max_mask_area_fraction=max_mask_area_fraction, augmentation=augmentation,
             augmentation_pipeline=augmentation_pipeline, bands=bands, intensity=intensity,
@@ -369,6 +377,7 @@ class MaskFolderDataModule(SegmentationDataModule):
         connectivity: Connectivity = 8,
         image_size: int = 1024,
         normalization: Normalization = "sam",
+        resize_interpolation: Interpolation | None = None,
         batch_size: int = 1,
         num_workers: int = 2,
         pin_memory: bool = True,
@@ -393,7 +402,8 @@ class MaskFolderDataModule(SegmentationDataModule):
         return_original_masks: bool = False,
     ) -> None:
         super().__init__(
-            image_size=image_size, normalization=normalization, batch_size=batch_size, num_workers=num_workers,
+            image_size=image_size, normalization=normalization, resize_interpolation=resize_interpolation,
+            batch_size=batch_size, num_workers=num_workers,
             pin_memory=pin_memory, max_masks_per_image=max_masks_per_image,
             max_mask_area_fraction=max_mask_area_fraction, augmentation=augmentation,
             augmentation_pipeline=augmentation_pipeline, bands=bands, intensity=intensity,

@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from samtune.data.masks import resize_image, resize_masks
-from samtune.modeling.preprocessing import Normalization, get_preprocess_shape, normalize_image
+from samtune.modeling.preprocessing import Interpolation, Normalization, get_preprocess_shape, normalize_image
 
 AugmentationPreset = Literal["none", "natural", "overhead", "natural_lsj", "overhead_lsj"]
 AUGMENTATION_PRESETS: tuple[str, ...] = ("none", "natural", "overhead", "natural_lsj", "overhead_lsj")
@@ -89,6 +89,7 @@ class Augmenter:
         preset: see :func:`preset_transforms`.
         pipeline: extra albumentations pipeline (see :func:`load_pipeline`), applied after the preset.
         image_size: S, the model input size (jitter crops to at most S x S).
+        interpolation: the model's resize filter (jitter's rescaling, and pipelines that enlarge the image).
     """
 
     def __init__(
@@ -96,6 +97,7 @@ class Augmenter:
         preset: AugmentationPreset = "none",
         pipeline: str | Path | dict[str, Any] | None = None,
         image_size: int = 1024,
+        interpolation: Interpolation = "bilinear",
     ) -> None:
         transforms: list[Any] = preset_transforms(preset)
         user = load_pipeline(pipeline)
@@ -104,6 +106,7 @@ class Augmenter:
         self.compose = A.Compose(transforms, p=1.0) if transforms else None
         self.jitter = preset.endswith("_lsj")
         self.image_size = image_size
+        self.interpolation = interpolation
 
     @property
     def active(self) -> bool:
@@ -130,11 +133,11 @@ class Augmenter:
             out = self.compose(image=image, masks=masks)
             image, masks = out["image"], np.asarray(out["masks"], dtype=np.uint8).reshape(-1, *out["image"].shape[:2])
         if self.jitter:
-            image, masks = large_scale_jitter(image, masks, rng, self.image_size)
+            image, masks = large_scale_jitter(image, masks, rng, self.image_size, interpolation=self.interpolation)
         h, w = image.shape[:2]
         if max(h, w) > self.image_size:
             size = get_preprocess_shape(h, w, self.image_size)
-            image, masks = resize_image(image, size), resize_masks(masks, size)
+            image, masks = resize_image(image, size, self.interpolation), resize_masks(masks, size)
         return image, masks
 
 
@@ -165,6 +168,7 @@ def large_scale_jitter(
     rng: np.random.Generator,
     image_size: int,
     scale_range: tuple[float, float] = LSJ_SCALE,
+    interpolation: Interpolation = "bilinear",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Large-scale jitter: rescale by s ~ U(scale_range), then random-crop to at most ``S`` x ``S``.
 
@@ -174,6 +178,7 @@ def large_scale_jitter(
         rng: random source.
         image_size: S.
         scale_range: (low, high) scale factors.
+        interpolation: the model's resize filter (see :func:`samtune.data.masks.resize_image`).
 
     Returns:
         image ``[h', w', 3]``, masks ``[K, h', w']`` with h', w' <= S (padding comes later).
@@ -181,21 +186,24 @@ def large_scale_jitter(
     h, w = image.shape[:2]
     scale = float(rng.uniform(*scale_range))
     size = (max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5)))
-    image, masks = resize_image(image, size), resize_masks(masks, size)
+    image, masks = resize_image(image, size, interpolation), resize_masks(masks, size)
     top = int(rng.integers(0, max(size[0] - image_size, 0) + 1))
     left = int(rng.integers(0, max(size[1] - image_size, 0) + 1))
     window = (slice(top, top + image_size), slice(left, left + image_size))
     return np.ascontiguousarray(image[window]), np.ascontiguousarray(masks[(slice(None), *window)])
 
 
-def resize_longest(image: np.ndarray, masks: np.ndarray, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Resize image ``[H, W, 3]`` and masks ``[K, H, W]`` so the longest side is ``image_size``.
+def resize_longest(
+    image: np.ndarray, masks: np.ndarray, image_size: int, interpolation: Interpolation
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resize image ``[H, W, 3]`` (with the model's filter ``interpolation``) and masks ``[K, H, W]`` (nearest) so
+    the longest side is ``image_size``.
 
     Returns:
         image ``[h, w, 3]`` uint8 and masks ``[K, h, w]`` uint8 with (h, w) = ``get_preprocess_shape``.
     """
     size = get_preprocess_shape(image.shape[0], image.shape[1], image_size)
-    return resize_image(image, size), resize_masks(masks, size)
+    return resize_image(image, size, interpolation), resize_masks(masks, size)
 
 
 def to_model_input(

@@ -27,18 +27,20 @@ def dataset_options(model: Any, config: ProtocolConfig, max_masks_per_image: int
     """Keyword arguments that make any samtune dataset an evaluation dataset for ``model``.
 
     Args:
-        model: the model (``image_size``, ``normalization``).
+        model: the model (``image_size``, ``normalization``, ``resize_interpolation``).
         config: the protocols (``iou_resolution`` decides whether original-resolution masks are returned).
         max_masks_per_image: evaluate a seeded subset of at most this many masks per image (None: all).
 
     Returns:
-        ``image_size``, ``normalization``, ``train=False``, ``max_masks_per_image``, ``return_original_masks``.
+        ``image_size``, ``normalization``, ``resize_interpolation``, ``train=False``, ``max_masks_per_image``,
+        ``return_original_masks``.
     """
     if max_masks_per_image is not None and max_masks_per_image <= 0:
         raise ValueError(f"max_masks_per_image must be positive, got {max_masks_per_image}")
     return {
         "image_size": int(model.image_size),
         "normalization": str(model.normalization),
+        "resize_interpolation": str(model.resize_interpolation),
         "train": False,
         "max_masks_per_image": ALL_MASKS if max_masks_per_image is None else int(max_masks_per_image),
         "return_original_masks": config.iou_resolution == "original",
@@ -52,7 +54,7 @@ def check_dataset(dataset: Any, model: Any, config: ProtocolConfig) -> None:
     problems = []
     if getattr(base, "train", False):
         problems.append("train=True (evaluation needs the deterministic validation mode, train=False)")
-    for key in ("image_size", "normalization"):
+    for key in ("image_size", "normalization", "resize_interpolation"):
         have, want = getattr(base, key, None), getattr(model, key)
         if have is not None and have != want:
             problems.append(f"{key}={have!r} but the model expects {want!r}")

@@ -104,7 +104,16 @@ def resize_longest_side(image: np.ndarray, long_side: int, interpolation: Interp
     Returns:
         ``[h, w, C]``: uint8 for ``"bilinear"``, float32 for ``"area"``.
     """
-    h, w = get_preprocess_shape(image.shape[0], image.shape[1], long_side)
+    return resize_image_to(image, get_preprocess_shape(image.shape[0], image.shape[1], long_side), interpolation)
+
+
+def resize_image_to(image: np.ndarray, size: tuple[int, int], interpolation: Interpolation) -> np.ndarray:
+    """Resize an ``[H, W, C]`` image to ``size`` = (h, w) with a model's filter (see :func:`resize_longest_side`).
+
+    Returns:
+        ``[h, w, C]``: uint8 for ``"bilinear"``, float32 for ``"area"``.
+    """
+    h, w = size
     if interpolation == "bilinear":
         from PIL import Image
 

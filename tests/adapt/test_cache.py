@@ -400,8 +400,11 @@ def test_datamodule_rejects_augmentation_and_other_weights(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    (dict(image_size=64), r"image_size=64, normalization='sam'.* takes image_size=256, normalization='sam'"),
-    (dict(normalization="minmax"), r"image_size=256, normalization='minmax'.* image_size=256, normalization='sam'"),
+    (dict(image_size=64), r"image_size=64, normalization='sam', resize_interpolation='bilinear', but the image "
+                          r"encoder takes image_size=256, normalization='sam', resize_interpolation='bilinear'"),
+    (dict(normalization="minmax"), r"image_size=256, normalization='minmax', resize_interpolation='area', but the "
+                                   r"image encoder takes image_size=256, normalization='sam', "
+                                   r"resize_interpolation='bilinear'"),
 ])
 def test_datamodule_rejects_data_prepared_for_another_model_input(data_dir, tmp_path, options, message):
     """Embeddings of 64-px inputs for a 256-px model used to fail later, in the decoder, with a size mismatch."""

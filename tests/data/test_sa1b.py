@@ -5,6 +5,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from samtune.data import SA1BDataset, SampleError, collate_samples
@@ -27,9 +28,9 @@ def test_sample_contract(sa1b_dir):
     assert sample["image_id"] == "sa_1"
     assert not sample["masks"][:, h:, :].any() and not sample["masks"][:, :, w:].any()
     assert (sample["image"][:, h:, :] == 0).all()
-    # the image is (x - mean) / std of the resized RGB pixels
+    # the image is (x - mean) / std of the RGB pixels resized as the official predictor does
     raw = cv2.cvtColor(cv2.imread(str(sa1b_dir / "sa_1.jpg")), cv2.COLOR_BGR2RGB)
-    resized = cv2.resize(raw, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32)
+    resized = np.asarray(Image.fromarray(raw).resize((w, h), Image.BILINEAR), np.float32)  # SAM's filter (PIL)
     expected = (resized - np.array(PIXEL_MEAN, np.float32)) / np.array(PIXEL_STD, np.float32)
     torch.testing.assert_close(sample["image"][:, :h, :w], torch.from_numpy(expected).permute(2, 0, 1))
     # original masks equal pycocotools' own decoding of the annotation file

@@ -1,6 +1,8 @@
 import albumentations as A
+import cv2
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from samtune.data import MaskFolderDataset
@@ -129,3 +131,34 @@ def test_augmentation_is_reproducible_from_the_generator():
     first, again, other = run(5), run(5), run(6)
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
     assert not all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(first, other))
+
+
+@pytest.mark.parametrize("model_name", ["sam_tiny", "sam_tiny_vit_t"])
+@pytest.mark.parametrize("hw", [(90, 140), (400, 330)], ids=["enlarged", "shrunk"])
+def test_dataset_input_is_what_the_predictor_feeds_the_model(model_name, hw, tmp_path):
+    """A dataset resizes with the model's filter (PIL bilinear for SAM, OpenCV area for min-max models such as
+    LiteMedSAM), so a model trains on the inputs samtune.Predictor gives it at inference, enlarged or shrunk."""
+    from PIL import Image
+
+    from samtune import Predictor, build_sam
+    from samtune.data import MaskFolderDataset
+
+    model = build_sam(model_name).eval()
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (*hw, 3), dtype=np.uint8), (5, 5), 1.5)
+    labels = np.zeros(hw, np.uint8)
+    labels[20:60, 30:80] = 1
+    (tmp_path / "im").mkdir()
+    (tmp_path / "lb").mkdir()
+    Image.fromarray(image).save(tmp_path / "im" / "a.png")
+    Image.fromarray(labels).save(tmp_path / "lb" / "a.png")
+    dataset = MaskFolderDataset(tmp_path / "im", tmp_path / "lb", image_size=model.image_size,
+                                normalization=model.normalization)
+    assert dataset.resize_interpolation == model.resize_interpolation
+    got = dataset[0]["image"]
+    resized = Predictor(model, precision="fp32").transform.apply_image(image)
+    expected = model.preprocess(torch.as_tensor(resized).permute(2, 0, 1)[None].float())[0]
+    # area resizing runs in float32 and the dataset rounds it to uint8: each pixel, the minimum and the maximum of
+    # the min-max scaling move by <= 0.5 grey levels, so the scaled values by <= 1.5 / (max - min)
+    atol = 0.0 if model.resize_interpolation == "bilinear" else 1.5 / float(resized.max() - resized.min())
+    torch.testing.assert_close(got, expected, atol=atol, rtol=0)

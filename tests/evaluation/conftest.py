@@ -29,6 +29,7 @@ class PaintSam(nn.Module):
         self.image_size = image_size
         self.low_res_size = image_size
         self.normalization = normalization
+        self.resize_interpolation = "area" if normalization == "minmax" else "bilinear"
         self.radii = radii
         self.iou = iou
         self.calls: list[dict[str, Any]] = []
