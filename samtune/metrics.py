@@ -108,7 +108,8 @@ class ClickIoU(Metric):
 
         Args:
             click_ious: ``[M, k]`` IoU after clicks 1..k.
-            valid: ``[M]`` bool, False for padding masks (ignored); default all valid.
+            valid: ``[M]`` bool, False for padding masks (ignored whatever they hold, NaN and inf included); default
+                all valid.
             click_iou_pred: ``[M, k]`` predicted IoUs of the click rounds.
             box_ious: ``[M]`` IoU after the box round.
             box_iou_pred: ``[M]`` predicted IoU of the box round.
@@ -129,24 +130,30 @@ class ClickIoU(Metric):
                 raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
         if (box_iou_pred is not None) and box_ious is None:
             raise ValueError("box_iou_pred needs box_ious")
-        w = valid.float()
+        # Padding rows are selected out (torch.where), not multiplied by 0: a NaN / inf there must not reach the sums.
+        keep = valid.to(device=click_ious.device, dtype=torch.bool)
+        w = keep.float()
         ious = click_ious.float()
-        self.click_iou_sum += (ious * w[:, None]).sum(dim=0)
-        self.click_dice_sum += (dice_from_iou(ious) * w[:, None]).sum(dim=0)
+
+        def total(values: torch.Tensor) -> torch.Tensor:
+            mask = keep.view(-1, *([1] * (values.dim() - 1)))
+            return torch.where(mask, values.float(), torch.zeros((), device=values.device)).sum(dim=0)
+
+        self.click_iou_sum += total(ious)
+        self.click_dice_sum += total(dice_from_iou(ious))
         self.num_masks += w.sum()
         for i, threshold in enumerate(self.noc_thresholds):
-            noc = number_of_clicks(ious, threshold).float()
-            self.noc_sum[i] += (noc * w).sum()
-            self.failures[i] += (~(ious >= threshold).any(dim=1)).float().mul(w).sum()
+            self.noc_sum[i] += total(number_of_clicks(ious, threshold).float())
+            self.failures[i] += total((~(ious >= threshold).any(dim=1)).float())
         if box_ious is not None:
-            self.box_iou_sum += (box_ious.float() * w).sum()
-            self.box_dice_sum += (dice_from_iou(box_ious) * w).sum()
+            self.box_iou_sum += total(box_ious)
+            self.box_dice_sum += total(dice_from_iou(box_ious))
             self.num_box += w.sum()
         if click_iou_pred is not None:
-            self.iou_abs_err_sum += ((click_iou_pred.float() - ious).abs() * w[:, None]).sum()
+            self.iou_abs_err_sum += total((click_iou_pred.float() - ious).abs()).sum()
             self.num_iou_pred += w.sum() * self.num_clicks
         if box_iou_pred is not None:
-            self.iou_abs_err_sum += ((box_iou_pred.float() - box_ious.float()).abs() * w).sum()
+            self.iou_abs_err_sum += total((box_iou_pred.float() - box_ious.float()).abs())
             self.num_iou_pred += w.sum()
 
     def update_from_result(self, result: EvaluationResult, valid: torch.Tensor | None = None) -> None:

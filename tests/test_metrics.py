@@ -55,6 +55,21 @@ def test_padding_masks_are_ignored_and_batches_accumulate() -> None:
     assert metric.compute()["iou_pred_mae"].item() == 0.0
 
 
+def test_non_finite_values_in_padding_rows_are_ignored() -> None:
+    """A padding row (valid=False) holding NaN / inf leaves every metric as if it were absent."""
+    rows = torch.tensor([[0.5, 0.9], [float("nan"), float("inf")]])
+    pred = torch.tensor([[0.6, 0.8], [float("inf"), float("nan")]])
+    box = torch.tensor([0.7, float("nan")])
+    padded, alone = ClickIoU(num_clicks=2), ClickIoU(num_clicks=2)
+    padded.update(rows, torch.tensor([True, False]), click_iou_pred=pred, box_ious=box, box_iou_pred=box)
+    alone.update(rows[:1], click_iou_pred=pred[:1], box_ious=box[:1], box_iou_pred=box[:1])
+    expected = alone.compute()
+    out = padded.compute()
+    assert out.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.isfinite(out[key]) and out[key].item() == pytest.approx(value.item()), key
+
+
 def test_no_masks_gives_nan_not_a_perfect_score() -> None:
     metric = ClickIoU(num_clicks=2)
     metric.update(torch.zeros(0, 2))
