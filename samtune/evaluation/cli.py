@@ -103,6 +103,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``samtune evaluate``."""
     parser = argparse.ArgumentParser(
@@ -176,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GT pixel -> model-input coordinates: x * scale like SamPredictor.transform (official) or "
                         "by pixel area ((x + 0.5) * scale - 0.5; box ends at (x1 + 1) * scale - 1)")
     g.add_argument("--noc-thresholds", type=_list_of(float), default=[0.85, 0.90], help="IoU thresholds of NoC")
-    g.add_argument("--seed", type=int, default=0, help="seed of the box jitter and of --max-masks-per-image")
+    g.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the box jitter and of --max-masks-per-image")
 
     g = parser.add_argument_group("run and output")
     g.add_argument("--output", required=True, help="folder for the JSON / CSV / PNG reports")

@@ -80,7 +80,7 @@ class ProtocolConfig:
         feed_back_mask: feed the previous round's selected low-res logits back as the mask prompt.
         box_noise_std_fraction: jitter standard deviation as a fraction of the box side.
         box_noise_max: cap of the jitter standard deviation, in model-input pixels (20 in the SAM recipe).
-        seed: base seed of the box jitter.
+        seed: base seed of the box jitter, a non-negative integer.
         iou_resolution: ``"original"`` or ``"input"``.
         coordinate_mapping: ``"official"`` or ``"area"`` GT-pixel -> model-input coordinates.
         noc_thresholds: IoU thresholds of NoC / NoF.
@@ -120,6 +120,8 @@ class ProtocolConfig:
             raise ValueError(
                 f"box noise must be >= 0, got std fraction {self.box_noise_std_fraction}, max {self.box_noise_max}"
             )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.postprocess_chunk < 1:
             raise ValueError(f"postprocess_chunk must be >= 1, got {self.postprocess_chunk}")
         if self.max_masks_per_call < 1:

@@ -177,6 +177,9 @@ def test_config_validation() -> None:
         ProtocolConfig(noc_thresholds=(85,))
     with pytest.raises(ValueError, match="noc_thresholds must be distinct"):
         ProtocolConfig(noc_thresholds=(0.9, 0.9))
+    for seed in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+            ProtocolConfig(seed=seed)  # type: ignore[arg-type]
     assert ProtocolConfig(protocols=("clicks", "box")).protocols == ("box", "clicks")
     with pytest.raises(ValueError, match="ImageTarget.gt"):
         ImageTarget(torch.zeros(1, 4, 4), (4, 4))
