@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from samtune.evaluation.protocols import PROTOCOLS, ProtocolConfig
-from samtune.evaluation.report import format_table, write_report
+from samtune.evaluation.report import format_table, safe_name, write_report
 from samtune.evaluation.runner import dataset_options, evaluate
 from samtune.metrics import check_noc_thresholds
 
@@ -363,6 +363,11 @@ def main(argv: list[str]) -> int:
         check_noc_thresholds(args.noc_thresholds)
     except ValueError as exc:
         parser.error(f"--noc-thresholds: {exc}")
+    if args.name is not None:
+        try:
+            safe_name(args.name)  # the report's file names; checked before the model loads and the run starts
+        except ValueError:
+            parser.error(f"--name {args.name!r}: no usable characters for a file name (letters, digits, - _ .)")
     config = ProtocolConfig(
         protocols=tuple(args.protocols), num_clicks=args.clicks,
         first_click_multimask=args.first_click == "multimask", later_clicks_multimask=args.later_clicks == "multimask",

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from samtune.evaluation.protocols import ImageTarget, ProtocolConfig, ProtocolRunner
-from samtune.evaluation.report import EvaluationReport, summarize
+from samtune.evaluation.report import EvaluationReport, safe_name, summarize
 from samtune.modeling.precision import Precision, autocast, resolve_precision
 
 __all__ = ["ALL_MASKS", "dataset_options", "evaluate", "check_dataset"]
@@ -116,7 +116,8 @@ def evaluate(
             ``normalization``); moved to ``device`` and put in eval mode.
         dataset: a samtune dataset built with :func:`dataset_options`.
         config: the protocols.
-        name: the dataset's name in the report.
+        name: the dataset's name in the report; it must keep a character usable in a file name (checked first,
+            so that a name :func:`write_report` cannot use fails before the run, not after it).
         batch_size: images encoded per encoder call (all their masks are decoded together).
         num_workers: DataLoader worker processes.
         device: where the model runs (default: CUDA when available, else CPU).
@@ -129,6 +130,7 @@ def evaluate(
         The :class:`EvaluationReport`.
     """
     check_dataset(dataset, model, config)
+    safe_name(name)
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if max_images is not None:

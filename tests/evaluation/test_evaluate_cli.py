@@ -100,6 +100,7 @@ def test_config_recipe_data_section(label_folder, tiny_checkpoint, tmp_path, cap
         (["--data", "sa1b", "--images", "x", "--noc-thresholds", "0.9,0.9"],
          "--noc-thresholds: noc_thresholds must be distinct"),
         (["--data", "sa1b", "--images", "x", "--noc-thresholds", "85"], "--noc-thresholds: noc_thresholds must be in"),
+        (["--data", "sa1b", "--images", "x", "--name", "..."], "--name '...': no usable characters for a file name"),
         (["--data", "sa1b", "--images", "x", "--seed", "-1"], "--seed: expected a non-negative integer, got -1"),
         (["--data", "sa1b", "--images", "x", "--seed", "1.5"], "--seed: expected a non-negative integer, got '1.5'"),
     ],

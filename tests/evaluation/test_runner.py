@@ -71,6 +71,10 @@ def test_dataset_must_be_built_for_the_model(label_folder) -> None:
     with pytest.raises(ValueError, match="return_original_masks=False"):
         evaluate(model, MaskFolderDataset(images, masks, **{**options, "return_original_masks": False}), config,
                  progress=False)
+    unnamed = PaintSam(image_size=56)
+    with pytest.raises(ValueError, match="dataset name '/..' has no usable characters"):
+        evaluate(unnamed, MaskFolderDataset(images, masks, **options), config, name="/..", progress=False)
+    assert unnamed.calls == []  # refused before any image is evaluated (the report could not be written)
     with pytest.raises(ValueError, match="max_images must be positive"):
         evaluate(model, MaskFolderDataset(images, masks, **options), config, max_images=0, progress=False)
     assert options["max_masks_per_image"] > 10**6 and options["train"] is False
