@@ -157,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("image reading (all formats)")
     g.add_argument("--intensity", choices=("auto", "none", "minmax", "percentile", "window"),
                    help="intensity preset for 16-bit / float images (default auto)")
-    g.add_argument("--percentiles", type=_list_of(float, 2), help="LO,HI for --intensity percentile")
-    g.add_argument("--window", type=_list_of(float, 2), help="LO,HI raw values for --intensity window")
+    g.add_argument("--percentiles", type=_list_of(float, 2),
+                   help="LO,HI for --intensity percentile (and auto, on images that are not 8-bit)")
+    g.add_argument("--window", type=_list_of(float, 2), help="LO,HI raw values; needs --intensity window")
     g.add_argument("--bands", type=_list_of(int), help="1 or 3 band indices of multi-band images")
     g.add_argument("--crop-size", type=_positive_int, help="tile images into squares of this size first")
     g.add_argument("--tile-overlap", type=int, help="pixels shared by neighbouring tiles (each instance is "
@@ -222,6 +223,17 @@ def _image_options(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, key) is not None:
             options[key] = tuple(getattr(args, key))
     return options
+
+
+def _check_intensity_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--window and --percentiles only act through their --intensity preset: given without it, they would be
+    silently ignored (``auto`` applies the percentiles to images that are not 8-bit)."""
+    intensity = args.intensity or "auto"
+    got = f" (got --intensity {args.intensity})" if args.intensity is not None else ""
+    if args.window is not None and intensity != "window":
+        parser.error(f"--window needs --intensity window{got}")
+    if args.percentiles is not None and intensity not in ("percentile", "auto"):
+        parser.error(f"--percentiles needs --intensity percentile or auto{got}")
 
 
 def _require(parser: argparse.ArgumentParser, args: argparse.Namespace, fmt: str, *flags: str) -> None:
@@ -357,6 +369,8 @@ def main(argv: list[str]) -> int:
         args.checkpoint = args.checkpoint or model_args.get("checkpoint")
     elif args.data is None:
         parser.error("give the dataset with --data {mask_folder,coco,sa1b} (and its paths) or --config RECIPE")
+    else:
+        _check_intensity_flags(parser, args)
     if args.checkpoint is None:
         parser.error("--checkpoint is required")
     try:
