@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop masks covering more of the image (default: the format's: 1.0, SA-1B 0.9)")
     g.add_argument("--on-error", choices=("raise", "skip"), help="bad samples: stop (default) or skip them")
     g.add_argument("--max-masks-per-image", type=_positive_int, help="seeded subset per image (default: all masks)")
-    g.add_argument("--max-images", type=_positive_int, help="evaluate only the first N images")
+    g.add_argument("--max-images", type=_positive_int,
+                   help="evaluate only the first N samples: images, or tiles with --crop-size")
 
     g = parser.add_argument_group("protocols")
     g.add_argument("--protocols", type=_protocols, default=list(PROTOCOLS), help="comma-separated subset")

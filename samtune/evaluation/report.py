@@ -140,7 +140,7 @@ class EvaluationReport:
     Attributes:
         name: dataset name (used in file names and tables).
         config: the protocols.
-        num_images: samples evaluated (images, or tiles with ``crop_size``).
+        num_images: samples evaluated (images, or tiles with ``crop_size``; ``info["crop_size"]`` is then set).
         num_masks: masks evaluated.
         wall_time_s: wall time of the evaluation loop (loading, encoding, protocols).
         metrics: nested metrics (:func:`summarize`).
@@ -209,7 +209,11 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 def format_table(report: EvaluationReport) -> str:
     """A plain-text table of the report for the terminal."""
     m, info = report.metrics, report.info
-    head = (f"{report.name}: {report.num_images} images, {report.num_masks} masks"
+    samples = f"{report.num_images} images"
+    if info.get("crop_size"):  # every sample is a tile "<image id>@<top>,<left>"
+        images = {str(i).rpartition("@")[0] for i in report.per_mask.get("image_id", [])}
+        samples = f"{report.num_images} tiles of {len(images)} images"
+    head = (f"{report.name}: {samples}, {report.num_masks} masks"
             f" | model {info.get('model', '?')} | IoU at {report.config.iou_resolution} resolution"
             f" | {report.wall_time_s:.1f} s on {info.get('device', '?')}")
     lines = [head, f"  {'protocol':<12}{'mIoU':>8}   details"]

@@ -122,7 +122,7 @@ def evaluate(
         num_workers: DataLoader worker processes.
         device: where the model runs (default: CUDA when available, else CPU).
         precision: ``"fp32"`` (default, reproducible), ``"bf16"`` or ``"auto"`` (autocast on encoder and decoder).
-        max_images: evaluate only the first N samples.
+        max_images: evaluate only the first N samples (images, or tiles when the dataset has ``crop_size``).
         progress: show a progress bar on stderr.
         metadata: extra entries for the report (model name, checkpoint path, ...).
 
@@ -187,6 +187,7 @@ def evaluate(
         "batch_size": batch_size,
         "image_size": int(model.image_size),
         "skipped_samples": int(getattr(base, "num_skipped", 0)),
+        **({"crop_size": int(base.crop_size)} if getattr(base, "crop_size", None) else {}),  # samples are tiles
         **(metadata or {}),
     }
     return EvaluationReport(

@@ -136,3 +136,21 @@ def test_evaluation_imports_without_lightning() -> None:
     code = BLOCKER + "import samtune.evaluation, samtune.evaluation.cli\nprint('ok')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_tiles_are_counted_as_tiles(label_folder) -> None:
+    """With crop_size every sample is a tile: max_images and the table count tiles, and say so."""
+    from samtune.evaluation import format_table
+
+    images, masks = label_folder
+    model = PaintSam(image_size=24, radii=(2, 2, 2, 2))
+    config = ProtocolConfig(protocols=("box",))
+    dataset = MaskFolderDataset(images, masks, crop_size=24, **dataset_options(model, config))
+    report = evaluate(model, dataset, config, name="rects", progress=False)
+    assert report.num_images == len(dataset) > 2 and report.num_masks == 5 and report.info["crop_size"] == 24
+    assert format_table(report).startswith(f"rects: {len(dataset)} tiles of 2 images, 5 masks |")
+    first = evaluate(model, dataset, config, name="rects", max_images=1, progress=False)
+    assert first.num_images == 1 and format_table(first).startswith("rects: 1 tiles of 1 images, ")
+    whole = evaluate(model, MaskFolderDataset(images, masks, **dataset_options(model, config)), config,
+                     name="rects", progress=False)
+    assert "crop_size" not in whole.info and format_table(whole).startswith("rects: 2 images, 5 masks |")
