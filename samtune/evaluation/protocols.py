@@ -14,9 +14,11 @@ Protocols (each mask is prompted independently, prompts derived from its ground 
   ``box_noise_max`` model-input pixels; clipped to the image, seeded per sample (``seed``, sample index).
 * ``"clicks"``: k clicks; click 1 as ``"point"``, every next click at the centre of the largest error region of
   the previous prediction (positive on a false negative, negative on a false positive; the standard protocol of
-  interactive segmentation, App. D.1); the previous round's selected low-res logits are fed back as the mask
+  interactive segmentation, App. D.1), never on a pixel clicked before (RITM's ``not_clicked_map``: a click the
+  model did not follow is not repeated); the previous round's selected low-res logits are fed back as the mask
   prompt (``feed_back_mask``); click 1 uses the multimask policy, later clicks the single-mask output
-  (``later_clicks_multimask`` to change it). A mask whose prediction is already exact gets a padding token.
+  (``later_clicks_multimask`` to change it). A mask whose prediction is already exact (or whose every error
+  pixel has been clicked) gets a padding token.
 
 Prompt tokens are those ``segment_anything.SamPredictor`` sends: clicks ``[c1, ..., ck, pad]``, a box as its two
 corner tokens ``[tl, br]`` (no padding token); samtune's training simulation and validation use the same tokens.
@@ -44,7 +46,7 @@ import numpy as np
 import torch
 
 from samtune.metrics import check_noc_thresholds
-from samtune.prompts.deterministic import largest_error_points, region_centers
+from samtune.prompts.deterministic import largest_error_points, mark_clicked, region_centers
 from samtune.prompts.geometry import check_masks, mask_iou, resize_logits
 from samtune.prompts.sampling import PAD_LABEL, jitter_boxes, mask_boxes
 from samtune.prompts.simulator import PromptableModel
@@ -350,7 +352,11 @@ class ProtocolRunner:
         counts: list[int],
     ) -> dict[str, torch.Tensor]:
         cfg = self.config
-        xy, label = self._click_tokens([region_centers(t.gt) for t in targets], targets)
+        firsts = [region_centers(t.gt) for t in targets]  # GT-pixel (col, row) and labels, per target
+        clicked = None  # per target [K, H, W]: pixels clicked so far, never clicked again (RITM's not_clicked_map)
+        if cfg.click_rounds > 1:
+            clicked = [mark_clicked(torch.zeros_like(t.gt), *first) for t, first in zip(targets, firsts)]
+        xy, label = self._click_tokens(firsts, targets)
         coords, labels = xy[:, None], label[:, None]
         out: dict[str, torch.Tensor] = {}
         ious, preds = [], []
@@ -379,10 +385,13 @@ class ProtocolRunner:
                     sel_ious, masks = self._evaluate(model, selected, targets, counts, keep=torch.zeros_like(best))
                     round_iou = sel_ious[:, 0]
             else:
-                assert masks is not None and selected is not None
-                xy, label = self._click_tokens(
-                    [largest_error_points(pred, t.gt) for pred, t in zip(masks, targets)], targets
-                )
+                assert masks is not None and selected is not None and clicked is not None
+                points = [
+                    largest_error_points(pred, t.gt, clicked=done) for pred, t, done in zip(masks, targets, clicked)
+                ]
+                for done, point in zip(clicked, points):
+                    mark_clicked(done, *point)
+                xy, label = self._click_tokens(points, targets)
                 coords = torch.cat((coords, xy[:, None]), dim=1)
                 labels = torch.cat((labels, label[:, None]), dim=1)
                 feedback = {"mask_inputs": selected} if cfg.feed_back_mask else {}

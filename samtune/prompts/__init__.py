@@ -4,7 +4,7 @@ Pure functions over bool masks ``[M, H, W]`` plus the interactive simulator and 
 batched ``decode``. Coordinates are ``(x, y)`` in model-input pixels (pixel-index convention of the official
 prompt encoder, see :mod:`samtune.prompts.geometry`).
 """
-from samtune.prompts.deterministic import distance_to_boundary, largest_error_points, region_centers
+from samtune.prompts.deterministic import distance_to_boundary, largest_error_points, mark_clicked, region_centers
 from samtune.prompts.evaluator import EvaluationResult, InteractiveEvaluator
 from samtune.prompts.geometry import flat_index_to_coords, mask_iou, mask_scale, resize_logits, resize_masks
 from samtune.prompts.sampling import (
@@ -48,6 +48,7 @@ __all__ = [
     "jitter_boxes",
     "largest_error_points",
     "make_schedule",
+    "mark_clicked",
     "mask_boxes",
     "mask_iou",
     "mask_scale",

@@ -4,7 +4,9 @@ The first click of an evaluation is the centre of the ground-truth mask; every n
 the largest error region (false negatives or false positives, whichever reaches farther from its boundary),
 as in the interactive-segmentation literature. "Centre" is the pixel with the largest Euclidean distance to
 the nearest pixel outside the region, the image border counting as outside; ties go to the first pixel in
-raster order.
+raster order. As in the RITM / f-BRS ``Clicker`` (its ``not_clicked_map``), pixels already clicked are never
+chosen again: their distance is set to 0 after the distance transform (they still belong to the region), so a
+click the model did not follow is not repeated; the next click goes to the next-farthest pixel.
 
 These run on the host (OpenCV's exact distance transform) since they are evaluation-only. All masks are
 processed in ONE ``cv2.distanceTransform`` call: the masks, each framed by a one-pixel zero border, are stacked
@@ -59,7 +61,7 @@ def region_centers(regions: torch.Tensor, scale: float = 1.0) -> tuple[torch.Ten
 
 
 def largest_error_points(
-    pred: torch.Tensor, gt: torch.Tensor, scale: float = 1.0
+    pred: torch.Tensor, gt: torch.Tensor, scale: float = 1.0, clicked: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The next deterministic click: the centre of the largest error region.
 
@@ -71,10 +73,12 @@ def largest_error_points(
         pred: ``[M, H, W]`` bool predicted masks.
         gt: ``[M, H, W]`` bool ground truth.
         scale: model-input pixels per mask pixel.
+        clicked: ``[M, H, W]`` bool pixels clicked before (see :func:`mark_clicked`), never chosen again; None
+            for none.
 
     Returns:
         ``(coords, labels)`` on ``gt.device``: ``[M, 2]`` float and ``[M]`` long (1, 0, or -1 with (0, 0) when
-        the prediction is exact).
+        the prediction is exact, or every error pixel has been clicked already).
     """
     check_masks(pred, "pred")
     check_masks(gt, "gt")
@@ -82,6 +86,11 @@ def largest_error_points(
         raise ValueError(f"pred {tuple(pred.shape)} and gt {tuple(gt.shape)} must have the same shape")
     m = gt.shape[0]
     dist = distance_to_boundary(torch.cat((gt & ~pred, pred & ~gt))).flatten(1)  # [2M, HW]
+    if clicked is not None:
+        check_masks(clicked, "clicked")
+        if clicked.shape != gt.shape:
+            raise ValueError(f"clicked {tuple(clicked.shape)} and gt {tuple(gt.shape)} must have the same shape")
+        dist.masked_fill_(clicked.flatten(1).cpu().repeat(2, 1), 0.0)
     best, index = dist.max(dim=1)
     positive = best[:m] >= best[m:]
     index = torch.where(positive, index[:m], index[m:])
@@ -89,3 +98,32 @@ def largest_error_points(
     coords = torch.where(found[:, None], flat_index_to_coords(index, gt.shape[-1], scale), 0.0)
     labels = torch.where(found, torch.where(positive, POSITIVE_LABEL, NEGATIVE_LABEL), PAD_LABEL).long()
     return coords.to(gt.device), labels.to(gt.device)
+
+
+def mark_clicked(
+    clicked: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
+    """Record clicks in the map of clicked pixels that :func:`largest_error_points` excludes.
+
+    Args:
+        clicked: ``[M, H, W]`` bool, updated in place.
+        coords: ``[M, 2]`` ``(x, y)`` clicks as :func:`region_centers` / :func:`largest_error_points` give them
+            with the same ``scale`` (model-input pixels: ``(col + 0.5) * scale - 0.5``).
+        labels: ``[M]`` click labels; padding clicks (-1) mark nothing.
+        scale: model-input pixels per mask pixel.
+
+    Returns:
+        ``clicked``.
+    """
+    check_masks(clicked, "clicked")
+    m, h, w = clicked.shape
+    if coords.shape != (m, 2) or labels.shape != (m,):
+        raise ValueError(f"coords must be [M, 2] and labels [M] for M={m}, got {tuple(coords.shape)}, "
+                         f"{tuple(labels.shape)}")
+    pixel = torch.round((coords.float() + 0.5) / scale - 0.5).long()  # (col, row)
+    real = (labels != PAD_LABEL).to(clicked.device)
+    cols = pixel[:, 0].clamp(0, w - 1).to(clicked.device)
+    rows = pixel[:, 1].clamp(0, h - 1).to(clicked.device)
+    index = torch.arange(m, device=clicked.device)
+    clicked[index[real], rows[real], cols[real]] = True
+    return clicked

@@ -2,7 +2,7 @@
 
 Click 1 is the centre of the ground-truth mask (the pixel farthest from its boundary); every next click is the
 centre of the largest error region of the previous prediction, positive on a false negative and negative on a
-false positive. The previous round's logits are fed back as the mask prompt. The token layout matches training:
+false positive, never on a pixel clicked before. The previous round's logits are fed back as the mask prompt. The token layout matches training:
 ``[click 1, padding]`` then one more token per click. At click 1 the three multimask outputs are produced and the
 one with the highest predicted IoU is kept (``multimask_first_click=True``); later rounds use the single-mask
 output. IoUs are computed at the resolution of the ground-truth masks given (the logits are bilinearly resized
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from samtune.prompts.deterministic import largest_error_points, region_centers
+from samtune.prompts.deterministic import largest_error_points, mark_clicked, region_centers
 from samtune.prompts.geometry import check_masks, mask_iou, mask_scale, resize_logits
 from samtune.prompts.sampling import BOX_BOTTOM_RIGHT_LABEL, BOX_TOP_LEFT_LABEL, PAD_LABEL, mask_boxes
 from samtune.prompts.simulator import PromptableModel
@@ -116,6 +116,7 @@ class InteractiveEvaluator:
         region = _content_region(image_sizes, m, size, scale, gt_masks.device)
 
         xy, label = region_centers(gt_masks, scale)
+        clicked = mark_clicked(torch.zeros_like(gt_masks), xy, label, scale)  # never clicked twice (RITM)
         coords = torch.stack((xy, torch.zeros_like(xy)), dim=1)  # [M, 2, 2]: click 1, padding
         labels = torch.stack((label, torch.full_like(label, PAD_LABEL)), dim=1)
         mask_inputs: torch.Tensor | None = None
@@ -123,7 +124,8 @@ class InteractiveEvaluator:
         for click in range(self.num_clicks):
             if click > 0:
                 pred = (resize_logits(selected, size)[:, 0] > 0) & region
-                xy, label = largest_error_points(pred, gt_masks, scale)
+                xy, label = largest_error_points(pred, gt_masks, scale, clicked=clicked)
+                mark_clicked(clicked, xy, label, scale)
                 coords = torch.cat((coords, xy[:, None]), dim=1)
                 labels = torch.cat((labels, label[:, None]), dim=1)
                 mask_inputs = selected if self.feed_back_mask else None

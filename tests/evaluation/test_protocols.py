@@ -90,6 +90,29 @@ def test_exact_prediction_gets_a_padding_click_and_policies_are_configurable() -
     assert calls[2]["labels"].tolist() == [[1, -1, 0]]  # one token per click (the decoder appends the padding)
 
 
+class StuckSam(PaintSam):
+    """PaintSam that only ever listens to the first click: later clicks never change the prediction."""
+
+    def decode(self, image_embeddings, image_index, point_coords=None, point_labels=None, **kwargs):
+        logits, iou = super().decode(image_embeddings, image_index, point_coords, point_labels, **kwargs)
+        self.calls[-1]["coords"], self.calls[-1]["labels"] = point_coords.clone(), point_labels.clone()
+        first = super().decode(image_embeddings, image_index, point_coords[:, :1], point_labels[:, :1], **kwargs)
+        self.calls.pop()
+        return first
+
+
+def test_a_click_that_does_not_flip_its_pixel_is_not_repeated() -> None:
+    # 5 x 5 GT; the model paints only the centre pixel whatever comes next. Of the false negatives (the block
+    # minus its centre), the four diagonal neighbours of the centre are the farthest from a boundary (sqrt 2):
+    # clicks 2, 3, 4 go to the first three of them in raster order, never twice to one.
+    gt = _gt((12, 12), (2, 2, 6, 6))
+    model = StuckSam(radii=(0, 0, 0, 0))
+    out = ProtocolRunner(ProtocolConfig(protocols=("clicks",), num_clicks=4))(model, EMB, [ImageTarget(gt, (12, 12))])
+    assert model.calls[-1]["coords"][0].tolist() == [[4.0, 4.0], [3.0, 3.0], [5.0, 3.0], [3.0, 5.0]]
+    assert model.calls[-1]["labels"].tolist() == [[1, 1, 1, 1]]
+    assert out["click_iou"].tolist() == [[pytest.approx(1 / 25)] * 4]
+
+
 def test_box_protocol_box_as_mask_and_layouts() -> None:
     l_shape = _gt((12, 12), (2, 2, 7, 4), (6, 5, 7, 9))  # 18 + 10 = 28 px in a 6 x 8 box
     rect = _gt((12, 12), (8, 1, 10, 3))

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from samtune.prompts import distance_to_boundary, largest_error_points, region_centers
+from samtune.prompts import distance_to_boundary, largest_error_points, mark_clicked, region_centers
 
 
 def test_distance_to_boundary_hand_values_and_border() -> None:
@@ -75,3 +75,30 @@ def test_deterministic_and_device_preserved() -> None:
         kind = (gt[i] & ~pred[i]) if a[1][i] == 1 else (pred[i] & ~gt[i])
         kind_dist = distance_to_boundary(kind[None])[0]
         assert math.isclose(kind_dist.max().item(), kind_dist[row, col].item())
+
+
+def test_clicked_pixels_are_never_chosen_again() -> None:
+    """RITM's not_clicked_map: the distance map is zeroed on pixels already clicked before the argmax, so a click
+    that did not flip its pixel is not repeated; with every error pixel clicked the click is padding."""
+    gt = torch.zeros(2, 8, 8, dtype=torch.bool)
+    gt[:, 2:7, 2:7] = True
+    pred = gt.clone()
+    pred[:, 2:7, 4] = False  # a false-negative column: all five pixels at distance 1
+    pred[1, 2:7, 4] = True
+    pred[1, 3, 4] = False  # mask 1: one false-negative pixel
+    clicked = torch.zeros_like(gt)
+    coords, labels = largest_error_points(pred, gt, clicked=clicked)
+    assert coords.tolist() == [[4.0, 2.0], [4.0, 3.0]] and labels.tolist() == [1, 1]
+    assert mark_clicked(clicked, coords, labels) is clicked
+    assert clicked.nonzero().tolist() == [[0, 2, 4], [1, 3, 4]]
+    coords, labels = largest_error_points(pred, gt, clicked=clicked)
+    assert coords[0].tolist() == [4.0, 3.0] and labels.tolist() == [1, -1]  # next pixel; nothing left to click
+    assert coords[1].tolist() == [0.0, 0.0]
+    # The distances are those of the error region (a clicked pixel is not a boundary): the centre stays put.
+    block = torch.zeros(1, 9, 9, dtype=torch.bool)
+    block[0, 1:8, 1:8] = True
+    done = mark_clicked(torch.zeros_like(block), torch.tensor([[4.0, 4.0]]), torch.tensor([1]))
+    coords, _ = largest_error_points(torch.zeros_like(block), block, clicked=done)
+    # The centre (distance 4) is taken; the next is the first pixel at distance 3, (row 3, col 3), which would
+    # be only sqrt(2) from the boundary if the clicked pixel were cut out of the region.
+    assert coords.tolist() == [[3.0, 3.0]]

@@ -146,3 +146,18 @@ def test_prompts_reach_the_decoder_in_the_official_token_layout() -> None:
         expected_click = mask_iou(resize_logits(best, (64, 64))[:, 0] > 0, gt)
     torch.testing.assert_close(result.box_ious, expected_box)
     torch.testing.assert_close(result.click_ious[:, 0], expected_click)
+
+
+def test_a_click_that_does_not_flip_its_pixel_is_not_repeated() -> None:
+    """The model ignores click 2 (same output): click 3 goes to another pixel of the same error region."""
+    gt = torch.zeros(1, 8, 8, dtype=torch.bool)
+    gt[0, 2:6, 2:6] = True
+    half = torch.zeros(8, 8, dtype=torch.bool)
+    half[2:6, 2:4] = True
+    stuck = (_logits(half)[None, None], torch.tensor([[0.5]]))
+    outputs = [(_logits(half)[None, None].expand(-1, 3, -1, -1), torch.tensor([[0.9, 0.1, 0.2]])), stuck, stuck]
+    model = ScriptedSam(outputs, image_size=16, low_res_size=8)  # 2 model-input pixels per mask pixel
+    InteractiveEvaluator(num_clicks=3, evaluate_box=False)(model, torch.zeros(1, 4, 2, 2), torch.tensor([0]), gt)
+    clicks = model.calls[-1]["coords"][0, 2:].tolist()
+    # The false negatives (columns 4..5) are all at distance 1: the first two in raster order, (2, 4) and (2, 5).
+    assert clicks == [[4.5 * 2 - 0.5, 2.5 * 2 - 0.5], [5.5 * 2 - 0.5, 2.5 * 2 - 0.5]]
