@@ -14,6 +14,10 @@ Sample contract (``SegmentationDataset.__getitem__``), with ``S`` the model inpu
 * ``"image_id"``: str (``"<id>@<top>,<left>"`` for a validation tile).
 * ``"original_masks"`` (only with ``return_original_masks``): bool ``[K, H, W]``, the same instances at the
   image's own resolution (meaningful for evaluation; training augmentation is not applied to them).
+* ``"ignore_mask"`` (validation samples whose image has void pixels, e.g. ``ignore_values`` of a label map): bool
+  ``[S, S]``, the pixels that are neither object nor background, aligned with ``"masks"`` (False in the padding);
+  with ``return_original_masks`` also ``"original_ignore_mask"`` ``[H, W]``. Evaluation leaves them out of IoUs
+  and click placement.
 
 Randomness: validation samples are a fixed function of ``(seed, index)``. Training samples draw from generators
 seeded by ``seed``, the process's torch random state and the distributed global rank
@@ -39,7 +43,7 @@ from torch.utils.data import Dataset
 from samtune.data.collate import global_rank
 from samtune.data.errors import OnError, SampleError, SkipCounter
 from samtune.data.io import Intensity, check_intensity_options, prepare_image
-from samtune.data.masks import DenseMaskSource, MaskSource, masks_to_boxes
+from samtune.data.masks import DenseMaskSource, MaskSource, masks_to_boxes, resize_masks
 from samtune.data.transforms import Augmenter, AugmentationPreset, resize_longest, to_model_input
 from samtune.modeling.preprocessing import Interpolation, Normalization
 
@@ -344,6 +348,7 @@ class SegmentationDataset(Dataset):
                 f"{self.max_mask_area_fraction:.0%} of the image",
             )
         image_id = raw.image_id
+        top_left = (0, 0)
         if self.crop_size is not None:
             image, masks, ids, top_left = self._crop(image, source, candidates, index, tile, rng, raw)
             if tile is not None:
@@ -380,7 +385,27 @@ class SegmentationDataset(Dataset):
         }
         if self.return_original_masks:
             sample["original_masks"] = torch.from_numpy(np.ascontiguousarray(masks[keep])).bool()
+        if not self.train and source.ignore is not None:
+            sample.update(self._ignore_entries(source.ignore, top_left, original_size, input_size))
         return sample
+
+    def _ignore_entries(
+        self, ignore: np.ndarray, top_left: tuple[int, int], size: tuple[int, int], input_size: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
+        """``"ignore_mask"`` (and ``"original_ignore_mask"``) of a validation sample: the void pixels of the
+        ``size`` window at ``top_left`` (the crop / tile, or the whole image), resized like the masks; none when the
+        window holds no void pixel."""
+        top, left = top_left
+        window = ignore[top : top + size[0], left : left + size[1]]
+        if not window.any():
+            return {}
+        canvas = torch.zeros(self.image_size, self.image_size, dtype=torch.bool)
+        resized = resize_masks(window[None].view(np.uint8), input_size)[0]  # as the masks (resize_longest)
+        canvas[: input_size[0], : input_size[1]] = torch.from_numpy(resized).bool()
+        out = {"ignore_mask": canvas}
+        if self.return_original_masks:
+            out["original_ignore_mask"] = torch.from_numpy(np.ascontiguousarray(window))
+        return out
 
     def _cut_region(self, image: np.ndarray, source: MaskSource, raw: RawSample) -> tuple[np.ndarray, MaskSource]:
         """The ``region`` window of the image and the masks with enough of their area inside it."""
@@ -396,7 +421,10 @@ class SegmentationDataset(Dataset):
         masks = source.decode(np.arange(len(source)))[:, top : top + h, left : left + w]
         inside = masks.reshape(len(masks), -1).sum(1)
         keep = np.flatnonzero((inside > 0) & (inside >= self.region_min_fraction * np.maximum(full_areas, 1)))
-        return window, DenseMaskSource(np.ascontiguousarray(masks[keep]), source.ids[keep])
+        cut = DenseMaskSource(np.ascontiguousarray(masks[keep]), source.ids[keep])
+        if source.ignore is not None:
+            cut.ignore = np.ascontiguousarray(source.ignore[top : top + h, left : left + w])
+        return window, cut
 
     def _sample(self, candidates: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if candidates.size <= self.max_masks_per_image:

@@ -154,11 +154,14 @@ class MaskSource(ABC):
     Attributes:
         height, width: image size the masks belong to.
         ids: ``[N]`` int64 instance ids.
+        ignore: ``[H, W]`` bool pixels that are neither object nor background (void labels, ``ignore_values``), or
+            None when the image has none; evaluation leaves them out of IoUs and click placement.
     """
 
     height: int
     width: int
     ids: np.ndarray
+    ignore: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -257,8 +260,25 @@ def label_map_to_source(
         connectivity: 4 or 8 for connected components.
 
     Returns:
-        A :class:`LabelMapSource`; ids are the labels (``"instance"``/``"binary"``) or 1..N in component order.
+        A :class:`LabelMapSource`; ids are the labels (``"instance"``/``"binary"``) or 1..N in component order;
+        its ``ignore`` holds the pixels labelled with an ``ignore_values`` label (None when there are none).
     """
+    source = _label_map_instances(labels, mask_type, background, ignore_values, min_area, connectivity)
+    if len(ignore_values):
+        ignored = np.isin(np.asarray(labels), np.asarray(ignore_values))
+        source.ignore = ignored if ignored.any() else None
+    return source
+
+
+def _label_map_instances(
+    labels: np.ndarray,
+    mask_type: MaskType,
+    background: int,
+    ignore_values: Sequence[int],
+    min_area: int,
+    connectivity: Connectivity,
+) -> LabelMapSource:
+    """The instances of :func:`label_map_to_source`."""
     labels = np.asarray(labels)
     if labels.dtype == np.bool_:
         labels = labels.view(np.uint8)

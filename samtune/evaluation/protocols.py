@@ -8,7 +8,7 @@ Protocols (each mask is prompted independently, prompts derived from its ground 
   keeps (default: the highest predicted IoU of the three multimask outputs, the paper's "most confident mask"),
   the oracle (best of the three against the ground truth) and the single-mask output (token 0).
 * ``"box"``: the exact tight ground-truth box, single-mask output. The box-as-mask baseline (IoU of the filled
-  box, ``|mask| / |box|``) is reported with it.
+  box, ``|mask| / |box|``, the box's void pixels not counted) is reported with it.
 * ``"box_jitter"``: the same box with the training recipe's noise: every coordinate moves by a Gaussian of
   standard deviation ``box_noise_std_fraction`` of the box side (width for x, height for y), at most
   ``box_noise_max`` model-input pixels; clipped to the image, seeded per sample (``seed``, sample index).
@@ -19,6 +19,9 @@ Protocols (each mask is prompted independently, prompts derived from its ground 
   prompt (``feed_back_mask``); click 1 uses the multimask policy, later clicks the single-mask output
   (``later_clicks_multimask`` to change it). A mask whose prediction is already exact (or whose every error
   pixel has been clicked) gets a padding token.
+
+Void pixels (``ImageTarget.ignore``: labels that are neither object nor background, e.g. ``ignore_values``) are
+left out of every IoU and of the error regions that place clicks, as in the RITM / f-BRS protocol.
 
 Prompt tokens are those ``segment_anything.SamPredictor`` sends: clicks ``[c1, ..., ck, pad]``, a box as its two
 corner tokens ``[tl, br]`` (no padding token); samtune's training simulation and validation use the same tokens.
@@ -145,15 +148,21 @@ class ImageTarget:
         gt: ``[K, H, W]`` bool instance masks at the IoU resolution (the image's, or the model input's content).
         input_size: ``(h, w)`` of the image content in model-input pixels (before padding).
         key: sample index, seeds the box jitter (results do not depend on batching or order).
+        ignore: ``[H, W]`` bool pixels that are neither object nor background (void), left out of every IoU and of
+            the error regions that place clicks (RITM's ignore label); None for none.
     """
 
     gt: torch.Tensor
     input_size: tuple[int, int]
     key: int = 0
+    ignore: torch.Tensor | None = None
     scale: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_masks(self.gt, "ImageTarget.gt")
+        if self.ignore is not None and (self.ignore.dtype != torch.bool or self.ignore.shape != self.gt.shape[-2:]):
+            raise ValueError(f"ImageTarget.ignore must be a bool tensor [H, W]={tuple(self.gt.shape[-2:])}, got "
+                             f"{self.ignore.dtype} {tuple(self.ignore.shape)}")
         h, w = (int(v) for v in self.input_size)
         if h <= 0 or w <= 0:
             raise ValueError(f"ImageTarget.input_size must be positive (h, w), got {self.input_size}")
@@ -203,6 +212,14 @@ def boxes_to_input(boxes: torch.Tensor, scale: torch.Tensor, mapping: Coordinate
         return torch.cat((lo, boxes[:, 2:] * s), dim=1)
     hi = torch.maximum((boxes[:, 2:] + 1.0) * s - 1.0, lo)
     return torch.cat((lo, hi), dim=1)
+
+
+def _pixels_in_boxes(pixels: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Number of True ``[H, W]`` pixels inside each inclusive ``[K, 4]`` ``(x0, y0, x1, y1)`` box (summed area
+    table), float ``[K]``."""
+    table = torch.nn.functional.pad(pixels.double().cumsum(0).cumsum(1), (1, 0, 1, 0))
+    x0, y0, x1, y1 = boxes.long().unbind(1)
+    return (table[y1 + 1, x1 + 1] - table[y0, x1 + 1] - table[y1 + 1, x0] + table[y0, x0]).to(boxes.dtype)
 
 
 def _select(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -274,7 +291,7 @@ class ProtocolRunner:
             for s in range(0, count, chunk):
                 up = resize_logits(own[s : s + chunk].float(), size)[..., :h, :w]
                 pred = resize_logits(up, tuple(gt.shape[-2:])) > 0  # [c, C, H, W]
-                parts.append(mask_iou(pred, gt[s : s + chunk, None]))
+                parts.append(mask_iou(pred, gt[s : s + chunk, None], target.ignore))
                 if mine is not None and own_keep is not None:
                     mine[s : s + chunk] = _select(pred, own_keep[s : s + chunk])[:, 0]
             ious.append(torch.cat(parts) if parts else logits.new_zeros((0, logits.shape[1])))
@@ -387,7 +404,8 @@ class ProtocolRunner:
             else:
                 assert masks is not None and selected is not None and clicked is not None
                 points = [
-                    largest_error_points(pred, t.gt, clicked=done) for pred, t, done in zip(masks, targets, clicked)
+                    largest_error_points(pred, t.gt, clicked=done, ignore=t.ignore)
+                    for pred, t, done in zip(masks, targets, clicked)
                 ]
                 for done, point in zip(clicked, points):
                     mark_clicked(done, *point)
@@ -422,7 +440,10 @@ class ProtocolRunner:
         exact, found, box_area = [], [], []
         for t in targets:
             boxes, ok = mask_boxes(t.gt)  # inclusive GT-pixel boxes
-            box_area.append(((boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)).cpu())
+            area = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
+            if t.ignore is not None:  # the filled box scored like a prediction: its void pixels do not count
+                area = area - _pixels_in_boxes(t.ignore, boxes)
+            box_area.append(area.cpu())
             exact.append(boxes_to_input(boxes, t.scale.to(boxes.device), cfg.coordinate_mapping))
             found.append(ok)
         boxes, found_all = torch.cat(exact), torch.cat(found)

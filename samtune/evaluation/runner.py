@@ -3,7 +3,8 @@
 The dataset must be built for evaluation at the model's input convention (:func:`dataset_options` gives the
 keyword arguments for any :class:`samtune.data.SegmentationDataset`): validation mode (deterministic, no
 augmentation), the model's ``image_size`` and ``normalization``, every mask of each image, and the masks at the
-image's resolution when IoUs are computed there.
+image's resolution when IoUs are computed there. Void pixels that samples carry (``"ignore_mask"``, e.g. a mask
+folder's ``ignore_values``) are left out of every IoU and never receive a click.
 """
 from __future__ import annotations
 
@@ -90,9 +91,13 @@ def _target(sample: dict[str, Any], config: ProtocolConfig, device: torch.device
         if "original_masks" not in sample:
             raise KeyError("sample has no 'original_masks': build the dataset with return_original_masks=True")
         gt = sample["original_masks"]
+        ignore = sample.get("original_ignore_mask")
     else:
         gt = sample["masks"][:, :h, :w]
-    return ImageTarget(gt.to(device=device, dtype=torch.bool), (h, w), key=int(sample["_index"]))
+        ignore = sample["ignore_mask"][:h, :w] if "ignore_mask" in sample else None
+    if ignore is not None:
+        ignore = ignore.to(device=device, dtype=torch.bool)
+    return ImageTarget(gt.to(device=device, dtype=torch.bool), (h, w), key=int(sample["_index"]), ignore=ignore)
 
 
 def evaluate(

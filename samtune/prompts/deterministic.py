@@ -6,7 +6,8 @@ as in the interactive-segmentation literature. "Centre" is the pixel with the la
 the nearest pixel outside the region, the image border counting as outside; ties go to the first pixel in
 raster order. As in the RITM / f-BRS ``Clicker`` (its ``not_clicked_map``), pixels already clicked are never
 chosen again: their distance is set to 0 after the distance transform (they still belong to the region), so a
-click the model did not follow is not repeated; the next click goes to the next-farthest pixel.
+click the model did not follow is not repeated; the next click goes to the next-farthest pixel. Ignored pixels
+(void labels, RITM's ignore label) belong to neither error region: they bound the regions like the outside does.
 
 These run on the host (OpenCV's exact distance transform) since they are evaluation-only. All masks are
 processed in ONE ``cv2.distanceTransform`` call: the masks, each framed by a one-pixel zero border, are stacked
@@ -61,7 +62,11 @@ def region_centers(regions: torch.Tensor, scale: float = 1.0) -> tuple[torch.Ten
 
 
 def largest_error_points(
-    pred: torch.Tensor, gt: torch.Tensor, scale: float = 1.0, clicked: torch.Tensor | None = None
+    pred: torch.Tensor,
+    gt: torch.Tensor,
+    scale: float = 1.0,
+    clicked: torch.Tensor | None = None,
+    ignore: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The next deterministic click: the centre of the largest error region.
 
@@ -75,6 +80,8 @@ def largest_error_points(
         scale: model-input pixels per mask pixel.
         clicked: ``[M, H, W]`` bool pixels clicked before (see :func:`mark_clicked`), never chosen again; None
             for none.
+        ignore: ``[M, H, W]`` (or ``[H, W]``, shared) bool pixels that are neither object nor background, left
+            out of both error regions; None for none.
 
     Returns:
         ``(coords, labels)`` on ``gt.device``: ``[M, 2]`` float and ``[M]`` long (1, 0, or -1 with (0, 0) when
@@ -85,7 +92,13 @@ def largest_error_points(
     if pred.shape != gt.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and gt {tuple(gt.shape)} must have the same shape")
     m = gt.shape[0]
-    dist = distance_to_boundary(torch.cat((gt & ~pred, pred & ~gt))).flatten(1)  # [2M, HW]
+    fn, fp = gt & ~pred, pred & ~gt
+    if ignore is not None:
+        if ignore.dtype != torch.bool or ignore.shape not in (gt.shape, gt.shape[1:]):
+            raise ValueError(f"ignore must be a bool tensor [M, H, W] or [H, W] for gt {tuple(gt.shape)}, "
+                             f"got {ignore.dtype} {tuple(ignore.shape)}")
+        fn, fp = fn & ~ignore, fp & ~ignore
+    dist = distance_to_boundary(torch.cat((fn, fp))).flatten(1)  # [2M, HW]
     if clicked is not None:
         check_masks(clicked, "clicked")
         if clicked.shape != gt.shape:

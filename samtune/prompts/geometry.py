@@ -95,16 +95,23 @@ def flat_index_to_coords(index: torch.Tensor, width: int, scale: float) -> torch
     return (xy + 0.5) * scale - 0.5
 
 
-def mask_iou(pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def mask_iou(pred: torch.Tensor, targets: torch.Tensor, ignore: torch.Tensor | None = None) -> torch.Tensor:
     """IoU of bool masks per mask; 1 where both are empty.
 
     Args:
         pred: ``[..., h, w]`` bool.
         targets: ``[..., h, w]`` bool (broadcastable to ``pred``).
+        ignore: ``[..., h, w]`` bool (broadcastable) pixels left out of both the intersection and the union (void
+            labels, RITM's ``get_iou`` with an ignore label); None for none.
 
     Returns:
         ``[...]`` float.
     """
+    if ignore is not None:
+        keep = ~ignore
+        inter = (pred & targets & keep).sum(dim=(-2, -1)).float()
+        union = ((pred | targets) & keep).sum(dim=(-2, -1)).float()
+        return torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(union))
     inter = (pred & targets).sum(dim=(-2, -1)).float()
     union = (pred | targets).sum(dim=(-2, -1)).float()
     return torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(union))

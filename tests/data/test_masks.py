@@ -83,6 +83,10 @@ def test_label_map_kinds():
     assert big.areas().tolist() == [25]
     decoded = sem.decode(np.arange(len(sem))).astype(bool)
     assert decoded.sum() == 16 + 25 + 18 and decoded.sum(0).max() == 1
+    for kind in ("instance", "semantic", "components", "binary"):  # the void pixels travel with the masks
+        np.testing.assert_array_equal(label_map_to_source(labels, kind, ignore_values=[255]).ignore, labels == 255)
+    assert label_map_to_source(labels, "instance").ignore is None  # no ignore values: nothing to carry
+    assert label_map_to_source(labels, "instance", ignore_values=[9]).ignore is None  # none in this image
 
 
 def test_masks_to_boxes_matches_torchvision_inclusive_convention():

@@ -113,6 +113,31 @@ def test_a_click_that_does_not_flip_its_pixel_is_not_repeated() -> None:
     assert out["click_iou"].tolist() == [[pytest.approx(1 / 25)] * 4]
 
 
+def test_ignored_pixels_are_left_out_of_ious_and_clicks() -> None:
+    # A 3 x 3 object in a void band (rows/cols 2..8); every output paints 5 x 5 around the click: without the
+    # band that is IoU 9 / 25 and a negative click on the band; with it, exact, and click 2 is a padding token.
+    gt = _gt((12, 12), (4, 4, 6, 6))
+    void = _gt((12, 12), (2, 2, 8, 8))[0] & ~gt[0]
+    config = ProtocolConfig(protocols=("point", "box", "clicks"), num_clicks=2, box_noise_std_fraction=0.0)
+    model = PaintSam(radii=(2, 2, 2, 2))
+    plain = ProtocolRunner(config)(model, EMB, [ImageTarget(gt, (12, 12))])
+    assert plain["click_iou"].tolist() == [[pytest.approx(9 / 25), pytest.approx(5 / 20)]]
+    assert model.calls[1]["labels"].tolist() == [[1, 0]]
+    model = PaintSam(radii=(2, 2, 2, 2))
+    out = ProtocolRunner(config)(model, EMB, [ImageTarget(gt, (12, 12), ignore=void)])
+    assert out["click_iou"].tolist() == [[1.0, 1.0]] and out["point_iou"].tolist() == [1.0]
+    assert model.calls[1]["labels"].tolist() == [[1, -1]]
+    # The filled box covers no void pixel here, a wider one does: box as mask = |mask| / |box minus void|.
+    assert out["box_iou"].tolist() == [1.0] and out["box_as_mask_iou"].tolist() == [1.0]
+    l_shape = _gt((12, 12), (2, 2, 7, 4), (6, 5, 7, 9))  # 28 px in a 6 x 8 box
+    void = _gt((12, 12), (2, 5, 5, 9))[0]  # 20 px of the box's 48 are void
+    out = ProtocolRunner(ProtocolConfig(protocols=("box",)))(
+        PaintSam(), EMB, [ImageTarget(l_shape, (12, 12), ignore=void)])
+    assert out["box_as_mask_iou"].tolist() == [1.0] and out["box_iou"].tolist() == [1.0]
+    with pytest.raises(ValueError, match="ImageTarget.ignore"):
+        ImageTarget(gt, (12, 12), ignore=void[:6])
+
+
 def test_box_protocol_box_as_mask_and_layouts() -> None:
     l_shape = _gt((12, 12), (2, 2, 7, 4), (6, 5, 7, 9))  # 18 + 10 = 28 px in a 6 x 8 box
     rect = _gt((12, 12), (8, 1, 10, 3))

@@ -154,3 +154,33 @@ def test_tiles_are_counted_as_tiles(label_folder) -> None:
     whole = evaluate(model, MaskFolderDataset(images, masks, **dataset_options(model, config)), config,
                      name="rects", progress=False)
     assert "crop_size" not in whole.info and format_table(whole).startswith("rects: 2 images, 5 masks |")
+
+
+def test_ignore_values_are_left_out_of_the_evaluation(tmp_path) -> None:
+    """--ignore-values pixels (VOC's 255 void band) are neither scored nor clicked (RITM / f-BRS protocol)."""
+    import numpy as np
+
+    from tests.evaluation.conftest import write_label_folder
+
+    label = np.zeros((40, 40), np.uint16)
+    label[10:30, 10:30] = 255  # void band around the object
+    label[14:26, 14:26] = 1  # the 12 x 12 object
+    images, masks = write_label_folder(tmp_path / "void", [label])
+    for resolution in ("original", "input"):
+        model = PaintSam(image_size=40, radii=(9, 9, 9, 9))  # paints 19 x 19 around a click: object + void
+        config = ProtocolConfig(protocols=("clicks",), num_clicks=2, iou_resolution=resolution)
+        dataset = MaskFolderDataset(images, masks, ignore_values=(255,), **dataset_options(model, config))
+        sample = dataset[0]
+        assert torch.equal(sample["ignore_mask"][:40, :40], torch.from_numpy(label == 255))
+        assert ("original_ignore_mask" in sample) == (resolution == "original")
+        report = evaluate(model, dataset, config, name="void", progress=False)
+        assert report.per_mask["click_iou"].tolist() == [[1.0, 1.0]], resolution
+        assert model.calls[1]["labels"][0, 1].item() == -1  # exact: no click on the void band
+    options = dataset_options(model, ProtocolConfig(protocols=("box",)))
+    for window, extra in (((slice(5, 35), slice(5, 35)), {"region": (5, 5, 35, 35)}),
+                          ((slice(0, 32), slice(0, 32)), {"crop_size": 32})):  # the void pixels are cut alike
+        cut = MaskFolderDataset(images, masks, ignore_values=(255,), **extra, **options)[0]
+        assert torch.equal(cut["original_ignore_mask"], torch.from_numpy(label[window] == 255)), extra
+    plain = MaskFolderDataset(images, masks, ignore_values=(255,), **{**dataset_options(model, config), "train": True})
+    assert "ignore_mask" not in plain[0]  # training samples are unchanged
+    assert "ignore_mask" not in MaskFolderDataset(images, masks, **dataset_options(model, config))[0]

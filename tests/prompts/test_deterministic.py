@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from samtune.prompts import distance_to_boundary, largest_error_points, mark_clicked, region_centers
+from samtune.prompts import distance_to_boundary, largest_error_points, mark_clicked, mask_iou, region_centers
 
 
 def test_distance_to_boundary_hand_values_and_border() -> None:
@@ -102,3 +102,24 @@ def test_clicked_pixels_are_never_chosen_again() -> None:
     # The centre (distance 4) is taken; the next is the first pixel at distance 3, (row 3, col 3), which would
     # be only sqrt(2) from the boundary if the clicked pixel were cut out of the region.
     assert coords.tolist() == [[3.0, 3.0]]
+
+
+def test_ignored_pixels_are_neither_scored_nor_clicked() -> None:
+    """RITM's ignore label: void pixels count in neither the IoU nor the error regions that place clicks."""
+    gt = torch.zeros(1, 10, 10, dtype=torch.bool)
+    gt[0, 3:7, 3:7] = True
+    void = torch.zeros(10, 10, dtype=torch.bool)
+    void[1:9, 1:9] = True
+    void[3:7, 3:7] = False  # a void band around the object
+    pred = torch.zeros_like(gt)
+    pred[0, 1:9, 1:9] = True  # the object plus the whole band
+    assert mask_iou(pred, gt).item() == pytest.approx(16 / 64)
+    assert mask_iou(pred, gt, ignore=void).item() == 1.0
+    coords, labels = largest_error_points(pred, gt, ignore=void)
+    assert labels.tolist() == [-1] and coords.tolist() == [[0.0, 0.0]]  # nothing left to correct
+    assert largest_error_points(pred, gt)[1].tolist() == [0]  # without: a negative click on the void band
+    pred[0, 0, :] = True  # a real false positive outside the band gets the click
+    coords, labels = largest_error_points(pred, gt, ignore=void[None])
+    assert labels.tolist() == [0] and coords[0, 1].item() == 0.0
+    with pytest.raises(ValueError, match="ignore"):
+        largest_error_points(pred, gt, ignore=void[:5])
