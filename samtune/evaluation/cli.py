@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GT pixel -> model-input coordinates: x * scale like SamPredictor.transform (official) or "
                         "by pixel area ((x + 0.5) * scale - 0.5; box ends at (x1 + 1) * scale - 1)")
     g.add_argument("--noc-thresholds", type=_list_of(float), default=[0.85, 0.90], help="IoU thresholds of NoC")
-    g.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the box jitter and of --max-masks-per-image")
+    g.add_argument("--seed", type=_non_negative_int, default=0,
+                   help="seed of the box jitter and of --max-masks-per-image")
 
     g = parser.add_argument_group("run and output")
     g.add_argument("--output", required=True, help="folder for the JSON / CSV / PNG reports")
