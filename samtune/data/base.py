@@ -18,6 +18,11 @@ Sample contract (``SegmentationDataset.__getitem__``), with ``S`` the model inpu
   ``[S, S]``, the pixels that are neither object nor background, aligned with ``"masks"`` (False in the padding);
   with ``return_original_masks`` also ``"original_ignore_mask"`` ``[H, W]``. Evaluation leaves them out of IoUs
   and click placement.
+* ``"vanished_instance_ids"`` (validation samples where some mask, non-empty in the image, is empty after the
+  resize to the model input, e.g. a 1-pixel instance at 2x downsampling): int64 ``[V]``, those masks, which are
+  not in ``"masks"``; with ``return_original_masks`` also ``"original_vanished_masks"`` bool ``[V, H, W]``.
+  Evaluation at the original resolution scores them (their prompts are computed there); at the input resolution
+  it counts them as dropped. A sample whose masks all vanish is still a :class:`SampleError`.
 
 Randomness: validation samples are a fixed function of ``(seed, index)``. Training samples draw from generators
 seeded by ``seed``, the process's torch random state and the distributed global rank
@@ -387,7 +392,17 @@ class SegmentationDataset(Dataset):
             sample["original_masks"] = torch.from_numpy(np.ascontiguousarray(masks[keep])).bool()
         if not self.train and source.ignore is not None:
             sample.update(self._ignore_entries(source.ignore, top_left, original_size, input_size))
+        if not self.train and not keep.all():
+            sample.update(self._vanished_entries(masks[~keep], np.asarray(ids, dtype=np.int64)[~keep]))
         return sample
+
+    def _vanished_entries(self, masks: np.ndarray, ids: np.ndarray) -> dict[str, torch.Tensor]:
+        """``"vanished_instance_ids"`` (and ``"original_vanished_masks"``) of a validation sample: the masks left
+        out of ``"masks"`` because the resize to the model input erased them (see the module docstring)."""
+        out = {"vanished_instance_ids": torch.from_numpy(ids)}
+        if self.return_original_masks:
+            out["original_vanished_masks"] = torch.from_numpy(np.ascontiguousarray(masks)).bool()
+        return out
 
     def _ignore_entries(
         self, ignore: np.ndarray, top_left: tuple[int, int], size: tuple[int, int], input_size: tuple[int, int]

@@ -216,7 +216,13 @@ def format_table(report: EvaluationReport) -> str:
     head = (f"{report.name}: {samples}, {report.num_masks} masks"
             f" | model {info.get('model', '?')} | IoU at {report.config.iou_resolution} resolution"
             f" | {report.wall_time_s:.1f} s on {info.get('device', '?')}")
-    lines = [head, f"  {'protocol':<12}{'mIoU':>8}   details"]
+    lines = [head]
+    empty, dropped = int(info.get("masks_empty_at_input", 0)), int(info.get("dropped_masks", 0))
+    if empty:
+        plural = "s" if empty != 1 else ""
+        how = "not evaluated" if dropped else "evaluated at the original resolution"
+        lines.append(f"  ({empty} mask{plural} empty at the model input, {how})")
+    lines.append(f"  {'protocol':<12}{'mIoU':>8}   details")
     if "point" in m:
         p = m["point"]
         lines.append(f"  {'point':<12}{_fmt(p['miou']):>8}   oracle {_fmt(p['miou_oracle'])}, "

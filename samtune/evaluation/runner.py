@@ -3,13 +3,19 @@
 The dataset must be built for evaluation at the model's input convention (:func:`dataset_options` gives the
 keyword arguments for any :class:`samtune.data.SegmentationDataset`): validation mode (deterministic, no
 augmentation), the model's ``image_size`` and ``normalization``, every mask of each image, and the masks at the
-image's resolution when IoUs are computed there. Void pixels that samples carry (``"ignore_mask"``, e.g. a mask
-folder's ``ignore_values``) are left out of every IoU and never receive a click.
+image's resolution when IoUs are computed there.
+
+Masks that the resize to the model input erases (tiny instances) are evaluated at the original resolution, where
+their prompts are computed; at the input resolution they cannot be prompted and are dropped. The report counts
+both (``info["masks_empty_at_input"]``, ``info["dropped_masks"]``) and a warning says how many were dropped.
+Void pixels that samples carry (``"ignore_mask"``, e.g. a mask folder's ``ignore_values``) are left out of every
+IoU and never receive a click.
 """
 from __future__ import annotations
 
 import sys
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -85,19 +91,25 @@ class _Indexed(Dataset):
         return sample
 
 
-def _target(sample: dict[str, Any], config: ProtocolConfig, device: torch.device) -> ImageTarget:
+def _target(sample: dict[str, Any], config: ProtocolConfig, device: torch.device) -> tuple[ImageTarget, torch.Tensor]:
+    """The sample's :class:`ImageTarget` and the instance ids of its masks, in target order."""
     h, w = (int(v) for v in sample["input_size"])
+    ids = torch.as_tensor(sample["instance_ids"]).long()
     if config.iou_resolution == "original":
         if "original_masks" not in sample:
             raise KeyError("sample has no 'original_masks': build the dataset with return_original_masks=True")
         gt = sample["original_masks"]
+        if "original_vanished_masks" in sample:  # empty at the model input, prompted and scored at this resolution
+            gt = torch.cat((gt, sample["original_vanished_masks"]))
+            ids = torch.cat((ids, torch.as_tensor(sample["vanished_instance_ids"]).long()))
         ignore = sample.get("original_ignore_mask")
     else:
         gt = sample["masks"][:, :h, :w]
         ignore = sample["ignore_mask"][:h, :w] if "ignore_mask" in sample else None
     if ignore is not None:
         ignore = ignore.to(device=device, dtype=torch.bool)
-    return ImageTarget(gt.to(device=device, dtype=torch.bool), (h, w), key=int(sample["_index"]), ignore=ignore)
+    target = ImageTarget(gt.to(device=device, dtype=torch.bool), (h, w), key=int(sample["_index"]), ignore=ignore)
+    return target, ids
 
 
 def evaluate(
@@ -160,19 +172,20 @@ def evaluate(
         bar = tqdm(total=len(dataset), unit="img", desc=f"evaluate {name}", file=sys.stderr,  # type: ignore[arg-type]
                    dynamic_ncols=True)
     start = time.perf_counter()
-    num_images = 0
+    num_images = vanished = 0
     try:
         with torch.inference_mode():
             for images, samples in loader:
-                targets = [_target(s, config, device) for s in samples]
+                targets, ids = zip(*(_target(s, config, device) for s in samples))
+                vanished += sum(len(s.get("vanished_instance_ids", ())) for s in samples)
                 with autocast(device, precision):
                     embeddings = model.encode_image(images.to(device, non_blocking=True))
                     result = runner(model, embeddings, targets)
                 for key, value in result.items():
                     columns.setdefault(key, []).append(value.float().cpu())
-                for s, t in zip(samples, targets):
+                for s, t, i in zip(samples, targets, ids):
                     image_ids.extend([str(s["image_id"])] * t.gt.shape[0])
-                    instance_ids.append(torch.as_tensor(s["instance_ids"]).long())
+                    instance_ids.append(i)
                 num_images += len(samples)
                 if bar is not None:
                     bar.set_postfix(masks=len(image_ids), refresh=False)
@@ -186,12 +199,21 @@ def evaluate(
     per_mask: dict[str, Any] = {"image_id": image_ids, "instance_id": torch.cat(instance_ids)}
     per_mask.update({k: torch.cat(v) for k, v in columns.items()})
     base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    if vanished and config.iou_resolution == "input":
+        warnings.warn(
+            f"{vanished} mask{'s' if vanished != 1 else ''} of {name!r} {'are' if vanished != 1 else 'is'} empty at "
+            f"the model input ({int(model.image_size)} px) and {'were' if vanished != 1 else 'was'} not evaluated "
+            "(iou_resolution='input' has no pixel to prompt them at; 'original' scores them)",
+            stacklevel=2,
+        )
     info = {
         "device": str(device),
         "precision": precision,
         "batch_size": batch_size,
         "image_size": int(model.image_size),
         "skipped_samples": int(getattr(base, "num_skipped", 0)),
+        "masks_empty_at_input": vanished,  # non-empty masks erased by the resize to the model input
+        "dropped_masks": 0 if config.iou_resolution == "original" else vanished,  # of them, not evaluated
         **({"crop_size": int(base.crop_size)} if getattr(base, "crop_size", None) else {}),  # samples are tiles
         **(metadata or {}),
     }

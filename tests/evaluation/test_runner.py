@@ -184,3 +184,48 @@ def test_ignore_values_are_left_out_of_the_evaluation(tmp_path) -> None:
     plain = MaskFolderDataset(images, masks, ignore_values=(255,), **{**dataset_options(model, config), "train": True})
     assert "ignore_mask" not in plain[0]  # training samples are unchanged
     assert "ignore_mask" not in MaskFolderDataset(images, masks, **dataset_options(model, config))[0]
+
+
+def test_masks_empty_at_the_model_input_are_counted_and_scored_at_the_original_resolution(tmp_path) -> None:
+    """A mask that vanishes in the resize to the model input is still a mask of the image: at the original
+    resolution (where its prompts are computed) it is evaluated; at the input resolution it cannot be prompted, so
+    it is dropped, and the report and a warning say how many."""
+    import json
+    import warnings
+
+    import numpy as np
+
+    from samtune.evaluation import format_table, write_report
+    from tests.evaluation.conftest import write_label_folder
+
+    label = np.zeros((64, 64), np.uint16)
+    label[8:40, 8:40] = 1
+    label[51, 51] = 2  # odd pixel: kept by the 2x nearest resize (it samples the odd rows and columns)
+    label[50, 56] = 3  # even row: vanishes at the 32 x 32 model input
+    images, masks = write_label_folder(tmp_path / "tiny", [label])
+    model = PaintSam(image_size=32, radii=(0, 0, 0, 0))
+    config = ProtocolConfig(protocols=("point", "box"))
+    dataset = MaskFolderDataset(images, masks, **dataset_options(model, config))
+    sample = dataset[0]
+    assert sample["instance_ids"].tolist() == [1, 2] and sample["vanished_instance_ids"].tolist() == [3]
+    assert torch.equal(sample["original_vanished_masks"][0], torch.from_numpy(label == 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is dropped: no warning
+        report = evaluate(model, dataset, config, name="tiny", progress=False)
+    assert report.num_masks == 3 and report.per_mask["instance_id"].tolist() == [1, 2, 3]
+    assert report.per_mask["area"].tolist() == [32 * 32, 1, 1]
+    assert report.per_mask["box_iou"][2] > 0  # prompted at its own pixel: (56, 50) -> (28, 25) at the input
+    assert report.info["masks_empty_at_input"] == 1 and report.info["dropped_masks"] == 0
+    assert "1 mask empty at the model input, evaluated at the original resolution" in format_table(report)
+
+    config = ProtocolConfig(protocols=("point", "box"), iou_resolution="input")
+    dataset = MaskFolderDataset(images, masks, **dataset_options(model, config))
+    assert "original_vanished_masks" not in dataset[0] and dataset[0]["vanished_instance_ids"].tolist() == [3]
+    with pytest.warns(UserWarning, match=r"1 mask of 'tiny' .* empty at the model input .* not evaluated"):
+        report = evaluate(model, dataset, config, name="tiny", progress=False)
+    assert report.num_masks == 2 and report.info["dropped_masks"] == report.info["masks_empty_at_input"] == 1
+    assert "1 mask empty at the model input, not evaluated" in format_table(report)
+    paths, _ = write_report(report, tmp_path / "out", plot=False)
+    assert json.loads(paths["json"].read_text())["info"]["dropped_masks"] == 1
+    train = MaskFolderDataset(images, masks, **{**dataset_options(model, config), "train": True})
+    assert "vanished_instance_ids" not in train[0]  # training samples are unchanged
