@@ -9,20 +9,21 @@ already saw. :func:`make_resumable` rebuilds a shuffling training loader around 
 - it is sharded over processes as :class:`~torch.utils.data.DistributedSampler` does (rank ``r`` takes positions
   ``r, r + W, ...``), so ``W`` processes with batch ``B`` see, step by step, the same images as one process with
   batch ``W * B``; Lightning keeps it instead of injecting its own sampler because it *is* a DistributedSampler;
-- :class:`ResumableDataLoader` counts the batches it handed out and implements ``state_dict`` /
-  ``load_state_dict``, which Lightning stores in every checkpoint and restores on ``--ckpt_path``: the restarted
-  run skips exactly the batches of the interrupted epoch that were already trained on.
+- :class:`ResumableDataLoader` implements ``state_dict`` / ``load_state_dict``, which Lightning stores in every
+  checkpoint and restores on ``--ckpt_path``: the position is the number of batches of the epoch whose training
+  step completed (Lightning's own count, :func:`track_trained_batches`; a batch in flight when a checkpoint is
+  written, e.g. by the SLURM pre-emption handler, is not one of them), and the restarted run skips exactly those.
 
 The ``samtune`` CLI applies it to every training loader (the datamodules stay plain).
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
-__all__ = ["ResumableSampler", "ResumableDataLoader", "make_resumable"]
+__all__ = ["ResumableSampler", "ResumableDataLoader", "make_resumable", "track_trained_batches"]
 
 
 class ResumableSampler(DistributedSampler):
@@ -50,28 +51,42 @@ class ResumableSampler(DistributedSampler):
 
 
 class ResumableDataLoader(DataLoader):
-    """DataLoader over a :class:`ResumableSampler` that remembers how many batches of the epoch it handed out.
+    """DataLoader over a :class:`ResumableSampler` that remembers how many batches of the epoch were trained.
 
     ``state_dict()`` -> ``{"epoch", "batches", "seed", "num_replicas"}``; ``load_state_dict`` makes the next pass
     resume after those batches (or at the start of the next epoch when the epoch was complete).
+
+    ``batches`` counts the batches of the current pass whose training step completed: ``trained_batches()`` when
+    set (:func:`track_trained_batches` sets it to Lightning's count), capped by the batches handed out; without
+    it, the batches handed out (a batch in flight then counts as trained). Before a pass of the sampler's epoch
+    has begun, it is the position that pass will start at.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(self.sampler, ResumableSampler):
             raise TypeError(f"ResumableDataLoader needs a ResumableSampler, got {type(self.sampler).__name__}")
-        self._batches = 0
+        self.trained_batches: Callable[[], int] | None = None
+        self._pass_epoch: int | None = None  # epoch of the pass that began last; None: none since (re)loading
+        self._handed_out = 0  # batches of that pass handed out, skipped ones included
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
-        self._batches = sampler.start_index // (self.batch_size or 1)
+        self._pass_epoch = int(sampler.epoch)
+        self._handed_out = sampler.start_index // (self.batch_size or 1)
         for batch in super().__iter__():
-            self._batches += 1
+            self._handed_out += 1
             yield batch
 
     def state_dict(self) -> dict[str, int]:
         sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
-        return {"epoch": int(sampler.epoch), "batches": int(self._batches), "seed": int(sampler.seed),
+        if self._pass_epoch is None or self._pass_epoch != sampler.epoch:
+            epoch, batches = int(sampler.epoch), sampler.start_index // (self.batch_size or 1)
+        else:
+            epoch, batches = self._pass_epoch, self._handed_out
+            if self.trained_batches is not None:
+                batches = max(0, min(batches, int(self.trained_batches())))
+        return {"epoch": epoch, "batches": int(batches), "seed": int(sampler.seed),
                 "num_replicas": int(sampler.num_replicas)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -87,7 +102,29 @@ class ResumableDataLoader(DataLoader):
             epoch, batches = epoch + 1, 0
         sampler.set_epoch(epoch)
         sampler.start_index = batches * (self.batch_size or 1)
-        self._batches = batches
+        self._pass_epoch = None
+
+
+def track_trained_batches(trainer: Any) -> None:
+    """Make the trainer's :class:`ResumableDataLoader` s count the batches whose training step completed.
+
+    The count is Lightning's ``fit_loop.epoch_loop.batch_progress.current.processed``: the batches of the epoch
+    that went through the training step (and the optimizer step, when it was due), the restored ones included. It
+    is where Lightning itself resumes: a checkpoint written before the step of the batch in flight completed
+    resumes at that batch, one written after (ModelCheckpoint, in ``on_train_batch_end``) at the next. Call it once
+    the training loaders exist (``on_train_start``; again after a reload).
+
+    Args:
+        trainer: a ``lightning.Trainer``; loaders of other kinds are left alone.
+    """
+    loaders = trainer.train_dataloader
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    elif not isinstance(loaders, (list, tuple)):
+        loaders = [loaders]
+    for loader in loaders:
+        if isinstance(loader, ResumableDataLoader):
+            loader.trained_batches = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
 
 def _distributed() -> tuple[int, int]:
@@ -129,4 +166,3 @@ def make_resumable(loader: DataLoader, seed: int) -> DataLoader:
         prefetch_factor=loader.prefetch_factor if workers > 0 else None,
         persistent_workers=loader.persistent_workers if workers > 0 else False,
     )
-

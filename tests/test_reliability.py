@@ -14,6 +14,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
 
 from samtune.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
 from samtune.cli import run_lightning
@@ -53,6 +54,28 @@ class KillAtStep(Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SaveAt(Callback):
+    """Saves ``path`` once, after ``step`` optimizer steps: at the start of the next batch (``when="start"``: the
+    batch is in flight, as when Lightning's SLURM handler saves ``hpc_ckpt_*.ckpt`` on the pre-emption signal) or
+    at the end of the step's batch (``when="end"``: where ModelCheckpoint saves)."""
+
+    def __init__(self, step: int, path: str, when: str = "start") -> None:
+        self.step, self.path, self.when = step, path, when
+        self.done = False
+
+    def _save(self, trainer: L.Trainer, when: str) -> None:
+        if trainer.global_step == self.step and when == self.when and not self.done:
+            trainer.save_checkpoint(self.path)
+            self.done = True
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._save(trainer, "start")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._save(trainer, "end")
 
 
 class InjectNaN(Callback):
@@ -222,6 +245,45 @@ def test_resume_after_kill_continues_exactly(tmp_path, monkeypatch):
     assert sorted(epochs[0]) == sorted(epochs[1]) and len(set(epochs[0])) == 6 and epochs[0] != epochs[1]
 
 
+def _resume_from_a_save(tmp_path: Path, monkeypatch, *extra: str, step: int, when: str, steps: int = 6
+                        ) -> tuple[dict[int, dict], dict[int, dict], dict]:
+    """One run of ``steps`` steps that saves ``mid.ckpt`` after ``step`` steps (:class:`SaveAt`) and goes on, then a
+    run resumed from ``mid.ckpt``. Returns (the first run's records, the resumed run's records, the checkpoint)."""
+    common = [*extra, "--trainer.val_check_interval", "null", "--trainer.check_val_every_n_epoch", "100"]
+    record = {"class_path": "tests.test_reliability.RecordSteps", "init_args": {"path": "steps.jsonl"}}
+    save = {"class_path": "tests.test_reliability.SaveAt",
+            "init_args": {"step": step, "path": str(tmp_path / "mid.ckpt"), "when": when}}
+    for name in ("reference", "resumed"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path / "reference")
+    assert run_cli(quick_args(*common, *_callbacks_arg(record, save), steps=steps)) == 0
+    ckpt = torch.load(tmp_path / "mid.ckpt", weights_only=True, map_location="cpu")
+    monkeypatch.chdir(tmp_path / "resumed")
+    assert run_cli([*quick_args(*common, *_callbacks_arg(record), steps=steps),
+                    "--ckpt_path", str(tmp_path / "mid.ckpt")]) == 0
+    return _records(tmp_path / "reference" / "steps.jsonl"), _records(tmp_path / "resumed" / "steps.jsonl"), ckpt
+
+
+@pytest.mark.parametrize("accumulate, step, steps, in_flight", [(1, 4, 6, (1, 1)), (2, 3, 4, (1, 2))],
+                         ids=["plain", "accumulate2"])
+def test_checkpoint_saved_with_a_batch_in_flight_resumes_at_that_batch(tmp_path, monkeypatch, accumulate, step, steps,
+                                                                       in_flight):
+    """A checkpoint written while a batch is in flight (Lightning's SLURM pre-emption save, here at the start of
+    the batch after step ``step``) records that batch as not trained: the resumed run trains it, then goes on as
+    the uninterrupted run did. 3 batches per epoch; with 2 micro-batches per step, epoch 1's batches 0-1 make step
+    3 and its last batch alone step 4."""
+    reference, resumed, ckpt = _resume_from_a_save(
+        tmp_path, monkeypatch, *ALL_MASKS, "--trainer.accumulate_grad_batches", str(accumulate), step=step,
+        when="start", steps=steps)
+    assert ckpt["global_step"] == step
+    loader_state = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert (loader_state["epoch"], loader_state["batches"]) == in_flight  # (epoch, batch in flight)
+    assert sorted(resumed) == list(range(step + 1, steps + 1))
+    for k in resumed:
+        assert resumed[k]["image_ids"] == reference[k]["image_ids"], k
+        assert resumed[k]["loss"] == pytest.approx(reference[k]["loss"], rel=1e-4, abs=1e-6), k
+
+
 def test_resume_with_more_steps_follows_the_longer_schedule(tmp_path, monkeypatch, caplog):
     """A finished 4-step run resumed with --trainer.max_steps 8 continues on the cosine schedule of an 8-step run
     (the checkpoint's 4-step schedule sat at its floor), and the log says that the schedule changed."""
@@ -308,3 +370,27 @@ def test_ckpt_path_last_takes_a_newer_preemption_checkpoint(tmp_path, monkeypatc
     os.utime(tmp_path / "hpc_ckpt_1.ckpt", (1e9, 1e9))
     assert run_cli([*quick_args(*common, *_callbacks_arg(record), steps=6), "--ckpt_path", "last"]) == 0
     assert sorted(_records(tmp_path / "steps.jsonl")) == [5, 6]
+
+
+def _batches(loader) -> list[list[int]]:
+    return [b.tolist() for b in loader]
+
+
+def test_resumable_loader_counts_the_batches_trained_not_handed_out():
+    """The saved position is what ``trained_batches`` reports (Lightning's count of completed training steps),
+    never more than was handed out; before a pass of the sampler's epoch begins, where that pass will start."""
+    from samtune.resumable import make_resumable
+
+    loader = make_resumable(DataLoader(list(range(10)), batch_size=2, shuffle=True), seed=3)
+    iterator = iter(loader)
+    next(iterator), next(iterator)  # batch 1 is in flight
+    assert loader.state_dict()["batches"] == 2  # on its own, the loader knows only what it handed out
+    trained = [1]
+    loader.trained_batches = lambda: trained[0]
+    assert (loader.state_dict()["epoch"], loader.state_dict()["batches"]) == (0, 1)
+    trained[0] = 7  # a count that ran ahead of the loader (never happens in Lightning) is capped
+    assert loader.state_dict()["batches"] == 2
+    loader.sampler.set_epoch(1)  # the next epoch, not begun: its start, whatever the count says
+    assert (loader.state_dict()["epoch"], loader.state_dict()["batches"]) == (1, 0)
+    loader.load_state_dict({"epoch": 0, "batches": 3, "seed": 3, "num_replicas": 1})
+    assert (loader.state_dict()["epoch"], loader.state_dict()["batches"]) == (0, 3)  # restored, not begun

@@ -42,6 +42,7 @@ from samtune.prompts import InteractiveEvaluator, InteractiveSimulator, Simulati
 from samtune.prompts.deterministic import region_centers
 from samtune.prompts.geometry import resize_masks
 from samtune.prompts.sampling import PAD_LABEL
+from samtune.resumable import track_trained_batches
 from samtune.tasks.config import LossConfig, OptimizerConfig, to_plain
 from samtune.tasks.optim import WarmupLR, WarmupSchedule, param_groups
 
@@ -473,6 +474,14 @@ class PromptableSegmentationTask(L.LightningModule):
             and self.adaptation.checkpoint_weights == "trainable"
             and self.hparams["checkpoint"] is not None
         )
+
+    def on_train_start(self) -> None:
+        """Exact resume: the training loaders count the batches whose step completed
+        (:func:`samtune.resumable.track_trained_batches`)."""
+        track_trained_batches(self.trainer)
+
+    def on_train_epoch_start(self) -> None:
+        track_trained_batches(self.trainer)  # loaders reloaded for the epoch (reload_dataloaders_every_n_epochs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["skipped_nonfinite_steps"] = int(self.skipped_nonfinite_steps)
