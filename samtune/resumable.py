@@ -49,6 +49,16 @@ class ResumableSampler(DistributedSampler):
         start, self.start_index = self.start_index, 0  # the skip applies to one pass only
         return iter(indices[start:])
 
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass epoch ``epoch``; a skip set for another epoch (``start_index``) is dropped.
+
+        (Lightning sets the epoch after restoring a loader: when the restored epoch was complete for Lightning,
+        e.g. cut short by ``limit_train_batches``, it moves on to the next epoch, which starts at its beginning.)
+        """
+        if epoch != self.epoch:
+            self.start_index = 0
+        super().set_epoch(epoch)
+
 
 class ResumableDataLoader(DataLoader):
     """DataLoader over a :class:`ResumableSampler` that remembers how many batches of the epoch were trained.

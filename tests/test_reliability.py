@@ -284,6 +284,18 @@ def test_checkpoint_saved_with_a_batch_in_flight_resumes_at_that_batch(tmp_path,
         assert resumed[k]["loss"] == pytest.approx(reference[k]["loss"], rel=1e-4, abs=1e-6), k
 
 
+def test_resume_at_the_end_of_a_limited_epoch_starts_the_next_epoch_whole(tmp_path, monkeypatch):
+    """With --trainer.limit_train_batches 2 (of 3), a checkpoint from the end of epoch 1 (step 4) resumes at the
+    first batch of epoch 2, not after the 2 batches that epoch 1 trained."""
+    reference, resumed, ckpt = _resume_from_a_save(tmp_path, monkeypatch, *ALL_MASKS,
+                                                   "--trainer.limit_train_batches", "2", step=4, when="end")
+    assert ckpt["global_step"] == 4
+    assert sorted(resumed) == [5, 6]
+    for step in (5, 6):
+        assert resumed[step]["image_ids"] == reference[step]["image_ids"], step
+        assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-4, abs=1e-6), step
+
+
 def test_resume_with_more_steps_follows_the_longer_schedule(tmp_path, monkeypatch, caplog):
     """A finished 4-step run resumed with --trainer.max_steps 8 continues on the cosine schedule of an 8-step run
     (the checkpoint's 4-step schedule sat at its floor), and the log says that the schedule changed."""
@@ -394,3 +406,23 @@ def test_resumable_loader_counts_the_batches_trained_not_handed_out():
     assert (loader.state_dict()["epoch"], loader.state_dict()["batches"]) == (1, 0)
     loader.load_state_dict({"epoch": 0, "batches": 3, "seed": 3, "num_replicas": 1})
     assert (loader.state_dict()["epoch"], loader.state_dict()["batches"]) == (0, 3)  # restored, not begun
+
+
+def test_resumable_loader_restored_at_the_end_of_a_limited_epoch_starts_the_next_epoch_whole():
+    """``limit_train_batches=2`` of 3: the checkpoint says epoch 0, 2 batches; Lightning, for which epoch 0 is
+    complete, then sets epoch 1, which must start at its first batch."""
+    from samtune.resumable import make_resumable
+
+    def build():
+        return make_resumable(DataLoader(list(range(6)), batch_size=2, shuffle=True), seed=3)
+
+    reference = build()
+    reference.sampler.set_epoch(1)
+    epoch1 = _batches(reference)
+    loader = build()
+    loader.load_state_dict({"epoch": 0, "batches": 2, "seed": 3, "num_replicas": 1})
+    loader.sampler.set_epoch(0)  # mid-epoch resume: Lightning sets the restored epoch, the skip stays
+    assert _batches(loader) == _batches(build())[2:]
+    loader.load_state_dict({"epoch": 0, "batches": 2, "seed": 3, "num_replicas": 1})
+    loader.sampler.set_epoch(1)
+    assert _batches(loader) == epoch1
