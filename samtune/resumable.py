@@ -12,7 +12,11 @@ already saw. :func:`make_resumable` rebuilds a shuffling training loader around 
 - :class:`ResumableDataLoader` implements ``state_dict`` / ``load_state_dict``, which Lightning stores in every
   checkpoint and restores on ``--ckpt_path``: the position is the number of batches of the epoch whose training
   step completed (Lightning's own count, :func:`track_trained_batches`; a batch in flight when a checkpoint is
-  written, e.g. by the SLURM pre-emption handler, is not one of them), and the restarted run skips exactly those.
+  written, e.g. by the SLURM pre-emption handler, is not one of them), and the restarted run skips exactly those;
+- every index it yields is a :class:`SampleIndex` carrying ``(seed, epoch)``: datasets that read it
+  (:class:`samtune.data.SegmentationDataset`) seed a sample's randomness from ``(seed, epoch, index, rank)``, so
+  a sample is the same in the main process or any worker, and in a run resumed mid-epoch; the workers' own seeds
+  are a function of ``(seed, epoch)`` too (not a draw from the global generator).
 
 The ``samtune`` CLI applies it to every training loader (the datamodules stay plain).
 """
@@ -20,10 +24,37 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
+import numpy as np
+import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
-__all__ = ["ResumableSampler", "ResumableDataLoader", "make_resumable", "track_trained_batches"]
+__all__ = ["SampleIndex", "ResumableSampler", "ResumableDataLoader", "make_resumable", "track_trained_batches"]
+
+
+class SampleIndex(int):
+    """A dataset index that names the pass it belongs to: ``sample_key = (seed, epoch)``.
+
+    It is an ``int`` (any dataset can use it as one) and pickles with its key (it reaches DataLoader workers).
+    """
+
+    sample_key: tuple[int, int]
+
+    def __new__(cls, value: int, sample_key: tuple[int, int]) -> "SampleIndex":
+        index = super().__new__(cls, value)
+        index.sample_key = sample_key
+        return index
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (int(self), self.sample_key)
+
+    def __repr__(self) -> str:
+        return f"SampleIndex({int(self)}, sample_key={self.sample_key})"
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit seed that is a fixed function of ``(seed, epoch)``."""
+    return int(np.random.SeedSequence([seed & (2**64 - 1), epoch]).generate_state(1, np.uint64)[0]) >> 1
 
 
 class ResumableSampler(DistributedSampler):
@@ -47,7 +78,8 @@ class ResumableSampler(DistributedSampler):
     def __iter__(self) -> Iterator[int]:
         indices = list(super().__iter__())
         start, self.start_index = self.start_index, 0  # the skip applies to one pass only
-        return iter(indices[start:])
+        key = (int(self.seed) & (2**64 - 1), int(self.epoch))
+        return iter([SampleIndex(i, key) for i in indices[start:]])
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next pass epoch ``epoch``; a skip set for another epoch (``start_index``) is dropped.
@@ -70,6 +102,11 @@ class ResumableDataLoader(DataLoader):
     set (:func:`track_trained_batches` sets it to Lightning's count), capped by the batches handed out; without
     it, the batches handed out (a batch in flight then counts as trained). Before a pass of the sampler's epoch
     has begun, it is the position that pass will start at.
+
+    Each pass seeds the loader's ``generator`` from ``(seed, epoch)``: the workers' seeds (``torch.initial_seed()``
+    in a worker) depend on the epoch only, and creating the iterator draws nothing from the global generator
+    (a run resumed mid-epoch creates one where the uninterrupted run did not). Persistent workers keep the seeds
+    of the epoch they were started in, as DataLoader does.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -84,6 +121,7 @@ class ResumableDataLoader(DataLoader):
         sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
         self._pass_epoch = int(sampler.epoch)
         self._handed_out = sampler.start_index // (self.batch_size or 1)
+        self.generator = torch.Generator().manual_seed(_epoch_seed(int(sampler.seed), int(sampler.epoch)))
         for batch in super().__iter__():
             self._handed_out += 1
             yield batch
@@ -152,7 +190,8 @@ def make_resumable(loader: DataLoader, seed: int) -> DataLoader:
         seed: seed of the permutations (the run's ``seed_everything``).
 
     Returns:
-        A :class:`ResumableDataLoader` with the same dataset, batch size, workers, collate and pinning.
+        A :class:`ResumableDataLoader` with the same dataset, batch size, workers, collate and pinning (and its own
+        per-epoch ``generator``).
     """
     if isinstance(loader, ResumableDataLoader) or not isinstance(loader.sampler, RandomSampler) \
             or loader.batch_size is None:
@@ -172,7 +211,6 @@ def make_resumable(loader: DataLoader, seed: int) -> DataLoader:
         timeout=loader.timeout,
         worker_init_fn=loader.worker_init_fn,
         multiprocessing_context=loader.multiprocessing_context,
-        generator=loader.generator,
         prefetch_factor=loader.prefetch_factor if workers > 0 else None,
         persistent_workers=loader.persistent_workers if workers > 0 else False,
     )

@@ -31,14 +31,17 @@ class RecordSteps(Callback):
     def __init__(self, path: str) -> None:
         self.path = path
         self._ids: list[Any] = []
+        self._drawn: dict[str, Any] = {}
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._ids = [str(i) for i in batch["image_id"]]
+        self._drawn = {"instance_ids": batch["instance_ids"].tolist(),  # the random mask subset
+                       "pixels": float(batch["images"].double().sum())}  # the augmentation
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        record = {"step": trainer.global_step, "image_ids": self._ids,
+        record = {"step": trainer.global_step, "image_ids": self._ids, **self._drawn,
                   "loss": None if loss is None else float(loss),
                   "lr": trainer.optimizers[0].param_groups[0]["lr"]}
         with open(self.path, "a") as handle:
@@ -284,6 +287,25 @@ def test_checkpoint_saved_with_a_batch_in_flight_resumes_at_that_batch(tmp_path,
         assert resumed[k]["loss"] == pytest.approx(reference[k]["loss"], rel=1e-4, abs=1e-6), k
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_draws_the_masks_and_augmentation_of_the_uninterrupted_run(tmp_path, monkeypatch, workers):
+    """Random mask subsets (2 of each image's masks) and random augmentation, loaded in the main process or by 2
+    workers: a run resumed mid-epoch (checkpoint with a batch in flight) trains on exactly the masks and augmented
+    pixels the uninterrupted run drew, so its losses match too. Before, the main process drew each sample's seed
+    from the global generator (reset by seed_everything on restart) and the workers' seeds from it as well."""
+    reference, resumed, _ = _resume_from_a_save(
+        tmp_path, monkeypatch, "--data.init_args.max_masks_per_image", "2",
+        "--data.init_args.augmentation", "overhead", "--data.init_args.num_workers", str(workers),
+        step=4, when="start")
+    assert sorted(resumed) == [5, 6]
+    for k in resumed:
+        for key in ("image_ids", "instance_ids"):
+            assert resumed[k][key] == reference[k][key], (k, key)
+        assert resumed[k]["pixels"] == pytest.approx(reference[k]["pixels"], rel=1e-9), k
+        assert resumed[k]["loss"] == pytest.approx(reference[k]["loss"], rel=1e-4, abs=1e-6), k
+    assert len({str(reference[k]["instance_ids"]) for k in reference}) > 1
+
+
 def test_resume_at_the_end_of_a_limited_epoch_starts_the_next_epoch_whole(tmp_path, monkeypatch):
     """With --trainer.limit_train_batches 2 (of 3), a checkpoint from the end of epoch 1 (step 4) resumes at the
     first batch of epoch 2, not after the 2 batches that epoch 1 trained."""
@@ -426,3 +448,41 @@ def test_resumable_loader_restored_at_the_end_of_a_limited_epoch_starts_the_next
     loader.load_state_dict({"epoch": 0, "batches": 2, "seed": 3, "num_replicas": 1})
     loader.sampler.set_epoch(1)
     assert _batches(loader) == epoch1
+
+
+def _sample_draws(loader) -> list[tuple]:
+    return [(tuple(b["image_id"]), b["instance_ids"].tolist(), b["boxes"].tolist()) for b in loader]
+
+
+def test_resumable_loader_with_workers_resumes_the_samples_exactly(tmp_path, monkeypatch):
+    """Random mask choice and augmentation, loaded by 2 persistent workers: a loader restored mid-epoch 1 gives the
+    rest of the epoch exactly as the uninterrupted loader did (its workers start elsewhere in the epoch), and a
+    loader without workers gives the same samples."""
+    from samtune.data import MaskFolderDataset, collate_samples, worker_init
+    from samtune.resumable import make_resumable
+    from tests.data.conftest import write_mask_folder
+
+    monkeypatch.delenv("RANK", raising=False)
+    images, masks = write_mask_folder(tmp_path, n=3, size=(48, 64))
+    dataset = MaskFolderDataset(images, masks, image_size=32, train=True, augmentation="overhead",
+                                max_masks_per_image=1, repeats=4)
+
+    def build(workers: int):
+        return make_resumable(DataLoader(dataset, batch_size=2, shuffle=True, num_workers=workers,
+                                         collate_fn=collate_samples, worker_init_fn=worker_init(),
+                                         persistent_workers=workers > 0), seed=5)
+
+    uninterrupted = build(2)
+    epochs = []
+    for epoch in range(2):
+        uninterrupted.sampler.set_epoch(epoch)
+        epochs.append(_sample_draws(uninterrupted))
+    assert epochs[0] != epochs[1] and len({str(d[1:]) for d in epochs[1]}) > 2
+    torch.manual_seed(99)  # the resumed process's global generator is elsewhere
+    resumed = build(2)
+    resumed.load_state_dict({"epoch": 1, "batches": 1, "seed": 5, "num_replicas": 1})
+    resumed.sampler.set_epoch(1)
+    assert _sample_draws(resumed) == epochs[1][1:]
+    single = build(0)
+    single.sampler.set_epoch(1)
+    assert _sample_draws(single) == epochs[1]

@@ -30,7 +30,10 @@ seeded by ``seed``, the process's torch random state and the distributed global 
 ``(seed, torch.initial_seed())``, which DataLoader makes distinct per worker and per epoch; in the main process
 (``num_workers=0``), one generator per sample seeded by a draw from torch's global generator, so that every
 ``seed_everything`` (a repeated one with the same seed included) restarts the sequence. Runs are reproducible
-under ``seed_everything``, and DDP processes seeded alike draw different sequences.
+under ``seed_everything``, and DDP processes seeded alike draw different sequences. An index that names its pass
+(a :class:`samtune.resumable.SampleIndex`, which the CLI's resumable training loader yields) instead seeds the
+sample's generator from ``(seed, run seed, epoch, index, rank)``: the sample is then the same whichever process
+loads it and in a run resumed mid-epoch.
 """
 from __future__ import annotations
 
@@ -312,10 +315,25 @@ class SegmentationDataset(Dataset):
         logger.warning("skipping bad sample (%d skipped so far): %s", total, err)
 
     def _rng(self, index: int) -> np.random.Generator:
+        """The generator of sample ``index`` (see the module's Randomness).
+
+        An index that names its pass (``sample_key``, e.g. a :class:`samtune.resumable.SampleIndex` from the CLI's
+        resumable training loader) gets a generator seeded by ``(seed, sample_key, index)`` and the rank: the
+        sample is then the same in the main process and in any worker, whichever iterator loads it, so a run
+        resumed mid-epoch draws exactly what the uninterrupted run drew. Asked again for the same index object
+        (e.g. the cached dataset's view choice after the sample), it continues that generator.
+        """
         if not self.train:
             return np.random.default_rng([self.seed, index])
         rank = global_rank()
         spawn_key = (rank,) if rank else ()  # rank 0 (and no DDP) keeps the streams of the rank-less seeding
+        sample_key = getattr(index, "sample_key", None)
+        if sample_key is not None:
+            last = getattr(self, "_sample_rng", None)
+            if last is None or last[0] is not index:
+                sequence = np.random.SeedSequence([self.seed, *sample_key, int(index)], spawn_key=spawn_key)
+                self._sample_rng = last = (index, np.random.default_rng(sequence))
+            return last[1]
         if torch.utils.data.get_worker_info() is None:
             # main process: a draw from torch's generator per sample, so that seed_everything resets the sequence
             draw = int(torch.empty((), dtype=torch.int64).random_().item())

@@ -117,3 +117,27 @@ def test_global_rank_from_environment(monkeypatch):
     assert global_rank() == 0
     monkeypatch.setenv("RANK", "3")
     assert global_rank() == 3
+
+
+def test_indices_that_name_their_pass_draw_a_function_of_it(train_set, monkeypatch):
+    """Indices from the resumable training loader (``samtune.resumable.SampleIndex``) carry ``(seed, epoch)``: the
+    sample is a function of (dataset seed, that key, index, rank), whatever the global generator or the order of
+    loading (what makes a resumed run, with or without workers, draw what the uninterrupted one drew)."""
+    from samtune.resumable import SampleIndex
+
+    def draws(key, order):
+        samples = {i: train_set[SampleIndex(i, key)] for i in order}
+        return [str((samples[i]["instance_ids"].tolist(), samples[i]["boxes"].tolist())) for i in sorted(samples)]
+
+    torch.manual_seed(0)
+    first = draws((0, 0), range(len(train_set)))
+    torch.manual_seed(1)
+    assert draws((0, 0), reversed(range(len(train_set)))) == first
+    assert len(set(first)) > 2  # still random from sample to sample
+    assert draws((0, 1), range(len(train_set))) != first  # another epoch
+    assert draws((1, 0), range(len(train_set))) != first  # another run seed
+    monkeypatch.setenv("RANK", "1")
+    assert draws((0, 0), range(len(train_set))) != first  # another rank
+    index = SampleIndex(0, (0, 0))
+    assert train_set._rng(index) is train_set._rng(index)  # the same visit (e.g. the cached dataset's view choice)
+    assert train_set._rng(SampleIndex(0, (0, 0))).random() == train_set._rng(SampleIndex(0, (0, 0))).random()
