@@ -1,4 +1,4 @@
-"""Resumable training data order.
+"""Resumable training: data order, sample randomness and the global random generators.
 
 A plain ``DataLoader(shuffle=True)`` draws each epoch's permutation from the global RNG, so a run restarted from
 a checkpoint sees a different order than the run it continues, and a mid-epoch restart replays images the run
@@ -19,9 +19,15 @@ already saw. :func:`make_resumable` rebuilds a shuffling training loader around 
   are a function of ``(seed, epoch)`` too (not a draw from the global generator).
 
 The ``samtune`` CLI applies it to every training loader (the datamodules stay plain).
+
+What the model draws (drop path, dropout) comes from the global generators: :func:`rng_states` /
+:func:`restore_rng_states` carry them through a checkpoint (``PromptableSegmentationTask`` stores them and
+restores them when training starts, after the sanity-check validation).
 """
 from __future__ import annotations
 
+import logging
+import random
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -29,7 +35,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
-__all__ = ["SampleIndex", "ResumableSampler", "ResumableDataLoader", "make_resumable", "track_trained_batches"]
+__all__ = ["SampleIndex", "ResumableSampler", "ResumableDataLoader", "make_resumable", "track_trained_batches",
+           "rng_states", "restore_rng_states"]
+
+logger = logging.getLogger("samtune")
 
 
 class SampleIndex(int):
@@ -214,3 +223,42 @@ def make_resumable(loader: DataLoader, seed: int) -> DataLoader:
         prefetch_factor=loader.prefetch_factor if workers > 0 else None,
         persistent_workers=loader.persistent_workers if workers > 0 else False,
     )
+
+
+def rng_states() -> dict[str, Any]:
+    """The states of the global generators (torch CPU, every CUDA device, numpy, python), as tensors, ints and
+    strings only, so a checkpoint holding them loads with ``torch.load(weights_only=True)``."""
+    numpy_state = np.random.get_state(legacy=False)
+    version, internal, gauss = random.getstate()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"bit_generator": numpy_state["bit_generator"],
+                  "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                  "pos": int(numpy_state["state"]["pos"]), "has_gauss": int(numpy_state["has_gauss"]),
+                  "gauss": float(numpy_state["gauss"])},
+        "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                   "gauss": gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Set the global generators to :func:`rng_states`' ``states``. CUDA states are restored when this process
+    has as many devices as the saving one had (otherwise they are left as seeded, with a warning)."""
+    torch.set_rng_state(states["torch"])
+    numpy_state = states["numpy"]
+    np.random.set_state({"bit_generator": numpy_state["bit_generator"],
+                         "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
+                         "has_gauss": numpy_state["has_gauss"], "gauss": numpy_state["gauss"]})
+    python = states["python"]
+    random.setstate((python["version"], tuple(int(v) for v in python["internal"].tolist()), python["gauss"]))
+    cuda = states.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            logger.warning("the checkpoint's CUDA generator states are for %d devices, this process sees %d: the "
+                           "CUDA generators stay as seeded (dropout draws differ from the interrupted run's)",
+                           len(cuda), torch.cuda.device_count())

@@ -306,6 +306,22 @@ def test_resume_draws_the_masks_and_augmentation_of_the_uninterrupted_run(tmp_pa
     assert len({str(reference[k]["instance_ids"]) for k in reference}) > 1
 
 
+@pytest.mark.parametrize("when", ["start", "end"])
+def test_resume_continues_the_random_streams_of_dropout_and_drop_path(tmp_path, monkeypatch, when):
+    """With drop path and decoder dropout (the pretraining recipe's), the resumed steps draw the same dropout masks
+    as the uninterrupted run: the checkpoint holds the global torch / numpy / python generators' states, restored
+    when training starts. Before, the restarted process's generators were where seed_everything left them, so
+    every resumed loss differed."""
+    reference, resumed, ckpt = _resume_from_a_save(
+        tmp_path, monkeypatch, *ALL_MASKS, "--model.init_args.drop_path_rate", "0.3",
+        "--model.init_args.decoder_dropout", "0.3", step=4, when=when)
+    assert {"torch", "numpy", "python"} <= set(ckpt["rng_states"])
+    assert sorted(resumed) == [5, 6]
+    for k in resumed:
+        assert resumed[k]["image_ids"] == reference[k]["image_ids"], k
+        assert resumed[k]["loss"] == pytest.approx(reference[k]["loss"], rel=1e-4, abs=1e-6), k
+
+
 def test_resume_at_the_end_of_a_limited_epoch_starts_the_next_epoch_whole(tmp_path, monkeypatch):
     """With --trainer.limit_train_batches 2 (of 3), a checkpoint from the end of epoch 1 (step 4) resumes at the
     first batch of epoch 2, not after the 2 batches that epoch 1 trained."""

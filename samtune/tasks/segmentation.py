@@ -42,7 +42,7 @@ from samtune.prompts import InteractiveEvaluator, InteractiveSimulator, Simulati
 from samtune.prompts.deterministic import region_centers
 from samtune.prompts.geometry import resize_masks
 from samtune.prompts.sampling import PAD_LABEL
-from samtune.resumable import track_trained_batches
+from samtune.resumable import restore_rng_states, rng_states, track_trained_batches
 from samtune.tasks.config import LossConfig, OptimizerConfig, to_plain
 from samtune.tasks.optim import WarmupLR, WarmupSchedule, param_groups
 
@@ -188,6 +188,7 @@ class PromptableSegmentationTask(L.LightningModule):
         # Seed of the prompt simulation: from the global RNG, so `seed_everything` fixes it; kept in checkpoints.
         self.simulation_seed = int(torch.randint(0, 2**62, (1,)).item())
         self._train_step_counter = 0  # training_step calls (micro-batches), kept in checkpoints
+        self._restored_rng_states: dict[str, Any] | None = None  # from a checkpoint, set when training starts
         # Gradient accumulation: the global mask count of the optimizer step's micro-batches so far (None before its
         # first); training_step normalises by it, on_before_optimizer_step starts the next window.
         self._window_masks: torch.Tensor | None = None
@@ -477,8 +478,12 @@ class PromptableSegmentationTask(L.LightningModule):
 
     def on_train_start(self) -> None:
         """Exact resume: the training loaders count the batches whose step completed
-        (:func:`samtune.resumable.track_trained_batches`)."""
+        (:func:`samtune.resumable.track_trained_batches`), and a resumed run's global generators continue from the
+        checkpoint's states (drop path, dropout), set here, after the sanity-check validation has drawn its own."""
         track_trained_batches(self.trainer)
+        if self._restored_rng_states is not None:
+            restore_rng_states(self._restored_rng_states)
+            self._restored_rng_states = None
 
     def on_train_epoch_start(self) -> None:
         track_trained_batches(self.trainer)  # loaders reloaded for the epoch (reload_dataloaders_every_n_epochs)
@@ -486,6 +491,7 @@ class PromptableSegmentationTask(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["skipped_nonfinite_steps"] = int(self.skipped_nonfinite_steps)
         checkpoint["simulation_state"] = {"seed": self.simulation_seed, "step_counter": self._train_step_counter}
+        checkpoint["rng_states"] = rng_states()  # this process's (every DDP rank is seeded alike)
         if self.adaptation is None:
             return
         state = checkpoint.get("state_dict")
@@ -502,6 +508,7 @@ class PromptableSegmentationTask(L.LightningModule):
         if simulation is not None:
             self.simulation_seed = int(simulation["seed"])
             self._train_step_counter = int(simulation["step_counter"])
+        self._restored_rng_states = checkpoint.get("rng_states")  # restored in on_train_start (fit only)
         meta = checkpoint.get(METADATA_KEY)
         if meta is None:
             return
