@@ -387,5 +387,6 @@ def test_encoder_vit_h_over_2gb(tmp_path: Path) -> None:
     and onnxruntime reproduces PyTorch (about 5 minutes and 9 GB of memory on 2 CPU cores)."""
     model = build_sam("sam_vit_h").eval()
     path = export_onnx_encoder(model, tmp_path / "encoder.onnx", verify=True, atol=2e-3)
+    assert path == tmp_path / "encoder.onnx"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder.onnx", "encoder.onnx.data"]
     assert (tmp_path / "encoder.onnx.data").stat().st_size > 2**31
