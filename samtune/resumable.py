@@ -168,8 +168,8 @@ def track_trained_batches(trainer: Any) -> None:
     The count is Lightning's ``fit_loop.epoch_loop.batch_progress.current.processed``: the batches of the epoch
     that went through the training step (and the optimizer step, when it was due), the restored ones included. It
     is where Lightning itself resumes: a checkpoint written before the step of the batch in flight completed
-    resumes at that batch, one written after (ModelCheckpoint, in ``on_train_batch_end``) at the next. Call it once
-    the training loaders exist (``on_train_start``; again after a reload).
+    resumes at that batch, one written after (ModelCheckpoint, in ``on_train_batch_end``) at the next. Call it at
+    the start of every training epoch (``on_train_epoch_start``), which also covers reloaded loaders.
 
     Args:
         trainer: a ``lightning.Trainer``; loaders of other kinds are left alone.

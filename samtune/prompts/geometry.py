@@ -107,11 +107,8 @@ def mask_iou(pred: torch.Tensor, targets: torch.Tensor, ignore: torch.Tensor | N
     Returns:
         ``[...]`` float.
     """
+    inter, union = pred & targets, pred | targets
     if ignore is not None:
-        keep = ~ignore
-        inter = (pred & targets & keep).sum(dim=(-2, -1)).float()
-        union = ((pred | targets) & keep).sum(dim=(-2, -1)).float()
-        return torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(union))
-    inter = (pred & targets).sum(dim=(-2, -1)).float()
-    union = (pred | targets).sum(dim=(-2, -1)).float()
+        inter, union = inter & ~ignore, union & ~ignore
+    inter, union = inter.sum(dim=(-2, -1)).float(), union.sum(dim=(-2, -1)).float()
     return torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(union))

@@ -477,16 +477,16 @@ class PromptableSegmentationTask(L.LightningModule):
         )
 
     def on_train_start(self) -> None:
-        """Exact resume: the training loaders count the batches whose step completed
-        (:func:`samtune.resumable.track_trained_batches`), and a resumed run's global generators continue from the
-        checkpoint's states (drop path, dropout), set here, after the sanity-check validation has drawn its own."""
-        track_trained_batches(self.trainer)
+        """Exact resume: a resumed run's global generators continue from the checkpoint's states (drop path,
+        dropout), set here, after the sanity-check validation has drawn its own."""
         if self._restored_rng_states is not None:
             restore_rng_states(self._restored_rng_states)
             self._restored_rng_states = None
 
     def on_train_epoch_start(self) -> None:
-        track_trained_batches(self.trainer)  # loaders reloaded for the epoch (reload_dataloaders_every_n_epochs)
+        """Exact resume: the epoch's training loaders (reloaded ones included) count the batches whose step
+        completed (:func:`samtune.resumable.track_trained_batches`)."""
+        track_trained_batches(self.trainer)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["skipped_nonfinite_steps"] = int(self.skipped_nonfinite_steps)
