@@ -163,8 +163,9 @@ def read_label_map(path: str | Path) -> np.ndarray:
         ``[H, W]`` integer or bool array, turned as its EXIF orientation says (as :func:`read_image`).
 
     Raises:
-        SampleError: missing, undecodable, stored with lossy compression (JPEG, lossy WebP: it changes label values
-            and adds noisy edges, which would become invented instances), or a colour image whose channels differ.
+        SampleError: missing, undecodable, stored with lossy compression (JPEG, lossy WebP, JPEG-compressed TIFF:
+            it changes label values and adds noisy edges, which would become invented instances), or a colour image
+            whose channels differ.
     """
     path = Path(path)
     if not path.is_file():
@@ -172,7 +173,10 @@ def read_label_map(path: str | Path) -> np.ndarray:
     lossy = None
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
-            array = np.asarray(tifffile.imread(path))
+            with tifffile.TiffFile(path) as tif:
+                lossy = _lossy_tiff(tif)
+                if lossy is None:
+                    array = np.asarray(tif.asarray())
         else:
             with Image.open(path) as img:
                 lossy = _lossy_format(img, path)
@@ -183,7 +187,7 @@ def read_label_map(path: str | Path) -> np.ndarray:
     if lossy is not None:
         raise SampleError(
             path, f"mask file is {lossy}, whose lossy compression changes label values (compression noise would "
-            "become invented instances): save masks as PNG or TIFF",
+            "become invented instances): save masks as PNG, or as TIFF without JPEG compression",
         )
     array = np.squeeze(array)
     if array.ndim == 3:
@@ -200,6 +204,15 @@ def read_label_map(path: str | Path) -> np.ndarray:
             raise SampleError(path, "float label image holds non-integer values")
         array = array.astype(np.int64)
     return array
+
+
+def _lossy_tiff(tif: tifffile.TiffFile) -> str | None:
+    """``"JPEG-compressed TIFF"`` when the first page of the opened TIFF is stored with (always lossy) JPEG
+    compression, else None. WebP / JPEG XL / JPEG 2000 inside TIFF may be lossless and are not judged."""
+    compression = tif.pages[0].compression
+    if compression in (tifffile.COMPRESSION.JPEG, tifffile.COMPRESSION.OJPEG):
+        return "JPEG-compressed TIFF"
+    return None
 
 
 def _lossy_format(img: Image.Image, path: Path) -> str | None:

@@ -2,8 +2,9 @@
 
 ``image_dir/<name>.<ext>`` pairs with ``mask_dir/<name><mask_suffix>.<ext>`` (any image extension, TIFF included;
 masks must be stored losslessly: JPEG and lossy WebP masks are rejected, see :func:`samtune.data.io.read_label_map`).
-The masks may share the images' folder (``mask_dir == image_dir``, e.g. ``x.png`` + ``x_mask.png``): files whose stem
-ends with ``mask_suffix`` (required then) are masks, and not images.
+The masks may share the images' folder (``mask_dir == image_dir``, e.g. ``x.png`` + ``x_mask.png``): a file whose stem
+is another file's stem plus ``mask_suffix`` (required then) is that file's mask, and not an image; a file whose name
+merely ends with the suffix (``scan_mask.png`` without a ``scan.png``) stays an image.
 Mask images are read as label maps and turned into instances according to ``mask_type``:
 
 * ``"binary"``: all foreground (non-background, non-ignored) pixels form one instance;
@@ -44,7 +45,10 @@ def image_files(image_dir: Path, mask_dir: Path, mask_suffix: str) -> dict[str, 
             f"image_dir and mask_dir are the same folder ({image_dir}): give mask_suffix (e.g. '_mask') to tell "
             "the masks <name><mask_suffix>.<ext> apart from the images <name>.<ext>"
         )
-    return {stem: path for stem, path in files.items() if not stem.endswith(mask_suffix)}
+    return {
+        stem: path for stem, path in files.items()
+        if not (stem.endswith(mask_suffix) and stem[: -len(mask_suffix)] in files)
+    }
 
 
 class MaskFolderDataset(SegmentationDataset):

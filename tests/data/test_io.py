@@ -18,6 +18,11 @@ def test_read_image_variants(tmp_path):
     assert read_image(tmp_path / "c.png")[0, 0].tolist() == [200, 0, 0]
     tifffile.imwrite(tmp_path / "m.tif", np.zeros((6, 20, 30), np.float32))
     assert read_image(tmp_path / "m.tif").shape == (20, 30, 6) and image_shape(tmp_path / "m.tif") == (20, 30)
+    bands16 = np.arange(4 * 20 * 30, dtype=np.uint16).reshape(4, 20, 30) * 7
+    for compression in ("lzw", "zlib", "zstd"):  # GDAL / ImageJ exports: the codecs come with imagecodecs
+        tifffile.imwrite(tmp_path / f"{compression}.tif", bands16, compression=compression, photometric="minisblack",
+                         planarconfig="separate")
+        np.testing.assert_array_equal(read_image(tmp_path / f"{compression}.tif"), np.moveaxis(bands16, 0, -1))
     (tmp_path / "bad.tif").write_bytes(b"II*\x00garbage")
     with pytest.raises(SampleError, match=r"bad.tif: (cannot decode TIFF|expected a 2-D image)"):
         read_image(tmp_path / "bad.tif")
@@ -143,9 +148,14 @@ def test_lossy_mask_files_are_rejected(tmp_path):
     cv2.imwrite(str(tmp_path / "a.jpg"), labels)
     (tmp_path / "jpeg_named.png").write_bytes((tmp_path / "a.jpg").read_bytes())
     Image.fromarray(labels).save(tmp_path / "lossy.webp", quality=90)
-    for name, kind in (("a.jpg", "JPEG"), ("jpeg_named.png", "JPEG"), ("lossy.webp", "lossy WebP")):
+    Image.fromarray(labels).save(tmp_path / "jpeg.tif", compression="jpeg")  # libtiff's JPEG compression
+    for name, kind in (("a.jpg", "JPEG"), ("jpeg_named.png", "JPEG"), ("lossy.webp", "lossy WebP"),
+                       ("jpeg.tif", "JPEG-compressed TIFF")):
         with pytest.raises(SampleError, match=rf"{name}: mask file is {kind}, whose lossy compression changes label "
-                                              r"values .*: save masks as PNG or TIFF"):
+                                              r"values .*: save masks as PNG, or as TIFF without JPEG compression"):
             read_label_map(tmp_path / name)
     Image.fromarray(labels).save(tmp_path / "lossless.webp", lossless=True)
     np.testing.assert_array_equal(read_label_map(tmp_path / "lossless.webp"), labels)
+    for compression in ("tiff_deflate", "tiff_lzw", "packbits"):  # lossless TIFF compressions still read
+        Image.fromarray(labels).save(tmp_path / f"{compression}.tif", compression=compression)
+        np.testing.assert_array_equal(read_label_map(tmp_path / f"{compression}.tif"), labels, err_msg=compression)

@@ -199,3 +199,16 @@ def test_masks_in_the_image_folder_are_not_taken_as_images(tmp_path):
     assert sorted(dm.train_dataset.names + dm.val_dataset.names) == ds.names
     with pytest.raises(ValueError, match=r"image_dir and mask_dir are the same folder .* give mask_suffix"):
         MaskFolderDataset(tmp_path, tmp_path, image_size=32)
+
+
+def test_an_image_whose_name_ends_with_the_mask_suffix_is_still_an_image(tmp_path):
+    """In a shared folder only ``<stem><suffix>`` next to a ``<stem>`` is a mask: ``scan_mask.tif`` without a
+    ``scan.tif`` is an image (with its mask ``scan_mask_mask.tif``), it was dropped as a mask."""
+    labels = np.zeros((32, 32), np.uint8)
+    labels[4:20, 4:20] = 1
+    for stem in ("case0", "scan_mask"):
+        tifffile.imwrite(tmp_path / f"{stem}.tif", np.full((32, 32), 100, np.uint8))
+        tifffile.imwrite(tmp_path / f"{stem}_mask.tif", labels)
+    ds = MaskFolderDataset(tmp_path, tmp_path, mask_suffix="_mask", image_size=32)
+    assert ds.names == ["case0", "scan_mask"]
+    assert [ds[i]["masks"].shape[0] for i in range(2)] == [1, 1]
