@@ -53,7 +53,7 @@ from samtune.data.errors import OnError, SampleError, SkipCounter
 from samtune.data.io import Intensity, check_intensity_options, prepare_image
 from samtune.data.masks import DenseMaskSource, MaskSource, masks_to_boxes, resize_masks
 from samtune.data.transforms import Augmenter, AugmentationPreset, resize_longest, to_model_input
-from samtune.modeling.preprocessing import Interpolation, Normalization
+from samtune.modeling.preprocessing import Interpolation, Normalization, default_interpolation
 
 logger = logging.getLogger("samtune.data")
 
@@ -150,7 +150,7 @@ class SegmentationDataset(Dataset):
         if normalization not in ("sam", "minmax"):
             raise ValueError(f"normalization must be 'sam' or 'minmax', got {normalization!r}")
         if resize_interpolation is None:
-            resize_interpolation = "area" if normalization == "minmax" else "bilinear"
+            resize_interpolation = default_interpolation(normalization)
         if resize_interpolation not in ("bilinear", "area"):
             raise ValueError(f"resize_interpolation must be 'bilinear' or 'area', got {resize_interpolation!r}")
         if max_masks_per_image <= 0:

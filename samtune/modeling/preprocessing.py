@@ -26,6 +26,12 @@ PIXEL_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
 PIXEL_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
 
 
+def default_interpolation(normalization: Normalization) -> Interpolation:
+    """The resize filter that goes with an input ``normalization``: ``"area"`` for ``"minmax"`` (LiteMedSAM),
+    ``"bilinear"`` for ``"sam"``."""
+    return "area" if normalization == "minmax" else "bilinear"
+
+
 def get_preprocess_shape(old_h: int, old_w: int, long_side: int) -> tuple[int, int]:
     """Size (h, w) of an image of size (old_h, old_w) once its longest side is resized to ``long_side``.
 

@@ -12,6 +12,8 @@ import torch
 from pycocotools import mask as mask_utils
 from torch import nn
 
+from samtune.modeling.preprocessing import default_interpolation
+
 
 class PaintSam(nn.Module):
     """A model whose outputs are hand-predictable, with the ``decode`` contract of ``samtune.modeling.Sam``.
@@ -29,7 +31,7 @@ class PaintSam(nn.Module):
         self.image_size = image_size
         self.low_res_size = image_size
         self.normalization = normalization
-        self.resize_interpolation = "area" if normalization == "minmax" else "bilinear"
+        self.resize_interpolation = default_interpolation(normalization)
         self.radii = radii
         self.iou = iou
         self.calls: list[dict[str, Any]] = []
