@@ -8,7 +8,7 @@ from samtune.build import SamConfig, ViTConfig, register_model
 from samtune.data import SA1BDataset, collate_samples
 from samtune.data.synth import synthesize_sa1b
 from samtune.prompts import SimulationConfig
-from samtune.tasks import OptimizerConfig, PromptableSegmentationTask
+from samtune.tasks import LossConfig, OptimizerConfig, PromptableSegmentationTask
 
 SIZE = 128
 MICRO = SamConfig(  # 128 px, patch 8 -> 16x16 embedding grid, 64x64 low-res masks, 32-d decoder of depth 1
@@ -19,14 +19,13 @@ MICRO = SamConfig(  # 128 px, patch 8 -> 16x16 embedding grid, 64x64 low-res mas
 
 
 def test_tiny_sam_from_scratch_learns_one_click_segmentation(tmp_path) -> None:
-    """300 steps (batch 4, <= 16 masks, first-prompt round only) on 64 synthetic images.
+    """300 steps (batch 4, <= 16 masks, first-prompt round only) on 64 synthetic images, focal 1 : dice 1.
 
-    Measured (seed 0, 2026-12-07): validation IoU after one click 0.042 before training -> 0.143 after; ~30 s on one
-    idle core. The 11-round schedule is tested in test_task.py.
-
-    From scratch, 300 steps of this micro model either learn or collapse to empty masks, depending on the seed
-    (initialisation and data order): seeds 0-3 gave 0.143, 0.052, 0.152, 0.057, and with <= 8 masks per image seed 0
-    collapsed too (0.048). The test pins seed 0; a change of the data or initialisation streams can flip it.
+    The paper's 20 : 1 weighting makes this micro model, from scratch, collapse to empty masks in 300 steps for most
+    seeds (2026-12-07, seeds 0-3: 0.136, 0.054, 0.046, 0.057 from 0.042-0.057; 600 steps: 0.207, 0.050; focal
+    alpha None or lr 1e-3 / 4e-3 did no better): the focal term rewards an empty mask on objects this small until the
+    features localise them. With 1 : 1 all seeds tried learn: 0.156-0.299 from 0.018-0.057 (seeds 0-7), ~30 s each on
+    one core. The paper's weights and 11-round schedule are tested in test_task.py.
     """
     register_model("sam_micro_test", MICRO, overwrite=True)
     synthesize_sa1b(tmp_path / "train", 64, SIZE, seed=0)
@@ -39,6 +38,7 @@ def test_tiny_sam_from_scratch_learns_one_click_segmentation(tmp_path) -> None:
         simulation=SimulationConfig(num_iterations=1, num_point_iterations=0, random_mask_only_iteration=False,
                                     final_mask_only_iteration=False),
         optimizer=OptimizerConfig(lr=2e-3, warmup_steps=10, schedule="constant"),
+        loss=LossConfig(focal_weight=1.0),
         val_num_clicks=1,
     )
     train_loader = DataLoader(train, batch_size=4, shuffle=True, collate_fn=collate_samples)
@@ -51,4 +51,4 @@ def test_tiny_sam_from_scratch_learns_one_click_segmentation(tmp_path) -> None:
     trainer.fit(task, train_loader)
     after = L.Trainer(**options).validate(task, val_loader, verbose=False)[0]["val/iou_click_1"]
     assert before < 0.08, before
-    assert after > before + 0.06 and after > 2.5 * before, (before, after)
+    assert after > before + 0.08 and after > 2.5 * before, (before, after)
