@@ -1,7 +1,8 @@
 """Folders of images and mask images paired by name (medical, microscopy, satellite exports).
 
 ``image_dir/<name>.<ext>`` pairs with ``mask_dir/<name><mask_suffix>.<ext>`` (any image extension, TIFF included;
-masks must be stored losslessly: JPEG and lossy WebP masks are rejected, see :func:`samtune.data.io.read_label_map`).
+masks must be stored losslessly: JPEG, lossy WebP and JPEG-in-TIFF masks are rejected, see
+:func:`samtune.data.io.read_label_map`).
 The masks may share the images' folder (``mask_dir == image_dir``, e.g. ``x.png`` + ``x_mask.png``): a file whose stem
 is another file's stem plus ``mask_suffix`` (required then) is that file's mask, and not an image; a file whose name
 merely ends with the suffix (``scan_mask.png`` without a ``scan.png``) stays an image.
