@@ -68,7 +68,9 @@ def generate_crop_boxes(
 
     Returns:
         Boxes ``[x0, y0, x1, y1]`` (exclusive right/bottom) and the layer of each box; order: layer by layer,
-        within a layer by x0 then y0.
+        within a layer by x0 then y0. Where a layer has more crops per side than a thin image has pixels, the
+        official tiling puts some crops past the image edge (empty or inverted boxes, 0-pixel crops on which the
+        official generator crashes); those are left out.
     """
     h, w = image_size
     boxes: list[list[int]] = [[0, 0, w, h]]
@@ -82,8 +84,10 @@ def generate_crop_boxes(
         x0s = [int((crop_w - overlap) * i) for i in range(n)]
         y0s = [int((crop_h - overlap) * i) for i in range(n)]
         for x0, y0 in product(x0s, y0s):
-            boxes.append([x0, y0, min(x0 + crop_w, w), min(y0 + crop_h, h)])
-            layers.append(layer)
+            box = [x0, y0, min(x0 + crop_w, w), min(y0 + crop_h, h)]
+            if box[2] > box[0] and box[3] > box[1]:
+                boxes.append(box)
+                layers.append(layer)
     return boxes, layers
 
 

@@ -163,6 +163,20 @@ def test_greyscale_and_nothing_found(sam, image):
     assert AutomaticMaskGenerator(sam, points_per_side=4, stability_score_thresh=1.01, precision="fp32").generate(image) == []
 
 
+@pytest.mark.parametrize("hw, layers", [((60, 1), 1), ((2, 60), 2)])
+def test_crop_layers_on_a_thin_image(sam, hw, layers):
+    """Crop layers on an image thinner than a layer's number of crops per side: the empty crops are skipped
+    (they used to reach set_image as 0-pixel images: "empty image: 30x0 pixels")."""
+    image = make_image(max(hw), max(hw), seed=1)[: hw[0], : hw[1]]
+    gen = AutomaticMaskGenerator(sam, points_per_side=2, crop_n_layers=layers, pred_iou_thresh=0.0,
+                                 stability_score_thresh=0.0, precision="fp32")
+    records = gen.generate(image)
+    assert records and all(r["segmentation"].shape == hw for r in records)
+    for rec in records:
+        x, y, w, h = rec["crop_box"]
+        assert w > 0 and h > 0 and x + w <= hw[1] and y + h <= hw[0]
+
+
 def test_two_stage_decoder_equals_decode(sam):
     gen = torch.Generator().manual_seed(0)
     features = torch.randn(1, 64, 16, 16, generator=gen)

@@ -47,6 +47,19 @@ def test_crop_boxes_and_point_grids(size, layers, ratio):
         build_point_grids(1, 1, 2)
 
 
+@pytest.mark.parametrize("size, layers", [((300, 1), 1), ((1, 300), 1), ((3, 200), 2), ((200, 5), 3)])
+def test_crop_boxes_of_thin_images_are_not_empty(size, layers):
+    """Layers with more crops per side than a thin image has pixels: no empty (or inverted) crop boxes, whose
+    crops would be 0-pixel images; the boxes kept are the official ones, in their order."""
+    h, w = size
+    boxes, layer_of = generate_crop_boxes(size, layers, 512 / 1500)
+    assert len(boxes) == len(layer_of) and set(layer_of) <= set(range(layers + 1)) and layer_of[0] == 0
+    assert all(0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h for x0, y0, x1, y1 in boxes), boxes
+    ref_boxes, ref_layers = amg.generate_crop_boxes(size, layers, 512 / 1500)
+    kept = [(b, layer) for b, layer in zip(ref_boxes, ref_layers) if b[2] > b[0] and b[3] > b[1]]
+    assert list(zip(boxes, layer_of)) == kept
+
+
 def test_boxes_rle_and_coco_rle():
     masks = _blobs()
     assert torch.equal(masks_to_boxes(masks), amg.batched_mask_to_box(masks))
