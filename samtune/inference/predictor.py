@@ -8,8 +8,9 @@ something meaningless:
 * ``predict`` / ``predict_torch`` with no prompt at all raise ``ValueError`` (the official predictor returns a
   mask decoded from the output tokens alone).
 * Points or boxes outside the image, or not finite, raise ``ValueError`` naming them (usually swapped x/y); so do
-  prompts of the wrong shape, batch sizes that differ between prompts, labels outside {-1, 0, 1, 2, 3} and a
-  ``mask_input`` that is not one low-res logit map per prompt.
+  ``point_labels`` without ``point_coords`` (the official predictor ignores them), prompts of the wrong shape,
+  batch sizes that differ between prompts, labels outside {-1, 0, 1, 2, 3} and a ``mask_input`` that is not one
+  low-res logit map per prompt.
 * ``predict_torch`` also takes boxes as ``[B, 1, 4]`` (what ``predict`` passes internally in the official code).
 * Point labels 2 and 3 are box corners (top-left, bottom-right) and get the box-corner embeddings, as in SAM's
   ONNX decoder and box prompts; the official ``SamPredictor`` gives such points their position encoding alone.
@@ -215,6 +216,8 @@ class Predictor:
         if not self.is_image_set:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
         coords_t = labels_t = box_t = mask_t = None
+        if point_coords is None and point_labels is not None:
+            raise ValueError("point_coords must be supplied with point_labels")
         if point_coords is not None:
             if point_labels is None:
                 raise ValueError("point_labels must be supplied with point_coords")
@@ -274,6 +277,8 @@ class Predictor:
             raise ValueError("no prompt given: pass point_coords/point_labels, a box or a mask_input")
         if point_coords is not None and point_labels is None:
             raise ValueError("point_labels must be supplied with point_coords")
+        if point_coords is None and point_labels is not None:
+            raise ValueError("point_coords must be supplied with point_labels")
         boxes = self._check_prompts(point_coords, point_labels, boxes, mask_input)
         with autocast(self.device, self.precision):
             low_res, iou = self.model.decode(

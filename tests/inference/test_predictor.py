@@ -81,6 +81,16 @@ def test_points_and_labels_must_match(predictor):
         predictor.predict(point_coords=np.array([[10.0, 10.0]]), point_labels=np.array([1, 0]))
 
 
+def test_labels_without_points_are_an_error(predictor, model):
+    """point_labels without point_coords used to be dropped silently: the box alone was decoded."""
+    box = np.array([20.0, 30.0, 150.0, 200.0])
+    with pytest.raises(ValueError, match="point_coords must be supplied with point_labels"):
+        predictor.predict(point_labels=np.array([1]), box=box)
+    boxes = torch.as_tensor(predictor.transform.apply_boxes(box, predictor.original_size), dtype=torch.float)
+    with pytest.raises(ValueError, match="point_coords must be supplied with point_labels"):
+        predictor.predict_torch(None, torch.ones(1, 1, dtype=torch.int), boxes)
+
+
 def test_prompts_the_model_cannot_take_are_named(predictor):
     """Bad shapes, batch sizes, labels, NaN and mask inputs: a ValueError naming the argument (they used to fail
     deep inside torch, or to give NaN IoUs or another prompt silently)."""
