@@ -281,10 +281,12 @@ BASE_HINT = ("pass base_checkpoint= (Python) or --base-checkpoint (samtune evalu
 
 
 def _build_base(meta: dict[str, Any], base_checkpoint: str | os.PathLike | None, source: str,
-                given: bool = False) -> Sam:
+                given: bool = False, complete: bool = False) -> Sam:
     """The base model of an adapter checkpoint: registry model + base weights (+ MAE init), not yet adapted.
 
     ``given``: ``base_checkpoint`` was passed by the caller (not the recorded path); only changes the error text.
+    ``complete``: the checkpoint stores every weight, so neither the base nor the MAE weights are read (the
+    recorded files may be gone).
     """
     from samtune.build import build_sam
 
@@ -309,7 +311,7 @@ def _build_base(meta: dict[str, Any], base_checkpoint: str | os.PathLike | None,
         except CheckpointError as err:
             raise CheckpointError(f"adapter checkpoint {source} (model {name!r}): the base checkpoint does not fit: "
                                   f"{err}") from err
-    if meta.get("mae_checkpoint"):
+    if meta.get("mae_checkpoint") and not complete:
         init_encoder_from_mae(model.image_encoder, _recorded_path(meta, "mae_checkpoint"))
     return model
 
@@ -371,7 +373,7 @@ def load_adapter_checkpoint(path: str | os.PathLike, base_checkpoint: str | os.P
             f"adapter checkpoint {source} records no base checkpoint (the adapted model started from random "
             "weights, which are not stored): pass base_checkpoint= (Python) or --base-checkpoint (command line)"
         )
-    model = _build_base(meta, None if complete else base, source, given)
+    model = _build_base(meta, None if complete else base, source, given, complete=complete)
     apply_adaptation(model, config)
     _check_keys(model, tensors, meta, source)
     if complete:

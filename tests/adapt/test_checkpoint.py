@@ -279,3 +279,27 @@ def test_bottleneck_adapters_run_unmerged_in_the_predictor_and_evaluate(tmp_path
     lora_path = save_adapter_checkpoint(lora, tmp_path / "l.pt", model_name="sam_tiny", base_checkpoint=lora_base,
                                         config=LORA)
     assert load_sam(lora_path, merge_adapters="auto").merged
+
+
+def test_complete_checkpoint_needs_no_recorded_files(tmp_path):
+    """A checkpoint marked complete (every weight stored, e.g. a Lightning checkpoint of a run started from random
+    weights + MAE) reloads without the MAE file it records, which may be gone, and without re-initialising."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from samtune.adapt.checkpoint import METADATA_KEY, adapter_metadata
+    from samtune.checkpoints import init_encoder_from_mae
+
+    torch.manual_seed(0)
+    mae = tmp_path / "mae.pth"
+    torch.save(VisionTransformer(img_size=224, patch_size=16, embed_dim=96, depth=4, num_heads=3, global_pool="",
+                                 class_token=True, num_classes=0).state_dict(), mae)
+    model = build_sam("sam_tiny")
+    init_encoder_from_mae(model.image_encoder, mae)
+    apply_adaptation(model, LORA)
+    train_steps(model, steps=1)
+    meta = adapter_metadata(model, model_name="sam_tiny", base_checkpoint=None, mae_checkpoint=mae, complete=True)
+    path = tmp_path / "complete.pt"
+    torch.save({METADATA_KEY: meta, "state_dict": dict(model.state_dict())}, path)
+    mae.unlink()
+    inputs = make_inputs(model)
+    assert_same_outputs(eval_outputs(model, inputs), eval_outputs(load_adapter_checkpoint(path), inputs))
