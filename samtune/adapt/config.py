@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -108,11 +109,13 @@ class AdaptationConfig:
                 "method 'lora' or 'adapter', or another freeze_policy"
             )
         if self.freeze_policy == "last_k":
-            if self.last_k is None or isinstance(self.last_k, bool) or int(self.last_k) != self.last_k \
-                    or self.last_k < 1:
+            last_k = self.last_k
+            if not isinstance(last_k, (int, float)) or isinstance(last_k, bool) or not math.isfinite(last_k) \
+                    or int(last_k) != last_k or last_k < 1:
                 raise ValueError(
                     f"AdaptationConfig.last_k must be a positive integer with freeze_policy 'last_k', got {self.last_k!r}"
                 )
+            object.__setattr__(self, "last_k", int(last_k))  # 2.0 (YAML / JSON) counts blocks like 2
         elif self.last_k is not None:
             raise ValueError(
                 f"AdaptationConfig.last_k={self.last_k} only applies to freeze_policy 'last_k' "

@@ -69,3 +69,16 @@ def test_coerce_rejects_unknown_keys_and_types():
         AdaptationConfig.coerce({"method": "lora", "rank": 4})
     with pytest.raises(TypeError, match="adaptation must be an AdaptationConfig or a dict"):
         AdaptationConfig.coerce("lora")
+
+
+def test_integral_float_last_k_is_an_int_that_applies():
+    """``last_k: 2.0`` (a YAML / JSON float) passes the check as a whole number; it must then work like 2."""
+    from samtune.adapt import apply_adaptation
+    from samtune.build import build_sam
+
+    config = AdaptationConfig(freeze_policy="last_k", last_k=2.0)
+    assert config.last_k == 2 and isinstance(config.last_k, int)
+    model = apply_adaptation(build_sam("sam_tiny"), config)
+    depth = len(model.image_encoder.blocks)
+    trains = {n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad and ".blocks." in n}
+    assert trains == {str(depth - 2), str(depth - 1)}
