@@ -37,6 +37,11 @@ def _names(value: Any, field: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
     return names
 
 
+def _is_real(value: Any) -> bool:
+    """A finite int or float (not a bool, not a string)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass(frozen=True)
 class AdaptationConfig:
     """How a :class:`samtune.modeling.Sam` is adapted: the method, where it goes and what else trains.
@@ -147,10 +152,12 @@ class AdaptationConfig:
             object.__setattr__(self, "blocks", indices)
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1:
             raise ValueError(f"AdaptationConfig.lora_rank must be a positive integer, got {self.lora_rank!r}")
-        if not self.lora_alpha > 0:
-            raise ValueError(f"AdaptationConfig.lora_alpha must be > 0, got {self.lora_alpha!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"AdaptationConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if not _is_real(self.lora_alpha) or not self.lora_alpha > 0:
+            raise ValueError(f"AdaptationConfig.lora_alpha must be > 0 (a finite number), got {self.lora_alpha!r}")
+        if not _is_real(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(
+                f"AdaptationConfig.lora_dropout must be in [0, 1) (a number), got {self.lora_dropout!r}"
+            )
         object.__setattr__(self, "lora_targets", _names(self.lora_targets, "lora_targets", ENCODER_LORA_TARGETS))
         object.__setattr__(
             self, "lora_decoder_targets", _names(self.lora_decoder_targets, "lora_decoder_targets", DECODER_LORA_TARGETS)
@@ -159,8 +166,15 @@ class AdaptationConfig:
             isinstance(self.adapter_dim, bool) or not isinstance(self.adapter_dim, int) or self.adapter_dim < 1
         ):
             raise ValueError(f"AdaptationConfig.adapter_dim must be a positive integer or null, got {self.adapter_dim!r}")
-        if not self.adapter_ratio > 0:
-            raise ValueError(f"AdaptationConfig.adapter_ratio must be > 0, got {self.adapter_ratio!r}")
+        if not _is_real(self.adapter_ratio) or not self.adapter_ratio > 0:
+            raise ValueError(
+                f"AdaptationConfig.adapter_ratio must be > 0 (a finite number), got {self.adapter_ratio!r}"
+            )
+        if not _is_real(self.adapter_mlp_scale) or not self.adapter_mlp_scale > 0:
+            raise ValueError(
+                f"AdaptationConfig.adapter_mlp_scale must be > 0 (a finite number; 0 would switch the MLP "
+                f"adapter off), got {self.adapter_mlp_scale!r}"
+            )
         object.__setattr__(
             self, "adapter_positions", _names(self.adapter_positions, "adapter_positions", ADAPTER_POSITIONS)
         )

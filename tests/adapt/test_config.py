@@ -82,3 +82,23 @@ def test_integral_float_last_k_is_an_int_that_applies():
     depth = len(model.image_encoder.blocks)
     trains = {n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad and ".blocks." in n}
     assert trains == {str(depth - 2), str(depth - 1)}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"lora_alpha": "8"}, "lora_alpha"),
+        ({"lora_alpha": float("inf")}, "lora_alpha"),
+        ({"lora_dropout": "0.1"}, "lora_dropout"),
+        ({"adapter_ratio": "0.25"}, "adapter_ratio"),
+        ({"adapter_ratio": float("inf")}, "adapter_ratio"),
+        ({"adapter_mlp_scale": "0.5"}, "adapter_mlp_scale"),
+        ({"adapter_mlp_scale": float("nan")}, "adapter_mlp_scale"),
+        ({"adapter_mlp_scale": 0.0}, "adapter_mlp_scale"),
+    ],
+)
+def test_non_numbers_and_non_finite_values_name_the_field(kwargs, field):
+    """A string, NaN or infinity in a numeric field is an error that names the field (not a bare comparison
+    TypeError, and not a config accepted only to give NaN outputs or an adapter branch multiplied by 0)."""
+    with pytest.raises(ValueError, match=f"AdaptationConfig.{field} must be"):
+        AdaptationConfig(method="adapter", **kwargs)
