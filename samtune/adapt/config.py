@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ DECODER_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj
 ADAPTER_POSITIONS: tuple[str, ...] = ("attn", "mlp")
 _METHODS = ("none", "lora", "adapter")
 _POLICIES = ("frozen", "decoder_only", "prompt_decoder", "last_k", "full")
+_ALL_BLOCKS = ("all", "None", "null")  # blocks: all (null on the command line can arrive as the string "None")
 
 
 def _names(value: Any, field: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
@@ -37,6 +39,24 @@ def _names(value: Any, field: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
     return names
 
 
+def _ignored_settings(
+    method: Any, blocks: Any, lora_include_decoder: Any, adapter_dim: Any
+) -> list[tuple[str, Any, str]]:
+    """``[(field, value, why)]`` of the settings that are off by default, set, and never read by ``method``.
+
+    Such a setting would be silently ignored (e.g. ``blocks`` with method ``"none"`` does not choose which blocks
+    train: ``last_k`` does).
+    """
+    ignored = []
+    if blocks is not None and method == "none":
+        ignored.append(("blocks", blocks, "chooses the blocks that get LoRA / adapters"))
+    if lora_include_decoder and method != "lora":
+        ignored.append(("lora_include_decoder", lora_include_decoder, "only applies to method 'lora'"))
+    if adapter_dim is not None and method != "adapter":
+        ignored.append(("adapter_dim", adapter_dim, "only applies to method 'adapter'"))
+    return ignored
+
+
 def _is_real(value: Any) -> bool:
     """A finite int or float (not a bool, not a string)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -49,6 +69,9 @@ class AdaptationConfig:
     The image encoder's *attention blocks* are the units ``blocks`` and ``last_k`` count: the ViT's
     ``blocks.{i}`` (12 for ViT-B), and TinyViT's transformer blocks ``layers.{s}.blocks.{j}`` of stages 1..
     in forward order (10 for LiteMedSAM / MobileSAM: the convolutional stage 0 has no attention).
+
+    A setting that is off by default and read by one method only (``blocks``, ``lora_include_decoder``,
+    ``adapter_dim``) is an error with another method, like ``last_k`` with another freeze policy.
 
     Attributes:
         method: ``"none"`` (only the freeze policy), ``"lora"`` (low-rank updates of the encoder attention's
@@ -127,7 +150,7 @@ class AdaptationConfig:
                 f"(freeze_policy is {self.freeze_policy!r}); remove it"
             )
         blocks = self.blocks
-        if isinstance(blocks, str) and blocks.strip() in ("all", "None", "null"):
+        if isinstance(blocks, str) and blocks.strip() in _ALL_BLOCKS:
             # "all"; and null given on the command line, which jsonargparse can hand over as the string "None"
             blocks = None
             object.__setattr__(self, "blocks", None)
@@ -178,6 +201,11 @@ class AdaptationConfig:
         object.__setattr__(
             self, "adapter_positions", _names(self.adapter_positions, "adapter_positions", ADAPTER_POSITIONS)
         )
+        ignored = _ignored_settings(self.method, self.blocks, self.lora_include_decoder, self.adapter_dim)
+        if ignored:
+            field, value, why = ignored[0]
+            raise ValueError(f"AdaptationConfig.{field}={value!r} is ignored with method {self.method!r} ({why}); "
+                             f"remove it or choose the method it belongs to")
         if self.checkpoint_weights not in ("trainable", "full"):
             raise ValueError(
                 f"AdaptationConfig.checkpoint_weights must be 'trainable' or 'full', got {self.checkpoint_weights!r}"
@@ -186,6 +214,10 @@ class AdaptationConfig:
     @classmethod
     def coerce(cls, value: "AdaptationConfig | dict[str, Any]", name: str = "adaptation") -> "AdaptationConfig":
         """The config itself, or one built from its dict form (YAML, checkpoints); unknown keys are an error.
+
+        Settings the dict's method ignores (``blocks`` with ``"none"``, ``lora_include_decoder`` without LoRA,
+        ``adapter_dim`` without adapters) are dropped with a warning instead of refused: checkpoints saved before
+        they were refused still load, as the same model.
 
         Args:
             value: an :class:`AdaptationConfig` or a dict of its fields.
@@ -198,6 +230,17 @@ class AdaptationConfig:
             unknown = sorted(set(value) - set(known))
             if unknown:
                 raise ValueError(f"{name}: unknown keys {unknown} for AdaptationConfig; expected some of {known}")
+            blocks = value.get("blocks")
+            if isinstance(blocks, str) and blocks.strip() in _ALL_BLOCKS:
+                blocks = None
+            ignored = _ignored_settings(value.get("method", "none"), blocks, value.get("lora_include_decoder", False),
+                                        value.get("adapter_dim"))
+            if ignored:
+                # Stored before such settings were refused (checkpoints): they never had an effect, so the model is
+                # rebuilt the same without them.
+                warnings.warn(f"{name}: dropping settings that method {value.get('method')!r} ignores: "
+                              + ", ".join(f"{field}={v!r}" for field, v, _ in ignored), stacklevel=2)
+                value = {k: v for k, v in value.items() if k not in {field for field, _, _ in ignored}}
             return cls(**value)
         raise TypeError(f"{name} must be an AdaptationConfig or a dict of its fields, got {type(value).__name__}")
 

@@ -223,7 +223,7 @@ def test_untrained_adaptation_is_the_identity(name, method):
     model = build_sam(name)
     inputs = make_inputs(model)
     before = eval_outputs(model, inputs)
-    apply_adaptation(model, dict(method=method, lora_include_decoder=True))
+    apply_adaptation(model, dict(method=method, lora_include_decoder=method == "lora"))
     after = eval_outputs(model, inputs)
     # Equal to float rounding: LoRA-wrapped decoder projections take the plain attention path, the bare ones
     # the factorised one (mask_decoder.Attention), which sums the same terms in another order.

@@ -102,3 +102,47 @@ def test_non_numbers_and_non_finite_values_name_the_field(kwargs, field):
     TypeError, and not a config accepted only to give NaN outputs or an adapter branch multiplied by 0)."""
     with pytest.raises(ValueError, match=f"AdaptationConfig.{field} must be"):
         AdaptationConfig(method="adapter", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"method": "none", "blocks": [2, 3]}, "blocks"),
+        ({"method": "none", "blocks": r"blocks\.3"}, "blocks"),
+        ({"method": "adapter", "lora_include_decoder": True}, "lora_include_decoder"),
+        ({"method": "none", "lora_include_decoder": True}, "lora_include_decoder"),
+        ({"method": "lora", "adapter_dim": 16}, "adapter_dim"),
+    ],
+)
+def test_settings_the_method_ignores_are_errors(kwargs, field):
+    """A non-default setting that the chosen method never reads (``blocks`` without LoRA / adapters, LoRA on the
+    decoder with adapters, an adapter width with LoRA) would silently train something else than asked."""
+    with pytest.raises(ValueError, match=f"AdaptationConfig.{field}.*method {kwargs['method']!r}"):
+        AdaptationConfig(**kwargs)
+    # the defaults (what the config fragments list for the other method) stay accepted
+    AdaptationConfig(method=kwargs["method"], blocks=None, lora_include_decoder=False, adapter_dim=None)
+    AdaptationConfig(method=kwargs["method"], blocks="all")
+
+
+def test_stored_configs_with_ignored_settings_still_load(tmp_path):
+    """A dict form (how checkpoints store the config) saved before such settings were refused: the settings are
+    dropped with a warning (they never had an effect), so the checkpoint rebuilds the same model."""
+    import torch
+
+    from samtune.adapt import apply_adaptation, load_adapter_checkpoint, save_adapter_checkpoint
+    from samtune.build import build_sam
+    from samtune.checkpoints import save_checkpoint
+
+    with pytest.warns(UserWarning, match="dropping settings that method 'adapter' ignores: lora_include_decoder"):
+        config = AdaptationConfig.coerce({"method": "adapter", "lora_include_decoder": True, "adapter_dim": 4})
+    assert config == AdaptationConfig(method="adapter", adapter_dim=4)
+    torch.manual_seed(0)
+    base = save_checkpoint(build_sam("sam_tiny"), tmp_path / "base.pth")
+    model = apply_adaptation(build_sam("sam_tiny", base), dict(method="none", freeze_policy="prompt_decoder"))
+    path = save_adapter_checkpoint(model, tmp_path / "a.pt", model_name="sam_tiny", base_checkpoint=base)
+    raw = torch.load(path, weights_only=True)
+    raw["samtune_adapter"]["adaptation"]["blocks"] = [0, 1]  # as an older samtune accepted and ignored it
+    torch.save(raw, path)
+    with pytest.warns(UserWarning, match="blocks="):
+        loaded = load_adapter_checkpoint(path)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
