@@ -157,8 +157,10 @@ def export_checkpoint(
     if loaded.adaptation is not None and not loaded.merged and format != "safetensors":
         method = loaded.adaptation.get("method")
         remedy = ("pass --merge (merge=True) to merge the LoRA weights into them" if method != "adapter" else
-                  "bottleneck adapters cannot be merged into them: export with --format safetensors (base + adapters, "
-                  "loaded by samtune.adapt.load_adapter_checkpoint / Predictor.from_checkpoint)")
+                  "bottleneck adapters cannot be merged into them: export with --format safetensors (base + "
+                  "adapters in one file, loaded unmerged by Predictor.from_checkpoint and "
+                  "samtune.export.load_sam(path, merge_adapters='auto')), or ship the adapter checkpoint itself "
+                  "with its base weights")
         raise ValueError(f"checkpoint {checkpoint} is adapted ({method}); the {format} format holds plain SAM "
                          f"weights only: {remedy}")
     sam = loaded.model.float()

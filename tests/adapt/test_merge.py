@@ -117,3 +117,29 @@ def test_merged_vit_b_loads_in_the_official_registry(tmp_path):
     merged = merge_adaptation(model)
     for key, value in official.state_dict().items():
         assert torch.equal(value, merged.state_dict()[key]), key
+
+
+def test_unmergeable_export_error_names_a_loader_that_reads_the_advised_file(tmp_path):
+    """Exporting bottleneck adapters to pth fails and advises a safetensors export; that file holds base + adapters
+    with export metadata (no adapter-checkpoint metadata), so the message must send the reader to load_sam /
+    Predictor.from_checkpoint, not to load_adapter_checkpoint, which refuses it."""
+    from samtune.adapt import load_adapter_checkpoint, save_adapter_checkpoint
+    from samtune.checkpoints import CheckpointError, save_checkpoint
+    from samtune.export import load_sam
+    from samtune.export.writer import export_checkpoint
+
+    torch.manual_seed(0)
+    base = save_checkpoint(build_sam("sam_tiny"), tmp_path / "base.pth")
+    model = apply_adaptation(build_sam("sam_tiny", base), dict(method="adapter", adapter_dim=8))
+    source = save_adapter_checkpoint(model, tmp_path / "a.pt", model_name="sam_tiny", base_checkpoint=base)
+    with pytest.raises(ValueError, match="--format safetensors") as info:
+        export_checkpoint(source, tmp_path / "x.pth", "pth")
+    advised = export_checkpoint(source, tmp_path / "x.safetensors", "safetensors").output
+    with pytest.raises(CheckpointError):
+        load_adapter_checkpoint(advised)
+    assert "load_adapter_checkpoint" not in str(info.value)
+    assert "samtune.export.load_sam(path, merge_adapters='auto')" in str(info.value)
+    loaded = load_sam(advised, merge_adapters="auto")
+    assert not loaded.merged
+    inputs = make_inputs(model)
+    assert max_diff(eval_outputs(model, inputs), eval_outputs(loaded.model, inputs)) <= TOL
