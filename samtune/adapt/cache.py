@@ -216,8 +216,9 @@ def require_frozen_encoder(encoder: nn.Module, purpose: str = "training on cache
         shown = ", ".join(trainable[:3]) + (", ..." if len(trainable) > 3 else "")
         raise ValueError(
             f"{purpose} needs a frozen image encoder, but {len(trainable)} of its parameter tensors require grad "
-            f"({shown}); set `freeze_image_encoder: true` on the task (and apply LoRA / adapters to the decoder "
-            "only), or train on images instead of cached embeddings"
+            f"({shown}); set `freeze_image_encoder: true` on the task, with no adaptation or one that leaves the "
+            "encoder frozen (method 'none' with freeze_policy decoder_only or prompt_decoder: LoRA and adapters always "
+            "sit in the image encoder), or train on images instead of cached embeddings"
         )
     training = [name or type(encoder).__name__ for name, m in encoder.named_modules() if m.training]
     if training:

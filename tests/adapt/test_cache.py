@@ -475,3 +475,19 @@ def test_samtune_fit_on_cached_embeddings(data_dir, tmp_path, monkeypatch):
         if run == 0:
             stamps = [f.stat().st_mtime_ns for f in files]
     assert [f.stat().st_mtime_ns for f in files] == stamps  # the second run only read the cache
+
+
+def test_lora_encoder_error_advises_a_configuration_that_exists():
+    """LoRA / adapters always sit in the image encoder (an AdaptationConfig cannot put them on the decoder only), so
+    the refusal must not advise "LoRA / adapters on the decoder only" but the adaptation that does keep the encoder
+    frozen, and that one must pass the check."""
+    from samtune.adapt import apply_adaptation
+    from samtune.adapt.cache import require_frozen_encoder
+
+    model = apply_adaptation(build_sam("sam_tiny"), dict(method="lora", freeze_policy="frozen"))
+    with pytest.raises(ValueError, match="needs a frozen image encoder") as info:
+        require_frozen_encoder(model.image_encoder)
+    assert "decoder only" not in str(info.value)
+    assert "method 'none'" in str(info.value)
+    frozen = apply_adaptation(build_sam("sam_tiny"), dict(method="none", freeze_policy="decoder_only"))
+    require_frozen_encoder(frozen.image_encoder.eval())
