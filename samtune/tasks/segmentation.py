@@ -512,7 +512,11 @@ class PromptableSegmentationTask(L.LightningModule):
         meta = checkpoint.get(METADATA_KEY)
         if meta is None:
             return
-        if self.adaptation is None or AdaptationConfig.coerce(meta["adaptation"]) != self.adaptation:
+        saved = AdaptationConfig.coerce(meta["adaptation"])
+        # checkpoint_weights only says what this run's checkpoints store: it may change between runs.
+        if self.adaptation is None or dataclasses.replace(
+            saved, checkpoint_weights=self.adaptation.checkpoint_weights
+        ) != self.adaptation:
             raise CheckpointError(
                 f"the checkpoint was trained with adaptation {meta['adaptation']}, this task has "
                 f"{None if self.adaptation is None else self.adaptation.to_dict()}: use the same adaptation settings"

@@ -303,3 +303,26 @@ def test_complete_checkpoint_needs_no_recorded_files(tmp_path):
     mae.unlink()
     inputs = make_inputs(model)
     assert_same_outputs(eval_outputs(model, inputs), eval_outputs(load_adapter_checkpoint(path), inputs))
+
+
+@pytest.mark.parametrize(("saved", "resumed"), [("trainable", "full"), ("full", "trainable")])
+def test_task_resumes_with_another_checkpoint_weights_setting(tmp_path, saved, resumed):
+    """``checkpoint_weights`` says what later checkpoints store, not how the model is adapted: a run resumed (or
+    loaded) with the other setting restores the same model instead of refusing the checkpoint."""
+    from samtune.tasks import PromptableSegmentationTask
+
+    torch.manual_seed(0)
+    base = str(save_checkpoint(build_sam("sam_tiny"), tmp_path / "base.pth"))
+    config = LORA.to_dict()
+    task = PromptableSegmentationTask("sam_tiny", base, adaptation=config | {"checkpoint_weights": saved})
+    with torch.no_grad():
+        for name, param in task.model.named_parameters():
+            if param.requires_grad:
+                param.add_(0.01)  # "trained"
+    ckpt = {"state_dict": task.state_dict()}
+    task.on_save_checkpoint(ckpt)
+    other = PromptableSegmentationTask("sam_tiny", base, adaptation=config | {"checkpoint_weights": resumed})
+    other.on_load_checkpoint(ckpt)
+    other.load_state_dict(ckpt["state_dict"])
+    expected = task.model.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in other.model.state_dict().items())
