@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from samtune.prompts.deterministic import largest_error_points, mark_clicked, region_centers
-from samtune.prompts.geometry import check_masks, mask_iou, mask_scale, resize_logits
+from samtune.prompts.geometry import check_masks, content_region, mask_iou, mask_scale, resize_logits
 from samtune.prompts.sampling import BOX_BOTTOM_RIGHT_LABEL, BOX_TOP_LEFT_LABEL, PAD_LABEL, mask_boxes
 from samtune.prompts.simulator import PromptableModel
 
@@ -42,20 +42,6 @@ def _select(logits: torch.Tensor, iou_pred: torch.Tensor) -> tuple[torch.Tensor,
     best = iou_pred.argmax(dim=1)
     chosen = logits.gather(1, best[:, None, None, None].expand(-1, 1, *logits.shape[-2:]))
     return chosen, iou_pred.gather(1, best[:, None])[:, 0]
-
-
-def _content_region(
-    image_sizes: torch.Tensor | None, m: int, size: torch.Size, scale: float, device: torch.device
-) -> torch.Tensor:
-    """``[M, H, W]`` bool: pixels of the unpadded image (all True without ``image_sizes``; broadcastable)."""
-    if image_sizes is None:
-        return torch.ones((1, 1, 1), dtype=torch.bool, device=device)
-    if image_sizes.shape != (m, 2):
-        raise ValueError(f"image_sizes must be [M, 2]=({m}, 2) (h, w), got {tuple(image_sizes.shape)}")
-    hw = torch.ceil(image_sizes.to(device=device, dtype=torch.float32) / scale)  # model-input px -> mask px
-    rows = torch.arange(size[0], device=device)[None, :, None] < hw[:, 0, None, None]
-    cols = torch.arange(size[1], device=device)[None, None, :] < hw[:, 1, None, None]
-    return rows & cols
 
 
 class InteractiveEvaluator:
@@ -113,7 +99,7 @@ class InteractiveEvaluator:
             )
         size = gt_masks.shape[-2:]
         scale = mask_scale(gt_masks, int(model.image_size), "gt_masks")
-        region = _content_region(image_sizes, m, size, scale, gt_masks.device)
+        region = content_region(image_sizes, m, size, scale, gt_masks.device)
 
         xy, label = region_centers(gt_masks, scale)
         clicked = mark_clicked(torch.zeros_like(gt_masks), xy, label, scale)  # never clicked twice (RITM)

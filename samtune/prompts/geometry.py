@@ -78,6 +78,34 @@ def mask_scale(masks: torch.Tensor, image_size: int, name: str = "masks") -> flo
     return float(image_size) / float(w)
 
 
+def content_region(
+    image_sizes: torch.Tensor | None, m: int, size: tuple[int, int] | torch.Size, scale: float, device: torch.device
+) -> torch.Tensor:
+    """The pixels of each mask's unpadded image on a (padded) mask grid.
+
+    A grid pixel belongs to the image when any part of it does (``ceil(h / scale)`` rows, ``ceil(w / scale)``
+    columns).
+
+    Args:
+        image_sizes: ``[M, 2]`` ``(h, w)`` of each mask's unpadded image in model-input pixels, or None.
+        m: M, the number of masks.
+        size: the grid's ``(H, W)``.
+        scale: model-input pixels per grid pixel.
+        device: device of the result.
+
+    Returns:
+        ``[M, H, W]`` bool (``[1, 1, 1]`` True without ``image_sizes``; broadcastable either way).
+    """
+    if image_sizes is None:
+        return torch.ones((1, 1, 1), dtype=torch.bool, device=device)
+    if image_sizes.shape != (m, 2):
+        raise ValueError(f"image_sizes must be [M, 2]=({m}, 2) (h, w), got {tuple(image_sizes.shape)}")
+    hw = torch.ceil(image_sizes.to(device=device, dtype=torch.float32) / scale)  # model-input px -> grid px
+    rows = torch.arange(size[0], device=device)[None, :, None] < hw[:, 0, None, None]
+    cols = torch.arange(size[1], device=device)[None, None, :] < hw[:, 1, None, None]
+    return rows & cols
+
+
 def flat_index_to_coords(index: torch.Tensor, width: int, scale: float) -> torch.Tensor:
     """Convert flat pixel indices of a ``[*, H, W]`` grid to model-input ``(x, y)`` coordinates.
 

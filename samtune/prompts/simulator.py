@@ -3,8 +3,9 @@
 Round 0: per mask, with equal probability, one positive point drawn uniformly from the mask or the ground-truth
 box with coordinate noise. Every following round feeds back the previous round's low-res logits as the mask
 prompt (the highest-predicted-IoU output where three were produced), detached. 8 rounds each add one point drawn
-uniformly from the error region of the previous prediction; 2 rounds add no point (mask prompt only): one at a
-random position among the rounds after the first, one always last.
+uniformly from the error region of the previous prediction (within the unpadded image when ``image_sizes`` is
+given: the padding is cropped from the mask the model gives back); 2 rounds add no point (mask prompt only): one
+at a random position among the rounds after the first, one always last.
 
 Token layout, identical for all masks at every round so that ONE batched decoder call covers all masks of all
 images: a box is two points labelled 2 (top-left) and 3 (bottom-right); a point-first mask gets its point then a
@@ -35,7 +36,7 @@ from typing import Literal, Protocol
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from samtune.prompts.geometry import check_masks, mask_scale, resize_logits, resize_masks
+from samtune.prompts.geometry import check_masks, content_region, mask_scale, resize_logits, resize_masks
 from samtune.prompts.sampling import (
     BOX_BOTTOM_RIGHT_LABEL,
     BOX_TOP_LEFT_LABEL,
@@ -236,7 +237,8 @@ class InteractiveSimulator:
             generator: random generator on ``gt_masks.device``.
             schedule: round kinds from :func:`make_schedule`; drawn from ``generator`` when None.
             image_sizes: optional ``[M, 2]`` ``(h, w)`` of each mask's unpadded image in model-input pixels;
-                noisy boxes are clipped to it (default: the whole input).
+                noisy boxes are clipped to it and error points drawn inside it, the padding not counting as a
+                false positive (default: the whole input).
             loss_fn: optional per-round loss, called as ``loss_fn(logits, iou_pred, gt_masks, valid, multimask)``;
                 its output is the step's ``losses``.
             valid: ``[M]`` bool for ``loss_fn`` (default: all masks valid).
@@ -262,6 +264,8 @@ class InteractiveSimulator:
         gt_scale = mask_scale(gt_masks, image_size, "gt_masks")
         sample_gt = resize_masks(gt_masks, low_res) if cfg.sample_resolution == "low" else gt_masks
         sample_scale = image_size / sample_gt.shape[-1]
+        # The mask the model gives back is cropped to the image: its padding is neither prediction nor error region.
+        content = content_region(image_sizes, m, sample_gt.shape[-2:], sample_scale, gt_masks.device)
 
         # Round 0: a point or the noisy box, per mask.
         point, point_label = sample_points_in_masks(sample_gt, generator, sample_scale)
@@ -312,7 +316,7 @@ class InteractiveSimulator:
         mask_inputs: torch.Tensor | None = None
         for iteration, kind in enumerate(schedule):
             if kind == "point":
-                pred = resize_logits(selected, sample_gt.shape[-2:])[:, 0] > 0
+                pred = (resize_logits(selected, sample_gt.shape[-2:])[:, 0] > 0) & content
                 new_xy, new_label = sample_error_points(pred, sample_gt, generator, sample_scale)
                 coords = torch.cat((coords, new_xy[:, None]), dim=1)
                 labels = torch.cat((labels, new_label[:, None]), dim=1)

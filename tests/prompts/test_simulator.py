@@ -157,6 +157,30 @@ def test_all_point_or_all_box_first_rounds(fake_sam, embeddings, box_probability
     assert torch.isfinite(out["loss"])
 
 
+@pytest.mark.parametrize("sample_resolution", ["low", "gt"])
+def test_error_points_stay_in_the_unpadded_image(fake_sam, embeddings, sample_resolution: str) -> None:
+    # The prediction covers the whole canvas: every pixel outside the mask is a false positive, most of them in the
+    # padding, which the postprocessed mask (cropped to the image) never shows. Clicks belong in the image.
+    fake_sam.background.data.fill_(20.0)
+    gt = _masks()
+    sizes = torch.tensor([[24, 40], [24, 40], [40, 24], [40, 24], [64, 64]])  # (h, w) model-input pixels
+    gt[:4, 24:] = False
+    gt[:2, :, 40:] = False
+    gt[2:4, 40:] = False
+    gt[2:4, :, 24:] = False
+    sim = InteractiveSimulator(SimulationConfig(sample_resolution=sample_resolution, box_probability=0.0))
+    for seed in range(3):
+        list(sim.iterate(fake_sam, embeddings, IMAGE_INDEX, gt, torch.Generator().manual_seed(seed),
+                         image_sizes=sizes))
+        last = fake_sam.calls[-1]
+        xy, labels = last["point_coords"][:, 2:], last["point_labels"][:, 2:]  # the error points
+        real = labels != -1
+        assert real[[0, 2, 3, 4]].all()  # false positives everywhere in the image: always a click
+        assert (xy[..., 0][real] < sizes[:, 1, None].expand_as(real)[real]).all()
+        assert (xy[..., 1][real] < sizes[:, 0, None].expand_as(real)[real]).all()
+        fake_sam.calls.clear()
+
+
 def test_gt_resolution_sampling_and_low_res_gt(fake_sam, embeddings) -> None:
     valid = torch.ones(5, dtype=torch.bool)
     sim = InteractiveSimulator(SimulationConfig(sample_resolution="gt"))
