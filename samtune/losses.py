@@ -16,7 +16,8 @@ Resolution (``SamLoss(resolution=...)``): ``"low"`` (default, fast) compares at 
 (``align_corners=False``).
 
 The losses return SUMS over the valid masks; dividing by the number of valid masks across all devices is the
-caller's job. Nothing here calls ``torch.distributed`` or synchronises with the host.
+caller's job. :class:`SamLoss` computes in fp32 whatever the dtype of the model's outputs. Nothing here calls
+``torch.distributed`` or synchronises with the host.
 """
 from __future__ import annotations
 
@@ -193,7 +194,8 @@ class SamLoss(nn.Module):
 
         Returns:
             ``focal``, ``dice``, ``iou`` (unweighted sums over valid masks of the selected output's losses),
-            ``loss`` (the weighted sum) and ``num_masks`` (number of valid masks, a tensor); all 0-d tensors.
+            ``loss`` (the weighted sum) and ``num_masks`` (number of valid masks, a tensor); all 0-d tensors, fp32
+            (computed in fp32 for fp16 / bf16 inputs too).
         """
         if low_res_logits.ndim != 4:
             raise ValueError(f"low_res_logits must be [M, C, h, w], got {tuple(low_res_logits.shape)}")
@@ -206,6 +208,9 @@ class SamLoss(nn.Module):
         if valid.dtype != torch.bool or valid.shape != (m,):
             raise ValueError(f"valid must be a bool tensor [M]={m}, got {valid.dtype} {tuple(valid.shape)}")
         cand = self.candidates(c, multimask, m, low_res_logits.device)
+        # In fp32 whatever the model's dtype: fp16 sums of a 256x256 mask pass 65504 (inf / inf in the dice), bf16
+        # ones keep 8 bits. The cast is differentiable: gradients reach the half-precision outputs.
+        low_res_logits, iou_pred = low_res_logits.float(), iou_pred.float()
 
         if self.resolution == "low":
             logits = low_res_logits

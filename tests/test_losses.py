@@ -207,3 +207,21 @@ def test_bad_inputs_raise_named_errors() -> None:
         SamLoss()(logits, torch.zeros(1, 3), gt, torch.tensor([True]))
     with pytest.raises(ValueError, match="resolution"):
         SamLoss(resolution="full")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_outputs_give_the_fp32_loss(dtype: torch.dtype) -> None:
+    # A 256x256 prediction of a mask covering half the image or more: the dice sums pass 65504, fp16's largest value
+    # (inf / inf = NaN), and bf16 keeps 8 bits of them. The losses are computed in fp32 whatever the model's dtype.
+    gt = torch.ones(2, 256, 256, dtype=torch.bool)
+    gt[1, :128] = False
+    logits = torch.full((2, 1, 256, 256), 3.0).to(dtype)  # exactly representable: same input for both
+    iou = torch.tensor([[0.875], [0.5]]).to(dtype)
+    valid = torch.ones(2, dtype=torch.bool)
+    half = SamLoss()(logits.requires_grad_(), iou, gt, valid)
+    full = SamLoss()(logits.float(), iou.float(), gt, valid)
+    for key in ("loss", "focal", "dice", "iou"):
+        assert half[key].item() == pytest.approx(full[key].item(), rel=1e-6), key
+        assert half[key].dtype == torch.float32
+    half["loss"].backward()
+    assert logits.grad is not None and logits.grad.dtype == dtype and torch.isfinite(logits.grad).all()
