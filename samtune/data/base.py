@@ -16,8 +16,8 @@ Sample contract (``SegmentationDataset.__getitem__``), with ``S`` the model inpu
   image's own resolution (meaningful for evaluation; training augmentation is not applied to them).
 * ``"ignore_mask"`` (validation samples whose image has void pixels, e.g. ``ignore_values`` of a label map): bool
   ``[S, S]``, the pixels that are neither object nor background, aligned with ``"masks"`` (False in the padding);
-  with ``return_original_masks`` also ``"original_ignore_mask"`` ``[H, W]``. Evaluation leaves them out of IoUs
-  and click placement.
+  with ``return_original_masks`` also ``"original_ignore_mask"`` ``[H, W]``. Evaluation (``samtune evaluate``
+  and validation during ``fit``, through the batch's ``"ignore_mask"``) leaves them out of IoUs and click placement.
 * ``"vanished_instance_ids"`` (validation samples where some mask, non-empty in the image, is empty after the
   resize to the model input, e.g. a 1-pixel instance at 2x downsampling): int64 ``[V]``, those masks, which are
   not in ``"masks"``; with ``return_original_masks`` also ``"original_vanished_masks"`` bool ``[V, H, W]``.

@@ -49,7 +49,7 @@ from samtune.adapt.cache import (
     require_frozen_encoder,
 )
 from samtune.data.base import SegmentationDataset
-from samtune.data.collate import worker_init
+from samtune.data.collate import stack_ignore_masks, worker_init
 from samtune.data.datamodules import SegmentationDataModule
 from samtune.data.errors import SampleError
 from samtune.data.masks import masks_to_boxes
@@ -138,6 +138,10 @@ def view_sample(sample: dict[str, Any], view: str, image_size: int) -> dict[str,
     out["input_size"] = torch.tensor([nh, nw], dtype=torch.int64)
     if view in _SWAPS_AXES:
         out["original_size"] = sample["original_size"].flip(0).clone()
+    if "ignore_mask" in sample:
+        ignore = torch.zeros(image_size, image_size, dtype=torch.bool)
+        ignore[:nh, :nw] = apply_view(sample["ignore_mask"][:h, :w], view)
+        out["ignore_mask"] = ignore
     if "image" in sample:
         content = apply_view(sample["image"][:, :h, :w], view)
         image = torch.zeros(content.shape[0], image_size, image_size, dtype=content.dtype)
@@ -306,8 +310,9 @@ def collate_cached(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     Returns:
         The keys of :func:`samtune.data.collate_samples` (``"masks"`` ``[B, Kmax, S, S]``, ``"boxes"``,
-        ``"mask_valid"``, ``"instance_ids"``, ``"original_size"``, ``"input_size"``, ``"image_id"``, and
-        ``"images"`` / ``"original_masks"`` when every sample has them), plus ``"image_embeddings"``
+        ``"mask_valid"``, ``"instance_ids"``, ``"original_size"``, ``"input_size"``, ``"image_id"``,
+        ``"images"`` / ``"original_masks"`` when every sample has them, ``"ignore_mask"`` when some do), plus
+        ``"image_embeddings"``
         ``[B, C, h, w]`` float32 and ``"embedding_fingerprint"`` (one str).
     """
     if not samples:
@@ -343,6 +348,7 @@ def collate_cached(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         out["images"] = torch.stack([s["image"] for s in samples])
     if all("original_masks" in s for s in samples):
         out["original_masks"] = [s["original_masks"] for s in samples]
+    out.update(stack_ignore_masks(samples, size))
     return out
 
 

@@ -19,8 +19,9 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     Returns:
         ``"images"`` ``[B, 3, S, S]`` float32, ``"masks"`` ``[B, Kmax, S, S]`` bool, ``"boxes"`` ``[B, Kmax, 4]``
         float32, ``"mask_valid"`` ``[B, Kmax]`` bool, ``"instance_ids"`` ``[B, Kmax]`` int64 (-1 in padding),
-        ``"original_size"`` / ``"input_size"`` ``[B, 2]`` int64, ``"image_id"`` list of B str, and, when the
-        samples carry them, ``"original_masks"`` as a list of B ``[K_b, H_b, W_b]`` bool tensors.
+        ``"original_size"`` / ``"input_size"`` ``[B, 2]`` int64, ``"image_id"`` list of B str, when the samples
+        carry them ``"original_masks"`` as a list of B ``[K_b, H_b, W_b]`` bool tensors, and when some carry void
+        pixels ``"ignore_mask"`` ``[B, S, S]`` bool (see :func:`stack_ignore_masks`).
         ``Kmax >= 1`` always (an all-padding slot when every sample has no mask).
     """
     if not samples:
@@ -50,7 +51,20 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
     if all("original_masks" in s for s in samples):
         out["original_masks"] = [s["original_masks"] for s in samples]
+    out.update(stack_ignore_masks(samples, size))
     return out
+
+
+def stack_ignore_masks(samples: Sequence[dict[str, Any]], size: int) -> dict[str, torch.Tensor]:
+    """``{"ignore_mask": [B, S, S] bool}`` of a batch where some validation sample carries void pixels
+    (``"ignore_mask"``, e.g. a mask folder's ``ignore_values``; all False for the others), else ``{}``."""
+    if not any("ignore_mask" in s for s in samples):
+        return {}
+    ignore = torch.zeros(len(samples), size, size, dtype=torch.bool)
+    for b, sample in enumerate(samples):
+        if "ignore_mask" in sample:
+            ignore[b] = sample["ignore_mask"]
+    return {"ignore_mask": ignore}
 
 
 # The rank a DataLoader worker's loader was built for (set in the worker by seed_worker; None elsewhere).

@@ -76,6 +76,7 @@ class InteractiveEvaluator:
         image_index: torch.Tensor,
         gt_masks: torch.Tensor,
         image_sizes: torch.Tensor | None = None,
+        ignore_masks: torch.Tensor | None = None,
     ) -> EvaluationResult:
         """Evaluate all masks of all images in batched decoder calls.
 
@@ -87,6 +88,9 @@ class InteractiveEvaluator:
             image_sizes: optional ``[M, 2]`` ``(h, w)`` of each mask's unpadded image in model-input pixels;
                 predictions are cut to it, so the padding counts neither in the IoUs nor as an error region
                 (default: the whole canvas).
+            ignore_masks: optional ``[M, S, S]`` bool void pixels of each mask's image (neither object nor
+                background, e.g. ``ignore_values``): left out of the IoUs and of the error regions that place clicks,
+                as in ``samtune evaluate``.
 
         Returns:
             The :class:`EvaluationResult`.
@@ -100,6 +104,10 @@ class InteractiveEvaluator:
         size = gt_masks.shape[-2:]
         scale = mask_scale(gt_masks, int(model.image_size), "gt_masks")
         region = content_region(image_sizes, m, size, scale, gt_masks.device)
+        if ignore_masks is not None:
+            if ignore_masks.shape != gt_masks.shape or ignore_masks.dtype != torch.bool:
+                raise ValueError(f"ignore_masks must be bool {tuple(gt_masks.shape)} like gt_masks, got "
+                                 f"{ignore_masks.dtype} {tuple(ignore_masks.shape)}")
 
         xy, label = region_centers(gt_masks, scale)
         clicked = mark_clicked(torch.zeros_like(gt_masks), xy, label, scale)  # never clicked twice (RITM)
@@ -110,7 +118,7 @@ class InteractiveEvaluator:
         for click in range(self.num_clicks):
             if click > 0:
                 pred = (resize_logits(selected, size)[:, 0] > 0) & region
-                xy, label = largest_error_points(pred, gt_masks, scale, clicked=clicked)
+                xy, label = largest_error_points(pred, gt_masks, scale, clicked=clicked, ignore=ignore_masks)
                 mark_clicked(clicked, xy, label, scale)
                 coords = torch.cat((coords, xy[:, None]), dim=1)
                 labels = torch.cat((labels, label[:, None]), dim=1)
@@ -121,7 +129,7 @@ class InteractiveEvaluator:
                 mask_inputs=mask_inputs, multimask_output=multimask, pad_points=False,
             )
             selected, predicted = _select(logits, iou_pred)
-            ious.append(mask_iou((resize_logits(selected, size)[:, 0] > 0) & region, gt_masks))
+            ious.append(mask_iou((resize_logits(selected, size)[:, 0] > 0) & region, gt_masks, ignore_masks))
             preds.append(predicted.float())
         result = EvaluationResult(torch.stack(ious, dim=1), torch.stack(preds, dim=1))
 
@@ -135,6 +143,7 @@ class InteractiveEvaluator:
                 image_embeddings, image_index, point_coords=boxes.view(m, 2, 2), point_labels=box_labels,
                 multimask_output=False, pad_points=False,
             )
-            result.box_ious = mask_iou((resize_logits(logits[:, :1], size)[:, 0] > 0) & region, gt_masks)
+            result.box_ious = mask_iou((resize_logits(logits[:, :1], size)[:, 0] > 0) & region, gt_masks,
+                                       ignore_masks)
             result.box_iou_pred = iou_pred[:, 0].float()
         return result

@@ -402,7 +402,9 @@ class PromptableSegmentationTask(L.LightningModule):
         if gt.shape[0] == 0:
             return
         embeddings = self._image_embeddings(batch)
-        result = self.evaluator(self.model, embeddings, image_index, gt, image_sizes=sizes)
+        ignore = batch.get("ignore_mask")  # void pixels (ignore_values): out of IoUs and clicks, as in evaluate
+        ignore = None if ignore is None else ignore.to(gt.device)[image_index]
+        result = self.evaluator(self.model, embeddings, image_index, gt, image_sizes=sizes, ignore_masks=ignore)
         self.val_metrics.update_from_result(result)
         if batch_idx == 0 and "images" in batch:  # overlays need the image (cached batches may have none)
             self.last_val_example = self._example(batch, embeddings, gt, image_index, sizes)

@@ -283,6 +283,7 @@ def test_views_transform_image_masks_and_boxes_together(data_dir):
     sample = SA1BDataset(data_dir, image_size=SIZE)._get(0)
     h, w = sample["input_size"].tolist()
     assert (h, w) == (192, 256)
+    sample["ignore_mask"] = sample["masks"][-1].clone()  # void pixels (validation samples) turn with the masks
     for view in ("hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose"):
         out = view_sample(sample, view, SIZE)
         nh, nw = out["input_size"].tolist()
@@ -294,6 +295,7 @@ def test_views_transform_image_masks_and_boxes_together(data_dir):
             "antitranspose": lambda a: np.swapaxes(np.rot90(a, 2, (-2, -1)), -2, -1),
         }[view](sample["masks"][:, :h, :w].numpy()))
         assert torch.equal(out["masks"][:, :nh, :nw], torch.from_numpy(expected))
+        assert torch.equal(out["ignore_mask"], out["masks"][-1])
         assert not out["masks"][:, nh:].any() and not out["masks"][:, :, nw:].any()
         assert torch.equal(out["image"][:, :nh, :nw], apply_view(sample["image"][:, :h, :w], view))
         ys, xs = np.nonzero(expected[0])

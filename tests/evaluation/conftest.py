@@ -41,7 +41,8 @@ class PaintSam(nn.Module):
         return images.new_zeros(images.shape[0], 1, 1, 1)
 
     def decode(self, image_embeddings, image_index, point_coords=None, point_labels=None, boxes=None,
-               mask_inputs=None, multimask_output=True, return_all_tokens=False):
+               mask_inputs=None, multimask_output=True, return_all_tokens=False, pad_points=None):
+        # pad_points: Sam.decode's padding token switch; the callers here send their own padding (label -1)
         self.calls.append({
             "coords": None if point_coords is None else point_coords.clone(),
             "labels": None if point_labels is None else point_labels.clone(),

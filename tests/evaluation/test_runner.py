@@ -186,6 +186,32 @@ def test_ignore_values_are_left_out_of_the_evaluation(tmp_path) -> None:
     assert "ignore_mask" not in MaskFolderDataset(images, masks, **dataset_options(model, config))[0]
 
 
+def test_validation_during_fit_leaves_void_pixels_out_like_evaluate(tmp_path) -> None:
+    """The task's validation step scores void pixels as ``samtune evaluate`` does (previous test: [1.0, 1.0] on
+    this image): neither in the IoUs nor as a click target. The batching functions dropped the samples'
+    ``ignore_mask``, so validation during ``fit`` counted the void band as false positives (click 1: 144 / 361)."""
+    import numpy as np
+
+    from samtune.tasks import PromptableSegmentationTask
+    from tests.evaluation.conftest import write_label_folder
+
+    label = np.zeros((40, 40), np.uint16)
+    label[10:30, 10:30] = 255  # void band around the object
+    label[14:26, 14:26] = 1  # the 12 x 12 object
+    images, masks = write_label_folder(tmp_path / "void", [label, np.where(label == 255, 0, label)])
+    dataset = MaskFolderDataset(images, masks, ignore_values=(255,), image_size=40, normalization="minmax")
+    both = collate_samples([dataset[0], dataset[1]])  # the second image has no void pixel
+    assert both["ignore_mask"].shape == (2, 40, 40) and not both["ignore_mask"][1].any()
+    assert torch.equal(both["ignore_mask"][0], torch.from_numpy(label == 255))
+    assert "ignore_mask" not in collate_samples([dataset[1]])
+    task = PromptableSegmentationTask("sam_tiny", val_num_clicks=2)
+    task.model = PaintSam(image_size=40, radii=(9, 9, 9, 9))  # paints 19 x 19 around a click: object + void
+    task.validation_step(collate_samples([dataset[0]]), 0)
+    values = task.val_metrics.compute()
+    assert (values["iou_click_1"].item(), values["iou_click_2"].item()) == (pytest.approx(1.0), pytest.approx(1.0))
+    assert task.model.calls[1]["labels"][0, 1].item() == -1  # exact: no click on the void band
+
+
 def test_masks_empty_at_the_model_input_are_counted_and_scored_at_the_original_resolution(tmp_path) -> None:
     """A mask that vanishes in the resize to the model input is still a mask of the image: at the original
     resolution (where its prompts are computed) it is evaluated; at the input resolution it cannot be prompted, so
