@@ -289,8 +289,11 @@ def _null_overrides(args: Sequence[str]) -> list[str]:
     jsonargparse (4.53) rejects null for a field of a dataclass-typed argument (``loss.focal_alpha``,
     ``adaptation.last_k``) given as a dotted flag: it arrives as the string 'None' and fails the ``float | None``
     check. The same value given as a one-key mapping of the group parses, and merges with the group's other
-    settings from the config files. Other flags, and nulls for the task's or datamodule's own arguments
-    (``--data.init_args.train_region null``), which parse as they are, pass through unchanged.
+    settings from the config files. The same holds for an argument of a class nested in the datamodule (the
+    datamodule that ``CachedEmbeddingDataModule`` wraps): ``--data.init_args.data.init_args.train_split null``
+    becomes ``--data.init_args.data '{"init_args": {"train_split": null}}'`` (given to ``...data.init_args`` the
+    mapping, like the dotted flag, yields the string 'None'). Other flags, and nulls for the task's or datamodule's
+    own arguments (``--data.init_args.train_region null``), which parse as they are, pass through unchanged.
     """
     out: list[str] = []
     i = 0
@@ -304,7 +307,10 @@ def _null_overrides(args: Sequence[str]) -> list[str]:
         parts = key[2:].split(".") if key.startswith(("--model.", "--data.")) else []
         fields = parts[2:] if len(parts) > 1 and parts[1] == "init_args" else parts[1:]
         if value is not None and value.strip() in _YAML_NULLS and len(fields) >= 2 and all(fields):
-            out += [key.rsplit(".", 1)[0], f'{{"{fields[-1]}": null}}']
+            group, mapping = key.rsplit(".", 1)[0], f'{{"{fields[-1]}": null}}'
+            if group.endswith(".init_args") and len(fields) >= 3:  # a nested class's argument
+                group, mapping = group.removesuffix(".init_args"), f'{{"init_args": {mapping}}}'
+            out += [group, mapping]
             i += width
         else:
             out.append(arg)

@@ -176,6 +176,18 @@ def test_null_override_rewrite_touches_only_config_fields():
         "--model.init_args.loss", '{"focal_alpha": null}', "--trainer.max_steps", "3"]
 
 
+def test_null_override_of_a_wrapped_datamodule_argument(capsys):
+    """``null`` for an argument of the datamodule inside ``CachedEmbeddingDataModule`` (``--data.init_args.data.
+    init_args.train_split null``, the seeded split of recipes/medical.yaml's comment) is None, not the string
+    'None' (a split file named None), and the wrapped datamodule's other arguments stay."""
+    cached = str(REPO_ROOT / "recipes" / "medical_cached.yaml")
+    for flag in (["--data.init_args.data.init_args.train_split", "null"], ["--data.init_args.data.train_split=~"]):
+        config = _printed_config(capsys, ["fit", "--config", cached, *flag])
+        inner = config["data"]["init_args"]["data"]["init_args"]
+        assert inner["train_split"] is None, flag
+        assert inner["val_split"] == "recipes/splits/em_membrane_val.txt" and inner["batch_size"] == 2, flag
+
+
 def test_medical_recipe_instantiates_with_real_assets(assets, monkeypatch):
     """The medical recipe builds LiteMedSAM from the real weights with LoRA on the encoder, reads the EM slices."""
     from samtune.cli import run_lightning
