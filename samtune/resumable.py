@@ -105,7 +105,9 @@ class ResumableDataLoader(DataLoader):
     """DataLoader over a :class:`ResumableSampler` that remembers how many batches of the epoch were trained.
 
     ``state_dict()`` -> ``{"epoch", "batches", "seed", "num_replicas"}``; ``load_state_dict`` makes the next pass
-    resume after those batches (or at the start of the next epoch when the epoch was complete).
+    resume after those batches (or at the start of the next epoch when the epoch was complete), in the checkpoint's
+    order: its ``seed`` replaces the sampler's (a run resumed with another ``seed_everything`` continues the order
+    and the sample seeds of the run it resumes).
 
     ``batches`` counts the batches of the current pass whose training step completed: ``trained_batches()`` when
     set (:func:`track_trained_batches` sets it to Lightning's count), capped by the batches handed out; without
@@ -154,6 +156,11 @@ class ResumableDataLoader(DataLoader):
                 f"{sampler.num_replicas}: resume on the same number of processes (or start a new run from the "
                 "checkpoint's weights)"
             )
+        seed = int(state.get("seed", sampler.seed))
+        if seed != sampler.seed:  # e.g. `seed_everything: true`, a new seed at every start
+            logger.warning("resuming the data order of the checkpoint (seed %d), not this run's seed %d", seed,
+                           sampler.seed)
+            sampler.seed = seed
         epoch, batches = int(state["epoch"]), int(state["batches"])
         if batches >= len(self):  # the epoch was complete: the next pass is the next epoch
             epoch, batches = epoch + 1, 0

@@ -466,6 +466,27 @@ def test_resumable_loader_restored_at_the_end_of_a_limited_epoch_starts_the_next
     assert _batches(loader) == epoch1
 
 
+def test_resumable_loader_resumes_the_checkpoints_order_under_another_seed(caplog):
+    """A run resumed with another ``seed_everything`` (``seed_everything: true`` draws a new one every start)
+    continues the interrupted run's permutation and sample seeds from the checkpoint's seed: with the new seed the
+    skip applied to another order, and images of the epoch were trained twice while others were never seen."""
+    from samtune.resumable import make_resumable
+
+    def build(seed: int):
+        return make_resumable(DataLoader(list(range(12)), batch_size=2, shuffle=True), seed=seed)
+
+    interrupted = build(3)
+    state = (next(iter(interrupted)), interrupted.state_dict())[1]
+    resumed = build(11)
+    with caplog.at_level(logging.WARNING, logger="samtune"):
+        resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(0)
+    rest = list(resumed)
+    assert [b.tolist() for b in rest] == _batches(build(3))[1:]
+    assert {i.sample_key for b in rest for i in resumed.sampler} == {(3, 0)}
+    assert resumed.state_dict()["seed"] == 3 and "seed 3" in caplog.text
+
+
 def _sample_draws(loader) -> list[tuple]:
     return [(tuple(b["image_id"]), b["instance_ids"].tolist(), b["boxes"].tolist()) for b in loader]
 
