@@ -70,6 +70,10 @@ class FinalCheckpoint(Callback):
     steps validated every 40) would be missing from it, and ``last.ckpt`` would not be the trained model. With
     ``save_last: link`` the final save is a file, not a link to an older checkpoint.
 
+    When the folder already held an earlier run's ``last.ckpt`` (the recipes' fixed ``dirpath``, a new run that does
+    not resume), Lightning writes this run's as ``last-v1.ckpt``; the callback then warns which file holds the final
+    step, since ``last.ckpt`` (the path of the documented ``evaluate`` / ``export`` commands) is the earlier model.
+
     It relies on members of ``ModelCheckpoint`` that Lightning does not make public (tested with the Lightning
     this package requires). If a Lightning release drops one, the callback says so when ``fit`` starts and does
     nothing, instead of failing at the end of a finished run.
@@ -95,18 +99,23 @@ class FinalCheckpoint(Callback):
         for callback in trainer.checkpoint_callbacks:
             if not isinstance(callback, ModelCheckpoint) or not callback.save_last:
                 continue
-            if callback._last_global_step_saved == trainer.global_step:
-                continue  # saved at the final step already (or never trained)
             candidates = callback._monitor_candidates(trainer)
-            if callback.save_last == "link":
-                path = callback.format_checkpoint_name(candidates, ModelCheckpoint.CHECKPOINT_NAME_LAST)
-                if trainer.is_global_zero and os.path.islink(path):
-                    os.remove(path)  # else the save would write through the link into the checkpoint it names
-                trainer.strategy.barrier()
-                callback._last_checkpoint_saved = ""  # makes _save_last_checkpoint write a file
-            callback._save_last_checkpoint(trainer, candidates)
-            if trainer.is_global_zero:
-                log.info("saved the final step %d to %s", trainer.global_step, callback.last_model_path)
+            if callback._last_global_step_saved != trainer.global_step:  # else saved at the final step already
+                if callback.save_last == "link":
+                    path = callback.format_checkpoint_name(candidates, ModelCheckpoint.CHECKPOINT_NAME_LAST)
+                    if trainer.is_global_zero and os.path.islink(path):
+                        os.remove(path)  # else the save would write through the link into the checkpoint it names
+                    trainer.strategy.barrier()
+                    callback._last_checkpoint_saved = ""  # makes _save_last_checkpoint write a file
+                callback._save_last_checkpoint(trainer, candidates)
+                if trainer.is_global_zero:
+                    log.info("saved the final step %d to %s", trainer.global_step, callback.last_model_path)
+            if trainer.is_global_zero and callback.last_model_path:
+                plain = callback.format_checkpoint_name(candidates, ModelCheckpoint.CHECKPOINT_NAME_LAST)
+                if os.path.normpath(callback.last_model_path) != os.path.normpath(plain) and os.path.exists(plain):
+                    log.warning("this run's last checkpoint is %s; %s is an earlier run's (same folder): use %s "
+                                "with evaluate / export, or give each run its own ModelCheckpoint dirpath",
+                                callback.last_model_path, os.path.basename(plain), callback.last_model_path)
 
 
 def _to_uint8_image(image: torch.Tensor, normalization: str) -> np.ndarray:

@@ -188,6 +188,24 @@ def test_last_checkpoint_holds_the_final_step(tmp_path, monkeypatch, save_last):
     assert any(not torch.equal(earlier["state_dict"][k], v) for k, v in final["state_dict"].items())
 
 
+def test_a_second_run_in_the_same_folder_says_where_its_last_checkpoint_is(tmp_path, monkeypatch, caplog):
+    """The recipes' fixed checkpoint folder: a second (not resumed) run writes last-v1.ckpt, Lightning's versioned
+    name, and last.ckpt stays the first run's; the documented `samtune evaluate / export --checkpoint
+    .../last.ckpt` then silently used the earlier model. The run now says which file holds its final step."""
+    monkeypatch.chdir(tmp_path)
+    checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"dirpath": "ckpts", "monitor": "val/iou_click_1", "mode": "max", "save_top_k": 1,
+                                "save_last": True, "filename": "best"}}
+    args = quick_args(steps=2, *["--trainer.callbacks", json.dumps([checkpoint])])
+    with caplog.at_level(logging.WARNING, logger="samtune"):
+        assert run_cli(args) == 0
+        assert "earlier run" not in caplog.text
+        assert run_cli(args) == 0
+    second = tmp_path / "ckpts" / "last-v1.ckpt"
+    assert torch.load(second, weights_only=True, map_location="cpu")["global_step"] == 2
+    assert f"{second.name}" in caplog.text and "last.ckpt is an earlier run's" in caplog.text
+
+
 def test_final_checkpoint_turns_itself_off_on_a_lightning_without_its_hooks(tmp_path, monkeypatch, caplog):
     """If a Lightning release renames the private ModelCheckpoint members FinalCheckpoint uses, the run warns when
     it starts and finishes normally (before, it would fail at the very end, after training)."""
