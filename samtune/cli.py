@@ -84,11 +84,20 @@ class SyntheticData:
             raise ValueError(f"synthetic_data.image_size must be >= 32, got {self.image_size}")
 
 
+_SYNTHETIC_MARKER = ".samtune_synthetic"  # not *.json: the datamodule reads every *.json as an annotation
+
+
+def _describe_synthetic(spec: SyntheticData) -> str:
+    return f"num_images={spec.num_images} image_size={spec.image_size} seed={spec.seed}"
+
+
 def ensure_synthetic_data(root: str | Path, spec: SyntheticData) -> bool:
     """Write ``spec.num_images`` synthetic images to ``root`` unless it already holds ``*.json`` annotations.
 
     Safe when several processes (ranks) call it at once: the data is generated in a private temporary folder
-    and renamed into place; the loser of the race drops its copy.
+    and renamed into place; the loser of the race drops its copy. The settings are recorded in the folder
+    (``.samtune_synthetic``); data generated with other settings is reused with a note saying so (delete the folder
+    to regenerate).
 
     Returns:
         True when this call generated the data.
@@ -97,6 +106,12 @@ def ensure_synthetic_data(root: str | Path, spec: SyntheticData) -> bool:
 
     root = Path(root)
     if root.is_dir() and any(root.glob("*.json")):
+        marker = root / _SYNTHETIC_MARKER
+        recorded = marker.read_text(encoding="utf-8").strip() if marker.is_file() else None
+        if recorded is not None and recorded != _describe_synthetic(spec):
+            print(f"samtune: synthetic_data: {root} already holds data generated with {recorded}, not "
+                  f"{_describe_synthetic(spec)}: using it as it is (delete the folder to generate it anew)",
+                  file=sys.stderr)
         return False
     if root.exists() and not root.is_dir():
         raise ValueError(f"synthetic_data: data root {root} exists and is not a folder")
@@ -104,6 +119,7 @@ def ensure_synthetic_data(root: str | Path, spec: SyntheticData) -> bool:
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
         synthesize_sa1b(tmp, spec.num_images, spec.image_size, spec.seed)
+        (tmp / _SYNTHETIC_MARKER).write_text(_describe_synthetic(spec) + "\n", encoding="utf-8")
         if root.is_dir() and not any(root.iterdir()):
             root.rmdir()
         try:

@@ -328,6 +328,20 @@ def test_synthetic_data_is_generated_once(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
+def test_synthetic_data_generated_with_other_settings_is_not_silently_reused(tmp_path, capsys):
+    """`--synthetic_data.num_images 3` (or another image_size / seed) over a folder generated with 2 images kept the
+    2 without a word; the reuse now says which settings the folder was generated with."""
+    root = tmp_path / "synthetic"
+    assert ensure_synthetic_data(root, SyntheticData(num_images=2, image_size=64))
+    capsys.readouterr()
+    assert not ensure_synthetic_data(root, SyntheticData(num_images=2, image_size=64))
+    assert capsys.readouterr().err == ""
+    assert not ensure_synthetic_data(root, SyntheticData(num_images=3, image_size=64, seed=1))
+    err = capsys.readouterr().err
+    assert str(root) in err and "num_images=2" in err and "seed=0" in err and "num_images=3" in err
+    assert len(list(root.glob("*.json"))) == 2
+
+
 def test_dataloader_worker_error_keeps_its_message():
     """torch re-raises a worker's error with the traceback as message: the one line shows the original message."""
     from torch.utils.data import DataLoader, Dataset
