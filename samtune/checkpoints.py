@@ -232,6 +232,11 @@ def load_into(
         if any(marker in k for k in (*missing, *unexpected) for marker in (*_ADAPTER_MARKERS, ".base_layer.")):
             hint = (" (a checkpoint of a LoRA/adapter run: load it with samtune.adapt.load_adapter_checkpoint or "
                     "Predictor.from_checkpoint, which rebuild the base and the adaptation)")
+        elif missing and state and not (unexpected or misshaped):
+            hint = (f" (the file holds only part of the model, {len(state)} of {len(model_state)} tensors: the "
+                    "checkpoint of a run that stores its trainable weights only? load it with "
+                    "samtune.adapt.load_adapter_checkpoint or Predictor.from_checkpoint, which rebuild the frozen "
+                    "base from its base checkpoint; strict=False loads just these tensors)")
         elif unexpected and missing and any(k.startswith(_SAM_PREFIXES) for k in unexpected):
             hint = " (is it a checkpoint of another model? check the model name)"
         elif (misshaped and not (missing or unexpected) and not resize_positions

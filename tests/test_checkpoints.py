@@ -265,6 +265,19 @@ def test_adapted_run_checkpoint_names_the_loader(tiny, tmp_path):
         build_sam("sam_tiny", checkpoint=path)
 
 
+def test_trainable_only_run_checkpoint_names_the_loader(tiny, tmp_path):
+    """build_sam on the last.ckpt of a run that stores its trainable weights only (configs/adapt/decoder_only.yaml
+    with a base checkpoint: no LoRA keys, just the decoder) listed 82 missing encoder keys and nothing else; it now
+    says the file holds part of the model and names the loaders that rebuild the frozen base."""
+    state = {f"model.{k}": v for k, v in tiny.state_dict().items() if k.startswith("mask_decoder.")}
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": state, "samtune_adapter": {"complete": False}, "global_step": 3}, path)
+    with pytest.raises(CheckpointError, match=r"holds only part of the model.*samtune\.adapt\.load_adapter_checkpoint "
+                                              r"or Predictor\.from_checkpoint") as info:
+        build_sam("sam_tiny", checkpoint=path)
+    assert str(path) in str(info.value) and "missing keys" in str(info.value)
+
+
 def test_lightning_checkpoint_loads(tiny, tmp_path):
     state = {f"model.{k}": v for k, v in tiny.state_dict().items()}
     state["loss.focal_alpha"] = torch.tensor(0.25)  # another task submodule's buffer: not part of the model
