@@ -115,6 +115,12 @@ def ensure_synthetic_data(root: str | Path, spec: SyntheticData) -> bool:
         return False
     if root.exists() and not root.is_dir():
         raise ValueError(f"synthetic_data: data root {root} exists and is not a folder")
+    if root.is_dir() and any(root.iterdir()):
+        raise ValueError(
+            f"synthetic_data: data root {root} holds other files but no *.json annotations; synthetic data is only "
+            "generated into a missing or empty folder: set data.init_args.root to another folder (or remove "
+            "synthetic_data to train on the folder's own SA-1B-format data)"
+        )
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 
@@ -340,6 +341,20 @@ def test_synthetic_data_generated_with_other_settings_is_not_silently_reused(tmp
     err = capsys.readouterr().err
     assert str(root) in err and "num_images=2" in err and "seed=0" in err and "num_images=3" in err
     assert len(list(root.glob("*.json"))) == 2
+
+
+def test_synthetic_data_refuses_a_folder_of_other_files(tmp_path):
+    """data.init_args.root pointing at a folder of the user's own files without annotations failed after generating
+    with 'OSError: [Errno 39] Directory not empty: .root.xyz -> root' (a temporary folder, no word of synthetic_data);
+    it is now refused before generating, naming the folder and the setting, and the files are untouched."""
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "scan_001.png").write_bytes(b"user data")
+    with pytest.raises(ValueError, match=rf"synthetic_data: data root {re.escape(str(root))} holds other files .*"
+                                         r"data\.init_args\.root"):
+        ensure_synthetic_data(root, SyntheticData(num_images=2, image_size=64))
+    assert [p.name for p in root.iterdir()] == ["scan_001.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
 
 
 def test_dataloader_worker_error_keeps_its_message():
