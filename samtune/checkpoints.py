@@ -87,7 +87,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a tensor dict from ``.pth``/``.pt``/``.bin``/``.ckpt`` or ``.safetensors`` without executing code.
 
     The format is recognised from the file's content (a safetensors file named ``.pth`` reads too).
-    Containers are unwrapped: ``{"model": ...}`` (MAE), ``{"state_dict": ...}`` (Lightning). A Lightning
+    Containers are unwrapped: ``{"model": ...}`` (MAE), ``{"state_dict": ...}`` (Lightning), the first of them
+    that holds tensors (``{"model": <config>, "state_dict": <weights>}`` gives the weights). A Lightning
     checkpoint of a samtune task keeps its ``model.`` prefix; :func:`load_into` strips it.
 
     Raises:
@@ -119,9 +120,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"checkpoint {path}: not a valid PyTorch checkpoint, or truncated/corrupt ({type(err).__name__}: {first})"
         ) from err
-    for key in _CONTAINER_KEYS:
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
+    for key in _CONTAINER_KEYS:  # the first container that holds tensors (a "model" entry may be a config dict)
+        inner = obj.get(key) if isinstance(obj, dict) else None
+        if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+            obj = inner
             break
     if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"checkpoint {path}: contains no state dict of tensors (got {type(obj).__name__})")

@@ -293,6 +293,14 @@ def test_container_formats_load(tiny, tmp_path, wrapper):
     _assert_same_weights(tiny, build_sam("sam_tiny", checkpoint=path))
 
 
+def test_the_container_holding_the_tensors_is_chosen(tiny, tmp_path):
+    """A training script's ``{"model": <its config>, "state_dict": <weights>}``: the first container key that
+    held any dict was taken, the config, and the file was refused as holding no tensors."""
+    path = tmp_path / "trained.pth"
+    torch.save({"model": {"name": "sam_tiny", "depth": 2}, "state_dict": tiny.state_dict()}, path)
+    _assert_same_weights(tiny, build_sam("sam_tiny", checkpoint=path))
+
+
 def test_ddp_and_compiled_prefixes_load(tiny, tmp_path):
     path = tmp_path / "compiled.pth"
     torch.save({f"module._orig_mod.{k}": v for k, v in tiny.state_dict().items()}, path)
