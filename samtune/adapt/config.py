@@ -21,7 +21,6 @@ DECODER_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj
 ADAPTER_POSITIONS: tuple[str, ...] = ("attn", "mlp")
 _METHODS = ("none", "lora", "adapter")
 _POLICIES = ("frozen", "decoder_only", "prompt_decoder", "last_k", "full")
-_ALL_BLOCKS = ("all", "None", "null")  # blocks: all (null on the command line can arrive as the string "None")
 
 
 def _names(value: Any, field: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
@@ -55,6 +54,12 @@ def _ignored_settings(
     if adapter_dim is not None and method != "adapter":
         ignored.append(("adapter_dim", adapter_dim, "only applies to method 'adapter'"))
     return ignored
+
+
+def _means_all_blocks(blocks: Any) -> bool:
+    """``blocks`` given as "all", or as null on the command line, which jsonargparse can hand over as the string
+    "None"."""
+    return isinstance(blocks, str) and blocks.strip() in ("all", "None", "null")
 
 
 def _is_real(value: Any) -> bool:
@@ -138,8 +143,7 @@ class AdaptationConfig:
             )
         if self.freeze_policy == "last_k":
             last_k = self.last_k
-            if not isinstance(last_k, (int, float)) or isinstance(last_k, bool) or not math.isfinite(last_k) \
-                    or int(last_k) != last_k or last_k < 1:
+            if not _is_real(last_k) or int(last_k) != last_k or last_k < 1:
                 raise ValueError(
                     f"AdaptationConfig.last_k must be a positive integer with freeze_policy 'last_k', got {self.last_k!r}"
                 )
@@ -150,8 +154,7 @@ class AdaptationConfig:
                 f"(freeze_policy is {self.freeze_policy!r}); remove it"
             )
         blocks = self.blocks
-        if isinstance(blocks, str) and blocks.strip() in _ALL_BLOCKS:
-            # "all"; and null given on the command line, which jsonargparse can hand over as the string "None"
+        if _means_all_blocks(blocks):
             blocks = None
             object.__setattr__(self, "blocks", None)
         if isinstance(blocks, str):
@@ -230,9 +233,7 @@ class AdaptationConfig:
             unknown = sorted(set(value) - set(known))
             if unknown:
                 raise ValueError(f"{name}: unknown keys {unknown} for AdaptationConfig; expected some of {known}")
-            blocks = value.get("blocks")
-            if isinstance(blocks, str) and blocks.strip() in _ALL_BLOCKS:
-                blocks = None
+            blocks = None if _means_all_blocks(value.get("blocks")) else value.get("blocks")
             ignored = _ignored_settings(value.get("method", "none"), blocks, value.get("lora_include_decoder", False),
                                         value.get("adapter_dim"))
             if ignored:
