@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,7 +39,7 @@ from samtune.losses import SamLoss
 from samtune.metrics import ClickIoU
 from samtune.prompts import InteractiveEvaluator, InteractiveSimulator, SimulationConfig
 from samtune.prompts.deterministic import region_centers
-from samtune.prompts.geometry import resize_masks
+from samtune.prompts.geometry import content_region, resize_masks
 from samtune.prompts.sampling import PAD_LABEL
 from samtune.resumable import restore_rng_states, rng_states, track_trained_batches
 from samtune.tasks.config import LossConfig, OptimizerConfig, to_plain
@@ -429,9 +428,7 @@ class PromptableSegmentationTask(L.LightningModule):
         )
         best = logits.gather(1, iou_pred.argmax(1)[:, None, None, None].expand(-1, 1, *logits.shape[-2:]))
         pred = nn.functional.interpolate(best.float(), masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0] > 0
-        h, w = (math.ceil(int(v) / scale) for v in sizes[pick[0]])
-        pred[:, h:] = False
-        pred[:, :, w:] = False
+        pred &= content_region(sizes[pick], len(pick), masks.shape[-2:], scale, pred.device)  # the padding cut off
         return {
             "image": batch["images"][first].detach().float().cpu(),
             "gt": masks.cpu(),
