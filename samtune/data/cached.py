@@ -49,7 +49,7 @@ from samtune.adapt.cache import (
     require_frozen_encoder,
 )
 from samtune.data.base import SegmentationDataset
-from samtune.data.collate import stack_ignore_masks, worker_init
+from samtune.data.collate import collate_targets, worker_init
 from samtune.data.datamodules import SegmentationDataModule
 from samtune.data.errors import SampleError
 from samtune.data.masks import masks_to_boxes
@@ -309,46 +309,21 @@ def collate_cached(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Batch :class:`CachedEmbeddingDataset` samples.
 
     Returns:
-        The keys of :func:`samtune.data.collate_samples` (``"masks"`` ``[B, Kmax, S, S]``, ``"boxes"``,
-        ``"mask_valid"``, ``"instance_ids"``, ``"original_size"``, ``"input_size"``, ``"image_id"``,
-        ``"images"`` / ``"original_masks"`` when every sample has them, ``"ignore_mask"`` when some do), plus
-        ``"image_embeddings"``
-        ``[B, C, h, w]`` float32 and ``"embedding_fingerprint"`` (one str).
+        The targets of :func:`samtune.data.collate.collate_targets`, ``"images"`` when every sample has one, plus
+        ``"image_embeddings"`` ``[B, C, h, w]`` float32 and ``"embedding_fingerprint"`` (one str).
     """
     if not samples:
         raise ValueError("collate_cached needs at least one sample")
     fingerprints = {s["embedding_fingerprint"] for s in samples}
     if len(fingerprints) != 1:
         raise ValueError(f"samples of one batch come from caches of different encoders: {sorted(fingerprints)}")
-    batch = len(samples)
-    size = samples[0]["masks"].shape[-1]
-    counts = [int(s["masks"].shape[0]) for s in samples]
-    kmax = max(1, max(counts))
-    masks = torch.zeros(batch, kmax, size, size, dtype=torch.bool)
-    boxes = torch.zeros(batch, kmax, 4, dtype=torch.float32)
-    valid = torch.zeros(batch, kmax, dtype=torch.bool)
-    ids = torch.full((batch, kmax), -1, dtype=torch.int64)
-    for b, (sample, count) in enumerate(zip(samples, counts)):
-        masks[b, :count] = sample["masks"]
-        boxes[b, :count] = sample["boxes"]
-        valid[b, :count] = True
-        ids[b, :count] = sample["instance_ids"]
     out: dict[str, Any] = {
         "image_embeddings": torch.stack([s["image_embedding"] for s in samples]),
         "embedding_fingerprint": fingerprints.pop(),
-        "masks": masks,
-        "boxes": boxes,
-        "mask_valid": valid,
-        "instance_ids": ids,
-        "original_size": torch.stack([s["original_size"] for s in samples]),
-        "input_size": torch.stack([s["input_size"] for s in samples]),
-        "image_id": [s["image_id"] for s in samples],
+        **collate_targets(samples),
     }
     if all("image" in s for s in samples):
         out["images"] = torch.stack([s["image"] for s in samples])
-    if all("original_masks" in s for s in samples):
-        out["original_masks"] = [s["original_masks"] for s in samples]
-    out.update(stack_ignore_masks(samples, size))
     return out
 
 

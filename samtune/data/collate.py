@@ -17,17 +17,26 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         samples: dicts from a ``SegmentationDataset`` (see ``samtune.data.base``).
 
     Returns:
-        ``"images"`` ``[B, 3, S, S]`` float32, ``"masks"`` ``[B, Kmax, S, S]`` bool, ``"boxes"`` ``[B, Kmax, 4]``
-        float32, ``"mask_valid"`` ``[B, Kmax]`` bool, ``"instance_ids"`` ``[B, Kmax]`` int64 (-1 in padding),
-        ``"original_size"`` / ``"input_size"`` ``[B, 2]`` int64, ``"image_id"`` list of B str, when the samples
-        carry them ``"original_masks"`` as a list of B ``[K_b, H_b, W_b]`` bool tensors, and when some carry void
-        pixels ``"ignore_mask"`` ``[B, S, S]`` bool (see :func:`stack_ignore_masks`).
-        ``Kmax >= 1`` always (an all-padding slot when every sample has no mask).
+        ``"images"`` ``[B, 3, S, S]`` float32 and the targets of :func:`collate_targets`.
     """
     if not samples:
         raise ValueError("collate_samples needs at least one sample")
+    return {"images": torch.stack([s["image"] for s in samples]), **collate_targets(samples)}
+
+
+def collate_targets(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The targets of a batch (all but the images), for :func:`collate_samples` and the cached-embedding batches.
+
+    Returns:
+        ``"masks"`` ``[B, Kmax, S, S]`` bool, ``"boxes"`` ``[B, Kmax, 4]`` float32, ``"mask_valid"`` ``[B, Kmax]``
+        bool, ``"instance_ids"`` ``[B, Kmax]`` int64 (-1 in padding), ``"original_size"`` / ``"input_size"``
+        ``[B, 2]`` int64, ``"image_id"`` list of B str, when the samples carry them ``"original_masks"`` as a list
+        of B ``[K_b, H_b, W_b]`` bool tensors, and when some validation sample carries void pixels (``"ignore_mask"``,
+        e.g. a mask folder's ``ignore_values``) ``"ignore_mask"`` ``[B, S, S]`` bool, all False for the others.
+        ``Kmax >= 1`` always (an all-padding slot when every sample has no mask).
+    """
     batch = len(samples)
-    size = samples[0]["image"].shape[-1]
+    size = samples[0]["masks"].shape[-1]
     counts = [int(s["masks"].shape[0]) for s in samples]
     kmax = max(1, max(counts))
     masks = torch.zeros(batch, kmax, size, size, dtype=torch.bool)
@@ -40,7 +49,6 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         valid[b, :count] = True
         ids[b, :count] = sample["instance_ids"]
     out: dict[str, Any] = {
-        "images": torch.stack([s["image"] for s in samples]),
         "masks": masks,
         "boxes": boxes,
         "mask_valid": valid,
@@ -51,20 +59,13 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
     if all("original_masks" in s for s in samples):
         out["original_masks"] = [s["original_masks"] for s in samples]
-    out.update(stack_ignore_masks(samples, size))
+    if any("ignore_mask" in s for s in samples):
+        ignore = torch.zeros(batch, size, size, dtype=torch.bool)
+        for b, sample in enumerate(samples):
+            if "ignore_mask" in sample:
+                ignore[b] = sample["ignore_mask"]
+        out["ignore_mask"] = ignore
     return out
-
-
-def stack_ignore_masks(samples: Sequence[dict[str, Any]], size: int) -> dict[str, torch.Tensor]:
-    """``{"ignore_mask": [B, S, S] bool}`` of a batch where some validation sample carries void pixels
-    (``"ignore_mask"``, e.g. a mask folder's ``ignore_values``; all False for the others), else ``{}``."""
-    if not any("ignore_mask" in s for s in samples):
-        return {}
-    ignore = torch.zeros(len(samples), size, size, dtype=torch.bool)
-    for b, sample in enumerate(samples):
-        if "ignore_mask" in sample:
-            ignore[b] = sample["ignore_mask"]
-    return {"ignore_mask": ignore}
 
 
 # The rank a DataLoader worker's loader was built for (set in the worker by seed_worker; None elsewhere).
