@@ -23,7 +23,7 @@ something meaningless:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import copy
 
@@ -36,6 +36,14 @@ from samtune.modeling.precision import Precision, autocast, resolve_precision
 from samtune.modeling.sam import Sam
 
 __all__ = ["Predictor"]
+
+
+def _require_point_pair(point_coords: Any, point_labels: Any) -> None:
+    """Points need their labels and labels their points (the official predictor drops labels given alone)."""
+    if point_coords is not None and point_labels is None:
+        raise ValueError("point_labels must be supplied with point_coords")
+    if point_coords is None and point_labels is not None:
+        raise ValueError("point_coords must be supplied with point_labels")
 
 
 class Predictor:
@@ -216,11 +224,8 @@ class Predictor:
         if not self.is_image_set:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
         coords_t = labels_t = box_t = mask_t = None
-        if point_coords is None and point_labels is not None:
-            raise ValueError("point_coords must be supplied with point_labels")
+        _require_point_pair(point_coords, point_labels)
         if point_coords is not None:
-            if point_labels is None:
-                raise ValueError("point_labels must be supplied with point_coords")
             point_coords = np.asarray(point_coords, dtype=float)
             point_labels = np.asarray(point_labels)
             if point_coords.ndim != 2 or point_coords.shape[1] != 2 or point_labels.shape != (point_coords.shape[0],):
@@ -275,10 +280,7 @@ class Predictor:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
         if point_coords is None and boxes is None and mask_input is None:
             raise ValueError("no prompt given: pass point_coords/point_labels, a box or a mask_input")
-        if point_coords is not None and point_labels is None:
-            raise ValueError("point_labels must be supplied with point_coords")
-        if point_coords is None and point_labels is not None:
-            raise ValueError("point_coords must be supplied with point_labels")
+        _require_point_pair(point_coords, point_labels)
         boxes = self._check_prompts(point_coords, point_labels, boxes, mask_input)
         with autocast(self.device, self.precision):
             low_res, iou = self.model.decode(
