@@ -3,10 +3,10 @@
 Click 1 is the centre of the ground-truth mask (the pixel farthest from its boundary); every next click is the
 centre of the largest error region of the previous prediction, positive on a false negative and negative on a
 false positive, never on a pixel clicked before. The previous round's logits are fed back as the mask prompt. The
-token layout matches training: ``[click 1, padding]`` then one more token per click. At click 1 the three multimask outputs are produced and the
-one with the highest predicted IoU is kept (``multimask_first_click=True``); later rounds use the single-mask
-output. IoUs are computed at the resolution of the ground-truth masks given (the logits are bilinearly resized
-to it and thresholded at 0).
+token layout matches training: ``[click 1, padding]`` then one more token per click. At click 1 the three
+multimask outputs are produced and the one with the highest predicted IoU is kept (``multimask_first_click=True``);
+later rounds use the single-mask output. IoUs are computed at the resolution of the ground-truth masks given (the
+logits are bilinearly resized to it and thresholded at 0).
 """
 from __future__ import annotations
 
