@@ -501,7 +501,7 @@ def test_resumable_loader_resumes_the_checkpoints_order_under_another_seed(caplo
     resumed.sampler.set_epoch(0)
     rest = list(resumed)
     assert [b.tolist() for b in rest] == _batches(build(3))[1:]
-    assert {i.sample_key for b in rest for i in resumed.sampler} == {(3, 0)}
+    assert {i.sample_key for i in resumed.sampler} == {(3, 0)}
     assert resumed.state_dict()["seed"] == 3 and "seed 3" in caplog.text
 
 
