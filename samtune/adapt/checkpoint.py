@@ -390,7 +390,8 @@ def load_adapter_checkpoint(path: str | os.PathLike, base_checkpoint: str | os.P
 def extract_adapter_checkpoint(checkpoint: str | os.PathLike, path: str | os.PathLike) -> Path:
     """Write a standalone adapter file from a Lightning checkpoint of an adapted task (or another adapter file).
 
-    Only the trainable weights are kept (no optimiser state); no model is built.
+    Only the trainable weights are kept (no optimiser state); no model is built. The checkpoint must record its
+    base weights file: without it the frozen weights of the written file could never be rebuilt.
 
     Args:
         checkpoint: source checkpoint.
@@ -398,8 +399,18 @@ def extract_adapter_checkpoint(checkpoint: str | os.PathLike, path: str | os.Pat
 
     Returns:
         The path written.
+
+    Raises:
+        CheckpointError: the checkpoint records no base weights file (the run started from random weights), or
+            lacks some of its trainable weights.
     """
     meta, tensors = read_adapter_checkpoint(checkpoint)
+    if meta["base_checkpoint"] is None:
+        raise CheckpointError(
+            f"checkpoint {checkpoint}: the adapted model started from random weights (no base checkpoint), so a "
+            "file of its trainable weights alone could never be loaded; load the checkpoint itself "
+            "(samtune.adapt.load_adapter_checkpoint), or write the whole model with samtune export"
+        )
     keys = list(meta["trainable_keys"])
     missing = [k for k in keys if k not in tensors]
     if missing:

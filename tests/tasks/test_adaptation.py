@@ -152,5 +152,9 @@ def test_random_base_keeps_every_weight_in_the_checkpoint(tmp_path):
     rebuilt = load_adapter_checkpoint(last)  # no base needed: the checkpoint holds everything
     for key, value in task.model.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[key], value), key
+    # its trainable weights alone could never be rebuilt on the random base: refused, nothing written
+    with pytest.raises(CheckpointError, match="started from random weights"):
+        extract_adapter_checkpoint(last, tmp_path / "extracted.pt")
+    assert not (tmp_path / "extracted.pt").exists()
     with pytest.raises(ValueError, match="this task has no adaptation"):
         PromptableSegmentationTask("sam_tiny").save_adapter_checkpoint(tmp_path / "x.pt")
