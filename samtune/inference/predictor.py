@@ -172,9 +172,11 @@ class Predictor:
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]) -> None:
         """Compute the embedding of an already resized ``[1, 3, h, w]`` image (longest side = model input)."""
         size = self.model.image_size
-        if transformed_image.dim() != 4 or transformed_image.shape[1] != 3 or max(transformed_image.shape[2:]) != size:
+        if (transformed_image.dim() != 4 or transformed_image.shape[:2] != (1, 3)
+                or max(transformed_image.shape[2:]) != size):
             raise ValueError(
-                f"set_torch_image expects [1, 3, h, w] with longest side {size}, got {tuple(transformed_image.shape)}"
+                f"set_torch_image expects [1, 3, h, w] with longest side {size}, got {tuple(transformed_image.shape)} "
+                "(one image at a time; Sam.encode_image / Sam.decode take batches)"
             )
         self.reset_image()
         self.original_size = tuple(int(s) for s in original_image_size)

@@ -49,6 +49,16 @@ def test_predict_before_set_image(model):
         pred.get_image_embedding()
 
 
+def test_set_torch_image_takes_one_image(model):
+    pred = Predictor(model, precision="fp32")
+    size = model.image_size
+    with pytest.raises(ValueError, match=r"expects \[1, 3, h, w\] .* got \(2, 3, .*one image at a time"):
+        pred.set_torch_image(torch.zeros(2, 3, size, size), (size, size))
+    assert not pred.is_image_set
+    pred.set_torch_image(torch.zeros(1, 3, size, size // 2), (2 * size, size))
+    assert pred.features.shape[0] == 1 and pred.input_size == (size, size // 2)
+
+
 def test_no_prompt_is_an_error(predictor):
     with pytest.raises(ValueError, match="no prompt"):
         predictor.predict()
