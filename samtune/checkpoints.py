@@ -15,6 +15,7 @@ import hashlib
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -359,13 +360,17 @@ def download_checkpoint(name: str, directory: str | Path | None = None) -> Path:
     """Download the official weights of a registered model, verify their sha256, return the local path.
 
     Files go to ``directory`` or ``$SAMTUNE_CACHE`` or ``~/.cache/samtune``; an existing file with the right
-    checksum is reused. Tests never call this.
+    checksum is reused. A model registered without ``sha256`` is downloaded (or reused) unverified, with a
+    warning. Tests never download.
     """
     from samtune.build import get_config
 
     cfg = get_config(name)
     if cfg.url is None:
         raise CheckpointError(f"model {name!r} has no download URL: {cfg.notes or 'pass a local checkpoint path'}")
+    if cfg.sha256 is None:
+        warnings.warn(f"model {name!r} is registered without a sha256: {cfg.url} is used unverified (a truncated or "
+                      "altered file is not detected); set SamConfig.sha256", stacklevel=2)
     directory = Path(directory or os.environ.get("SAMTUNE_CACHE", Path.home() / ".cache" / "samtune"))
     directory.mkdir(parents=True, exist_ok=True)
     dest = directory / cfg.url.rsplit("/", 1)[-1]

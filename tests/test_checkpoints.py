@@ -478,3 +478,37 @@ def test_registry_download_entries(name):
     assert cfg.url is not None and cfg.url.startswith("https://")
     assert cfg.sha256 is not None and re.fullmatch(r"[0-9a-f]{64}", cfg.sha256)
     assert os.path.splitext(cfg.url)[1] in (".pth", ".pt")
+
+
+def test_download_verifies_reuses_and_warns_when_unverifiable(tmp_path, monkeypatch):
+    """The download logic with a fake transfer (tests never touch the network)."""
+    import hashlib
+    import warnings
+
+    from samtune.build import register_model
+    from samtune.checkpoints import download_checkpoint
+
+    payload = b"weights"
+    calls = []
+
+    def fake_download(url, dst, progress=True):
+        calls.append(url)
+        Path(dst).write_bytes(payload)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    monkeypatch.setattr("samtune.build.MODEL_REGISTRY", dict(MODEL_REGISTRY))
+    good = with_overrides("sam_tiny", url="https://example.org/w/good.pth",
+                          sha256=hashlib.sha256(payload).hexdigest())
+    register_model("dl_good", good)
+    register_model("dl_bad", with_overrides("sam_tiny", url="https://example.org/w/bad.pth", sha256="0" * 64))
+    register_model("dl_unverified", with_overrides("sam_tiny", url="https://example.org/w/any.pth"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = download_checkpoint("dl_good", tmp_path)
+        assert path == tmp_path / "good.pth" and path.read_bytes() == payload
+        assert download_checkpoint("dl_good", tmp_path) == path and len(calls) == 1  # verified file reused
+    with pytest.raises(CheckpointError, match=r"sha256 [0-9a-f]{64} does not match the expected 0000"):
+        download_checkpoint("dl_bad", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.pth"]  # nothing left of the bad download
+    with pytest.warns(UserWarning, match="'dl_unverified' is registered without a sha256"):
+        assert download_checkpoint("dl_unverified", tmp_path).read_bytes() == payload
