@@ -71,8 +71,8 @@ def largest_error_points(
     """The next deterministic click: the centre of the largest error region.
 
     False negatives and false positives are separate regions; the click goes to the one whose centre is
-    farther from its boundary (false negatives win ties) and is positive on a false negative, negative on a
-    false positive.
+    farther from its boundary (false positives win ties, as in RITM's ``Clicker``: ``fn_max_dist > fp_max_dist``)
+    and is positive on a false negative, negative on a false positive.
 
     Args:
         pred: ``[M, H, W]`` bool predicted masks.
@@ -105,7 +105,7 @@ def largest_error_points(
             raise ValueError(f"clicked {tuple(clicked.shape)} and gt {tuple(gt.shape)} must have the same shape")
         dist.masked_fill_(clicked.flatten(1).cpu().repeat(2, 1), 0.0)
     best, index = dist.max(dim=1)
-    positive = best[:m] >= best[m:]
+    positive = best[:m] > best[m:]
     index = torch.where(positive, index[:m], index[m:])
     found = torch.maximum(best[:m], best[m:]) > 0
     coords = torch.where(found[:, None], flat_index_to_coords(index, gt.shape[-1], scale), 0.0)

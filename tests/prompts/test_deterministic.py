@@ -61,6 +61,17 @@ def test_largest_error_region_sign_and_position() -> None:
     assert coords[2].tolist() == [0.0, 0.0]
 
 
+def test_equally_deep_error_regions_give_a_negative_click_as_in_ritm() -> None:
+    """RITM's Clicker clicks positive only when ``fn_max_dist > fp_max_dist``: a tie goes to the false positive."""
+    gt = torch.zeros(1, 8, 10, dtype=torch.bool)
+    gt[0, 2:6, 2:5] = True
+    pred = gt.clone()
+    pred[0, 2:6, 4] = False  # a 1 px wide false-negative strip (column 4) ...
+    pred[0, 2:6, 6] = True  # ... and a 1 px wide false-positive strip (column 6): both 1 from their boundary
+    coords, labels = largest_error_points(pred, gt)
+    assert labels.tolist() == [0] and coords[0].tolist() == [6.0, 2.0]
+
+
 def test_deterministic_and_device_preserved() -> None:
     gt = torch.rand(4, 16, 16) > 0.4
     pred = torch.rand(4, 16, 16) > 0.4
