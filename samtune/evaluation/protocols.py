@@ -121,7 +121,7 @@ class ProtocolConfig:
             raise ValueError(f"iou_resolution must be 'original' or 'input', got {self.iou_resolution!r}")
         if self.coordinate_mapping not in ("official", "area"):
             raise ValueError(f"coordinate_mapping must be 'official' or 'area', got {self.coordinate_mapping!r}")
-        if self.box_noise_std_fraction < 0 or self.box_noise_max < 0:
+        if not (self.box_noise_std_fraction >= 0 and self.box_noise_max >= 0):  # NaN too: it would jitter to NaN boxes
             raise ValueError(
                 f"box noise must be >= 0, got std fraction {self.box_noise_std_fraction}, max {self.box_noise_max}"
             )

@@ -225,6 +225,10 @@ def test_config_validation() -> None:
         ProtocolConfig(noc_thresholds=(85,))
     with pytest.raises(ValueError, match="noc_thresholds must be distinct"):
         ProtocolConfig(noc_thresholds=(0.9, 0.9))
+    for noise in ({"box_noise_std_fraction": -0.1}, {"box_noise_max": -1.0}, {"box_noise_std_fraction": float("nan")},
+                  {"box_noise_max": float("nan")}):  # NaN jittered every box to NaN: box_jitter mIoU 0, no error
+        with pytest.raises(ValueError, match="box noise must be >= 0"):
+            ProtocolConfig(**noise)
     for seed in (-1, 1.5, True):
         with pytest.raises(ValueError, match="seed must be a non-negative integer"):
             ProtocolConfig(seed=seed)  # type: ignore[arg-type]
