@@ -112,6 +112,17 @@ _positive_int = _int_at_least(1, "a positive integer")
 _non_negative_int = _int_at_least(0, "a non-negative integer")
 
 
+def _non_negative_float(text: str) -> float:
+    """An argparse type: a number >= 0 (NaN refused); errors say ``expected a non-negative number, got ...``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``samtune evaluate``."""
     parser = argparse.ArgumentParser(
@@ -179,8 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clicks 2..k: single-mask output (SAM) or the most confident multimask output")
     g.add_argument("--no-mask-feedback", action="store_true",
                    help="do not feed the previous round's logits back as the mask prompt")
-    g.add_argument("--box-noise-std", type=float, default=0.1, help="box_jitter: noise std as a fraction of the side")
-    g.add_argument("--box-noise-max", type=float, default=20.0, help="box_jitter: noise std cap, model-input pixels")
+    g.add_argument("--box-noise-std", type=_non_negative_float, default=0.1,
+                   help="box_jitter: noise std as a fraction of the side")
+    g.add_argument("--box-noise-max", type=_non_negative_float, default=20.0,
+                   help="box_jitter: noise std cap, model-input pixels")
     g.add_argument("--iou-resolution", choices=("original", "input"), default="original",
                    help="compute clicks and IoUs on the GT at the image's resolution (paper) or the model input's")
     g.add_argument("--coordinate-mapping", choices=("official", "area"), default="official",
@@ -196,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per encoder call; their masks are decoded together")
     g.add_argument("--max-masks-per-call", type=_positive_int, default=128,
                    help="masks per decoder call (bounds memory: ~10 MB per mask)")
-    g.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
+    g.add_argument("--num-workers", type=_non_negative_int, default=2, help="DataLoader worker processes")
     g.add_argument("--no-plot", action="store_true", help="skip iou_vs_clicks.png")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser

@@ -108,6 +108,12 @@ def test_config_recipe_data_section(label_folder, tiny_checkpoint, tmp_path, cap
         (["--data", "sa1b", "--images", "x", "--name", "..."], "--name '...': no usable characters for a file name"),
         (["--data", "sa1b", "--images", "x", "--seed", "-1"], "--seed: expected a non-negative integer, got -1"),
         (["--data", "sa1b", "--images", "x", "--seed", "1.5"], "--seed: expected a non-negative integer, got '1.5'"),
+        (["--data", "sa1b", "--images", "x", "--box-noise-std", "-0.1"],
+         "argument --box-noise-std: expected a non-negative number, got -0.1"),
+        (["--data", "sa1b", "--images", "x", "--box-noise-max", "nan"],
+         "argument --box-noise-max: expected a non-negative number, got nan"),
+        (["--data", "sa1b", "--images", "x", "--num-workers", "-1"],
+         "argument --num-workers: expected a non-negative integer, got -1"),
     ],
 )
 def test_usage_errors(args, message, tiny_checkpoint, tmp_path, capsys) -> None:
