@@ -116,7 +116,7 @@ class SimulationConfig:
             )
         if not 0.0 <= self.box_probability <= 1.0:
             raise ValueError(f"box_probability must be in [0, 1], got {self.box_probability}")
-        if self.box_noise_std_fraction < 0 or self.box_noise_max < 0:
+        if not (self.box_noise_std_fraction >= 0 and self.box_noise_max >= 0):  # NaN too: it gives NaN boxes
             raise ValueError(
                 f"box_noise_std_fraction and box_noise_max must be >= 0, got "
                 f"{self.box_noise_std_fraction}, {self.box_noise_max}"

@@ -39,6 +39,10 @@ def test_config_validation() -> None:
         SimulationConfig(box_probability=1.5)
     with pytest.raises(ValueError, match="sample_resolution"):
         SimulationConfig(sample_resolution="high")  # type: ignore[arg-type]
+    for noise in ({"box_noise_std_fraction": -0.1}, {"box_noise_std_fraction": float("nan")},
+                  {"box_noise_max": float("nan")}):
+        with pytest.raises(ValueError, match="box_noise_std_fraction and box_noise_max must be >= 0"):
+            SimulationConfig(**noise)
     short = SimulationConfig(num_iterations=5, num_point_iterations=3, random_mask_only_iteration=False)
     assert short.num_prompt_tokens == 5
 
