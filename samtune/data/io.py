@@ -24,6 +24,7 @@ data (``auto``, ``minmax``, ``percentile``), which they would turn into an all-b
 from __future__ import annotations
 
 import io
+import threading
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, get_args
 
@@ -41,6 +42,19 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 EXIF_ORIENTATION = 0x0112  # EXIF tag number of Orientation
 JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"  # start-of-image (+ next marker) and end-of-image markers
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+
+def _open_pillow(fp: Path | io.BytesIO) -> Image.Image:
+    """``Image.open`` without Pillow's decompression-bomb limit (``DecompressionBombError`` above about 179 million
+    pixels): label maps and headers of large rasters must open as their images do, which OpenCV and tifffile read
+    (OpenCV up to 2**30 pixels)."""
+    with _PILLOW_LIMIT_LOCK:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(fp)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
 
 
 def _channel_last(array: np.ndarray, path: Path) -> np.ndarray:
@@ -87,7 +101,7 @@ def read_image(path: str | Path) -> np.ndarray:
     elif array.ndim == 3 and array.shape[2] == 4:
         array = cv2.cvtColor(array, cv2.COLOR_BGRA2RGBA)
     try:
-        with Image.open(io.BytesIO(data)) as img:  # parses the header only
+        with _open_pillow(io.BytesIO(data)) as img:  # parses the header only
             orientation = exif_orientation(img)
     except Exception:  # noqa: BLE001 - a format Pillow cannot open carries no EXIF it could read
         orientation = 1
@@ -178,7 +192,7 @@ def read_label_map(path: str | Path) -> np.ndarray:
                 if lossy is None:
                     array = np.asarray(tif.asarray())
         else:
-            with Image.open(path) as img:
+            with _open_pillow(path) as img:
                 lossy = _lossy_format(img, path)
                 if lossy is None:
                     array = apply_orientation(np.asarray(img), exif_orientation(img))
@@ -248,7 +262,7 @@ def image_shape(path: str | Path) -> tuple[int, int]:
             if len(shape) == 3 and shape[0] <= 16 and shape[2] > 16:
                 shape = shape[1:] + shape[:1]
             return shape[0], shape[1]
-        with Image.open(path) as img:
+        with _open_pillow(path) as img:
             width, height = img.size
             if exif_orientation(img) in (5, 6, 7, 8):  # turned by a quarter
                 width, height = height, width

@@ -159,3 +159,16 @@ def test_lossy_mask_files_are_rejected(tmp_path):
     for compression in ("tiff_deflate", "tiff_lzw", "packbits"):  # lossless TIFF compressions still read
         Image.fromarray(labels).save(tmp_path / f"{compression}.tif", compression=compression)
         np.testing.assert_array_equal(read_label_map(tmp_path / f"{compression}.tif"), labels, err_msg=compression)
+
+
+def test_large_rasters_open_beyond_pillows_decompression_bomb_limit(tmp_path, monkeypatch):
+    """A 13500x13500 PNG (182 million pixels) was read as an image (OpenCV) but its label map and its header
+    (tile planning) failed with Pillow's DecompressionBombError, and its EXIF orientation was silently ignored."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the same limit at 2x100 pixels: small files stand in
+    labels = np.zeros((20, 30), np.uint8)
+    labels[2:8, 3:9] = 4
+    Image.fromarray(labels).save(tmp_path / "labels.png")
+    np.testing.assert_array_equal(read_label_map(tmp_path / "labels.png"), labels)
+    _with_orientation(tmp_path / "turned.png", np.stack([labels] * 3, -1), 6)
+    assert read_image(tmp_path / "turned.png").shape == (30, 20, 3) and image_shape(tmp_path / "turned.png") == (30, 20)
+    assert Image.MAX_IMAGE_PIXELS == 100  # Pillow's own setting is left as it was
