@@ -59,7 +59,8 @@ def load_pipeline(spec: str | Path | dict[str, Any] | None) -> A.BaseCompose | N
             probability, which for most albumentations transforms is 0.5, not 1: write ``p: 1.0`` to always apply it.
 
     Raises:
-        ValueError: the file is missing or the dict does not describe an albumentations pipeline.
+        ValueError: the file is missing or not valid JSON/YAML, or the dict does not describe an albumentations
+            pipeline.
     """
     if spec is None:
         return None
@@ -68,7 +69,10 @@ def load_pipeline(spec: str | Path | dict[str, Any] | None) -> A.BaseCompose | N
         if not path.is_file():
             raise ValueError(f"augmentation_pipeline: file not found: {path}")
         text = path.read_text()
-        spec = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        try:
+            spec = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            raise ValueError(f"augmentation_pipeline {path}: invalid JSON/YAML ({exc})") from exc
         if not isinstance(spec, dict):
             raise ValueError(f"augmentation_pipeline {path}: expected a mapping, got {type(spec).__name__}")
     if "transform" not in spec:

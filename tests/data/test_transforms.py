@@ -63,6 +63,16 @@ def test_user_pipeline_from_yaml(tmp_path):
         load_pipeline(tmp_path / "missing.yaml")
 
 
+def test_malformed_pipeline_files_are_value_errors_naming_the_file(tmp_path):
+    """A YAML / JSON syntax error raised yaml's ParserError ('in "<unicode string>"') or a bare JSONDecodeError,
+    naming neither the file nor the argument."""
+    (tmp_path / "bad.yaml").write_text("transform:\n  transforms: [\n")
+    (tmp_path / "bad.json").write_text('{"transform": {')
+    for name in ("bad.yaml", "bad.json"):
+        with pytest.raises(ValueError, match=rf"augmentation_pipeline .*{name}: invalid JSON/YAML"):
+            load_pipeline(tmp_path / name)
+
+
 def test_masks_emptied_by_augmentation_are_dropped():
     image = np.zeros((64, 64, 3), np.uint8)
     masks = np.zeros((2, 64, 64), np.uint8)
