@@ -163,8 +163,13 @@ class SegmentationDataModule(L.LightningDataModule):
             collate_fn=collate_samples,
             worker_init_fn=worker_init(),
             persistent_workers=self.num_workers > 0,
-            drop_last=shuffle and len(dataset) >= self.batch_size,
+            drop_last=shuffle and len(dataset) >= self.batch_size * self._world_size(),
         )
+
+    def _world_size(self) -> int:
+        """Processes the training set is sharded over (each process gets ``1 / world_size`` of it): the trainer's
+        world size, 1 without a trainer."""
+        return int(self.trainer.world_size) if self.trainer is not None else 1
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")

@@ -65,6 +65,28 @@ def test_datamodule_loaders_bind_the_rank_for_their_workers(tmp_path, monkeypatc
         assert loader.worker_init_fn.keywords == {"rank": 1}
 
 
+def test_small_training_sets_keep_a_batch_on_every_distributed_rank(tmp_path):
+    """6 images, batch 4, 2 ranks: each rank's shard holds 3 images, and drop_last (set because 6 >= 4) left every
+    rank with no training batch at all."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    images, masks = write_mask_folder(tmp_path / "mf", n=7)
+    folder = MaskFolderDataModule(str(images), str(masks), image_size=32, num_workers=0, batch_size=4,
+                                  val_fraction=0.15, pin_memory=False)
+    folder.trainer = SimpleNamespace(world_size=2)
+    loader = folder.train_dataloader()
+    assert len(folder.train_dataset) == 6
+    for rank in range(2):  # the loader as Lightning shards it: a DistributedSampler, the loader's other arguments
+        sampler = DistributedSampler(folder.train_dataset, num_replicas=2, rank=rank, shuffle=True)
+        sharded = DataLoader(folder.train_dataset, batch_size=loader.batch_size, sampler=sampler,
+                             drop_last=loader.drop_last, collate_fn=loader.collate_fn)
+        assert len(sharded) == 1
+    folder.trainer = SimpleNamespace(world_size=1)
+    assert folder.train_dataloader().drop_last  # one process: full batches only, as before
+
+
 def test_datasets_do_not_import_lightning(tmp_path):
     import subprocess
 
