@@ -79,8 +79,13 @@ def index_coco(
     path = Path(annotation_file)
     data = load_coco_index(path)
     images: dict[int, dict[str, Any]] = {}
+    positions: dict[int, int] = {}
     for k, img in enumerate(data["images"]):
         image_id = _required_int(path, "images", k, img, "id")
+        if image_id in positions:
+            raise ValueError(f"{path}: images[{k}] repeats the id {image_id} of images[{positions[image_id]}]; image "
+                             "ids must be unique (annotations name their image by id, e.g. after merging two files)")
+        positions[image_id] = k
         if "file_name" not in img:
             raise ValueError(f"{path}: images[{k}] (id {image_id}) has no 'file_name' (required by the COCO "
                              "instances format: the image's path relative to the image folder)")
@@ -130,7 +135,8 @@ class COCODataset(SegmentationDataset):
 
     Raises:
         ValueError: the file is missing or malformed: an image entry without an integer ``id`` or a
-            ``file_name``, or with a ``height`` / ``width`` that is not a positive integer; an annotation without
+            ``file_name``, with the ``id`` of another, or with a ``height`` / ``width`` that is not a positive
+            integer; an annotation without
             an integer ``image_id``, with an ``id`` / ``category_id`` that is not an integer or an ``iscrowd``
             other than 0 / 1 (named by file, entry and key).
     """

@@ -96,6 +96,16 @@ def test_malformed_fields_are_named_at_construction(coco_file, section, position
         COCODataset(coco_file, image_size=32, category_ids=[1, 2])
 
 
+def test_repeated_image_ids_are_named(coco_file):
+    """Two image entries with one id (two files merged naively): the annotations of both were drawn on the second
+    image, and the first image was gone from the dataset."""
+    data = json.loads(coco_file.read_text())
+    data["images"][2]["id"] = 1
+    coco_file.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"annotations.json: images\[2\] repeats the id 1 of images\[0\]"):
+        COCODataset(coco_file, image_size=32)
+
+
 def test_skip_handler_survives_an_unusable_image_path(coco_file):
     """Turning an unexpected error into a SampleError must not fail itself on the entry whose path is broken."""
     ds = COCODataset(coco_file, image_size=32, on_error="skip")
