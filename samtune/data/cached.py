@@ -50,7 +50,7 @@ from samtune.adapt.cache import (
 )
 from samtune.data.base import SegmentationDataset
 from samtune.data.collate import collate_targets, worker_init
-from samtune.data.datamodules import SegmentationDataModule
+from samtune.data.datamodules import SegmentationDataModule, keeps_full_batches
 from samtune.data.errors import SampleError
 from samtune.data.masks import masks_to_boxes
 from samtune.data.transforms import resize_longest, to_model_input
@@ -629,7 +629,7 @@ class CachedEmbeddingDataModule(L.LightningDataModule):
             collate_fn=collate_cached,
             worker_init_fn=worker_init(),
             persistent_workers=data.num_workers > 0,
-            drop_last=shuffle and len(dataset) >= data.batch_size,
+            drop_last=shuffle and keeps_full_batches(len(dataset), data.batch_size, self.trainer),
         )
 
     def train_dataloader(self) -> DataLoader:

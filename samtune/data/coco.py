@@ -136,9 +136,8 @@ class COCODataset(SegmentationDataset):
     Raises:
         ValueError: the file is missing or malformed: an image entry without an integer ``id`` or a
             ``file_name``, with the ``id`` of another, or with a ``height`` / ``width`` that is not a positive
-            integer; an annotation without
-            an integer ``image_id``, with an ``id`` / ``category_id`` that is not an integer or an ``iscrowd``
-            other than 0 / 1 (named by file, entry and key).
+            integer; an annotation without an integer ``image_id``, with an ``id`` / ``category_id`` that is not an
+            integer or an ``iscrowd`` other than 0 / 1 (named by file, entry and key).
     """
 
     def __init__(

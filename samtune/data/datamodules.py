@@ -42,6 +42,14 @@ def split_by_ratio(names: Sequence[Any], val_fraction: float, seed: int) -> tupl
     return [names[i] for i in train], [names[i] for i in val]
 
 
+def keeps_full_batches(num_samples: int, batch_size: int, trainer: L.Trainer | None) -> bool:
+    """Whether a training loader may drop its last partial batch: only when each process's shard of the samples
+    (``1 / world_size`` of them; one process without a trainer) still holds a full batch, so that a small training
+    set never leaves a process with no batch at all."""
+    world_size = int(trainer.world_size) if trainer is not None else 1
+    return num_samples >= batch_size * world_size
+
+
 class SegmentationDataModule(L.LightningDataModule):
     """Common loading options of every format.
 
@@ -163,13 +171,8 @@ class SegmentationDataModule(L.LightningDataModule):
             collate_fn=collate_samples,
             worker_init_fn=worker_init(),
             persistent_workers=self.num_workers > 0,
-            drop_last=shuffle and len(dataset) >= self.batch_size * self._world_size(),
+            drop_last=shuffle and keeps_full_batches(len(dataset), self.batch_size, self.trainer),
         )
-
-    def _world_size(self) -> int:
-        """Processes the training set is sharded over (each process gets ``1 / world_size`` of it): the trainer's
-        world size, 1 without a trainer."""
-        return int(self.trainer.world_size) if self.trainer is not None else 1
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")

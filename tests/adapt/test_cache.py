@@ -278,6 +278,21 @@ def test_a_cold_cache_gives_the_training_samples_of_a_warm_one(data_dir, encoder
     assert cold == train_batches()
 
 
+def test_cached_training_loader_keeps_a_batch_on_every_distributed_rank(data_dir, tmp_path):
+    """The cached datamodule drops the last partial batch by the same rule as the datamodules: only when each
+    process's shard holds a full batch (3 training images, batch 2: dropped with 1 process, kept with 2)."""
+    from types import SimpleNamespace
+
+    dm = CachedEmbeddingDataModule(
+        SA1BDataModule(str(data_dir), image_size=SIZE, num_workers=0, pin_memory=False, batch_size=2,
+                       val_fraction=0.25),
+        cache_dir=str(tmp_path / "cache"), model="sam_tiny", device="cpu",
+    )
+    for world_size, drop in ((1, True), (2, False)):
+        dm.trainer = SimpleNamespace(world_size=world_size)
+        assert dm._loader([0, 1, 2], shuffle=True).drop_last is drop  # the loader's settings: no cache to fill
+
+
 # --------------------------------------------------------------------------------------------------- views
 def test_views_transform_image_masks_and_boxes_together(data_dir):
     sample = SA1BDataset(data_dir, image_size=SIZE)._get(0)
