@@ -51,7 +51,7 @@ from torch.utils.data import Dataset
 from samtune.data.collate import global_rank
 from samtune.data.errors import OnError, SampleError, SkipCounter
 from samtune.data.io import Intensity, check_intensity_options, prepare_image
-from samtune.data.masks import DenseMaskSource, MaskSource, masks_to_boxes, resize_masks
+from samtune.data.masks import MaskSource, WindowMaskSource, masks_to_boxes, resize_masks
 from samtune.data.transforms import Augmenter, AugmentationPreset, resize_longest, to_model_input
 from samtune.modeling.preprocessing import Interpolation, Normalization, default_interpolation
 
@@ -263,11 +263,10 @@ class SegmentationDataset(Dataset):
         usable = np.flatnonzero((areas > 0) & (areas <= self.max_mask_area_fraction * height * width))
         if usable.size == 0:
             return []
-        masks = source.decode(usable)
         size, stride = self.crop_size, self.crop_size - self.tile_overlap
         tops, lefts = _tile_starts(height, size, stride), _tile_starts(width, size, stride)
         tiles = [(top, left) for top in tops for left in lefts]
-        inside = np.stack([masks[:, t : t + size, l : l + size].sum((1, 2)) for t, l in tiles], axis=1)  # [N, T]
+        inside = np.stack([source.window_areas(usable, t, l, size, size) for t, l in tiles], axis=1)  # [N, T]
         whole = inside >= areas[usable][:, None]
         home = np.where(whole.any(1), whole.argmax(1), inside.argmax(1))
         return [(tile, usable[home == k]) for k, tile in enumerate(tiles) if (home == k).any()]
@@ -451,10 +450,9 @@ class SegmentationDataset(Dataset):
         assert self.region is not None
         window = top, left, h, w = _region_window(self.region, source.height, source.width, path)
         full_areas = source.areas()
-        masks = source.decode(np.arange(len(source)))[:, top : top + h, left : left + w]
-        inside = masks.reshape(len(masks), -1).sum(1)
+        inside = source.window_areas(np.arange(len(source)), top, left, h, w)
         keep = np.flatnonzero((inside > 0) & (inside >= self.region_min_fraction * np.maximum(full_areas, 1)))
-        cut = DenseMaskSource(np.ascontiguousarray(masks[keep]), source.ids[keep])
+        cut = WindowMaskSource(source, keep, window, inside[keep])
         if source.ignore is not None:
             cut.ignore = np.ascontiguousarray(source.ignore[top : top + h, left : left + w])
         return window, cut
@@ -485,7 +483,6 @@ class SegmentationDataset(Dataset):
         assert self.crop_size is not None
         height, width = image.shape[:2]
         size = self.crop_size
-        all_masks = source.decode(candidates)  # [N, H, W]
         members = self._tile_members[index] if tile is not None else None
         attempts = 1 if tile is not None else MAX_CROP_ATTEMPTS + 1
         for attempt in range(attempts):
@@ -495,26 +492,27 @@ class SegmentationDataset(Dataset):
                 top = int(rng.integers(0, max(height - size, 0) + 1))
                 left = int(rng.integers(0, max(width - size, 0) + 1))
             else:
-                top, left = _window_holding_a_mask_pixel(all_masks, size, rng)
-            window = (slice(top, top + size), slice(left, left + size))
-            cropped = all_masks[(slice(None), *window)]
+                top, left = _window_holding_a_mask_pixel(source, candidates, size, rng)
             if tile is not None:  # the masks assigned to this tile (see _assign_tiles)
                 present = np.flatnonzero(np.isin(candidates, members))
             else:
-                present = np.flatnonzero(cropped.reshape(len(cropped), -1).any(1))
+                present = np.flatnonzero(source.window_areas(candidates, top, left, size, size))
             if present.size:  # a tile scores all its members (already split to at most max_masks_per_image)
                 chosen = present if tile is not None else self._sample(present, rng)
-                masks = np.ascontiguousarray(cropped[chosen])
+                masks = source.decode_window(candidates[chosen], top, left, size, size)
+                window = (slice(top, top + size), slice(left, left + size))
                 return np.ascontiguousarray(image[window]), masks, source.ids[candidates[chosen]], (top, left)
         where = f"tile at ({tile[0]}, {tile[1]})" if tile is not None else f"{attempts} random crops"
         raise SampleError(raw.mask_path, f"no mask of {raw.path} inside the {where} of size {size}")
 
 
-def _window_holding_a_mask_pixel(masks: np.ndarray, size: int, rng: np.random.Generator) -> tuple[int, int]:
+def _window_holding_a_mask_pixel(
+    source: MaskSource, candidates: np.ndarray, size: int, rng: np.random.Generator
+) -> tuple[int, int]:
     """``(top, left)`` of a ``size`` window, uniform among those inside the image that hold one pixel drawn at
-    random from one mask drawn at random (``masks`` is ``[N, H, W]``, every mask non-empty: the candidates)."""
-    height, width = masks.shape[1:]
-    ys, xs = np.nonzero(masks[rng.integers(len(masks))])
+    random from one mask drawn at random among ``candidates`` (positions into ``source``, all non-empty)."""
+    height, width = source.height, source.width
+    ys, xs = np.nonzero(source.decode(candidates[[rng.integers(len(candidates))]])[0])
     k = int(rng.integers(len(ys)))
 
     def start(pixel: int, length: int) -> int:

@@ -181,6 +181,24 @@ class MaskSource(ABC):
             ``[k, H, W]`` uint8 (0/1) array (may be a strided view).
         """
 
+    def decode_window(self, indices: np.ndarray, top: int, left: int, height: int, width: int) -> np.ndarray:
+        """Decode the chosen masks inside a window only (crops and tiles of large rasters: memory in the window's
+        size, not the image's).
+
+        Args:
+            indices: ``[k]`` positions into this source.
+            top, left, height, width: the window, clipped to the image.
+
+        Returns:
+            ``[k, h, w]`` uint8 (0/1) array, ``(h, w)`` the clipped window's size.
+        """
+        return np.ascontiguousarray(self.decode(indices)[:, top : top + height, left : left + width])
+
+    def window_areas(self, indices: np.ndarray, top: int, left: int, height: int, width: int) -> np.ndarray:
+        """``[k]`` int64 pixel counts of the chosen masks inside a window (clipped to the image)."""
+        masks = self.decode_window(indices, top, left, height, width)
+        return masks.reshape(len(masks), -1).sum(1, dtype=np.int64)
+
 
 class RLEMaskSource(MaskSource):
     """Masks held as validated compressed RLEs, decoded by pycocotools only when sampled."""
@@ -189,6 +207,7 @@ class RLEMaskSource(MaskSource):
         self.rles = rles
         self.ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         self.height, self.width = height, width
+        self._bboxes: np.ndarray | None = None  # [N, 4] XYWH (pycocotools toBbox), computed when first needed
 
     def areas(self) -> np.ndarray:
         if not self.rles:
@@ -200,6 +219,30 @@ class RLEMaskSource(MaskSource):
             return np.zeros((0, self.height, self.width), dtype=np.uint8)
         decoded = mask_utils.decode([self.rles[int(i)] for i in indices])  # [H, W, k], Fortran order
         return decoded.transpose(2, 0, 1)
+
+    def _touching(self, indices: np.ndarray, top: int, left: int, height: int, width: int) -> np.ndarray:
+        """Which of the chosen masks have their bounding box overlap the window (``[k]`` bool)."""
+        if self._bboxes is None:
+            self._bboxes = (np.asarray(mask_utils.toBbox(self.rles), dtype=np.float64).reshape(-1, 4)
+                            if self.rles else np.zeros((0, 4)))
+        x, y, w, h = self._bboxes[np.asarray(indices, dtype=np.int64)].T
+        return (w > 0) & (x < left + width) & (x + w > left) & (y < top + height) & (y + h > top)
+
+    def decode_window(self, indices: np.ndarray, top: int, left: int, height: int, width: int) -> np.ndarray:
+        height, width = min(height, self.height - top), min(width, self.width - left)
+        out = np.zeros((len(indices), height, width), dtype=np.uint8)
+        for row in np.flatnonzero(self._touching(indices, top, left, height, width)):
+            runs = parse_compressed_counts(self.rles[int(indices[row])]["counts"])
+            out[row] = rle_window(runs, self.height, top, left, height, width)
+        return out
+
+    def window_areas(self, indices: np.ndarray, top: int, left: int, height: int, width: int) -> np.ndarray:
+        height, width = min(height, self.height - top), min(width, self.width - left)
+        areas = np.zeros(len(indices), dtype=np.int64)
+        for row in np.flatnonzero(self._touching(indices, top, left, height, width)):
+            runs = parse_compressed_counts(self.rles[int(indices[row])]["counts"])
+            areas[row] = int(rle_window(runs, self.height, top, left, height, width).sum(dtype=np.int64))
+        return areas
 
 
 class DenseMaskSource(MaskSource):
@@ -215,6 +258,10 @@ class DenseMaskSource(MaskSource):
 
     def decode(self, indices: np.ndarray) -> np.ndarray:
         return self.masks[np.asarray(indices, dtype=np.int64)].astype(np.uint8, copy=False)
+
+    def decode_window(self, indices: np.ndarray, top: int, left: int, height: int, width: int) -> np.ndarray:
+        window = self.masks[:, top : top + height, left : left + width]
+        return window[np.asarray(indices, dtype=np.int64)].astype(np.uint8, copy=False)
 
 
 class LabelMapSource(MaskSource):
@@ -233,6 +280,75 @@ class LabelMapSource(MaskSource):
     def decode(self, indices: np.ndarray) -> np.ndarray:
         chosen = self.values[np.asarray(indices, dtype=np.int64)]
         return (self.labels[None] == chosen[:, None, None]).view(np.uint8)
+
+    def decode_window(self, indices: np.ndarray, top: int, left: int, height: int, width: int) -> np.ndarray:
+        chosen = self.values[np.asarray(indices, dtype=np.int64)]
+        window = self.labels[top : top + height, left : left + width]
+        return (window[None] == chosen[:, None, None]).view(np.uint8)
+
+    def window_areas(self, indices: np.ndarray, top: int, left: int, height: int, width: int) -> np.ndarray:
+        chosen = self.values[np.asarray(indices, dtype=np.int64)]
+        values, counts = np.unique(self.labels[top : top + height, left : left + width], return_counts=True)
+        if values.size == 0:
+            return np.zeros(len(chosen), dtype=np.int64)
+        at = np.minimum(np.searchsorted(values, chosen), values.size - 1)
+        return np.where(values[at] == chosen, counts[at], 0).astype(np.int64)
+
+
+class WindowMaskSource(MaskSource):
+    """Some masks of another source seen through a window of its image (a ``region``), decoded on demand.
+
+    Args:
+        source: the whole image's masks.
+        keep: ``[N]`` positions into ``source`` of the masks to keep.
+        window: ``(top, left, height, width)`` inside ``source``'s image.
+        areas: ``[N]`` pixel counts of the kept masks inside the window.
+    """
+
+    def __init__(self, source: MaskSource, keep: np.ndarray, window: tuple[int, int, int, int],
+                 areas: np.ndarray) -> None:
+        self.source = source
+        self.keep = np.asarray(keep, dtype=np.int64)
+        self.top, self.left, self.height, self.width = window
+        self.ids = source.ids[self.keep]
+        self._areas = np.asarray(areas, dtype=np.int64)
+
+    def areas(self) -> np.ndarray:
+        return self._areas
+
+    def decode(self, indices: np.ndarray) -> np.ndarray:
+        return self.decode_window(indices, 0, 0, self.height, self.width)
+
+    def _inner(self, top: int, left: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """A window of this source as a window of the underlying image."""
+        return self.top + top, self.left + left, min(height, self.height - top), min(width, self.width - left)
+
+    def decode_window(self, indices: np.ndarray, top: int, left: int, height: int, width: int) -> np.ndarray:
+        return self.source.decode_window(self.keep[np.asarray(indices, dtype=np.int64)],
+                                         *self._inner(top, left, height, width))
+
+    def window_areas(self, indices: np.ndarray, top: int, left: int, height: int, width: int) -> np.ndarray:
+        return self.source.window_areas(self.keep[np.asarray(indices, dtype=np.int64)],
+                                        *self._inner(top, left, height, width))
+
+
+def rle_window(runs: np.ndarray, image_height: int, top: int, left: int, height: int, width: int) -> np.ndarray:
+    """The ``[height, width]`` uint8 window at ``(top, left)`` of a mask given as COCO run lengths (column-major,
+    alternating background / foreground from background), decoding only the window's columns.
+
+    The window must lie inside the image.
+    """
+    ends = np.cumsum(runs)
+    starts, ends = (ends - runs)[1::2], ends[1::2]  # foreground runs, flat column-major [start, end)
+    low = left * image_height
+    high = low + width * image_height
+    starts, ends = np.clip(starts, low, high) - low, np.clip(ends, low, high) - low
+    used = ends > starts
+    edges = np.zeros(width * image_height + 1, dtype=np.int32)
+    np.add.at(edges, starts[used], 1)
+    np.add.at(edges, ends[used], -1)
+    columns = np.cumsum(edges[:-1], dtype=np.int32).astype(np.uint8).reshape(width, image_height)
+    return np.ascontiguousarray(columns[:, top : top + height].T)
 
 
 # ----------------------------------------------------------------------------------------------- label maps

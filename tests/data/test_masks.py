@@ -6,6 +6,9 @@ from pycocotools import mask as mask_utils
 
 from samtune.data.errors import SampleError
 from samtune.data.masks import (
+    DenseMaskSource,
+    RLEMaskSource,
+    WindowMaskSource,
     label_map_to_source,
     masks_to_boxes,
     parse_compressed_counts,
@@ -26,6 +29,45 @@ def test_parse_compressed_counts_matches_pycocotools_decoding():
         assert runs.sum() == h * w
         flat = np.repeat(np.arange(runs.size) % 2, runs).astype(bool)
         np.testing.assert_array_equal(flat.reshape(w, h).T, mask)
+
+
+def test_every_source_decodes_windows_like_the_whole_masks_cut():
+    """decode_window / window_areas (crops, tiles and regions of large rasters) equal the whole masks cut to the
+    window, for RLE, dense, label-map and region sources, windows overlapping the image's edges included."""
+    rng = np.random.default_rng(0)
+    h, w = 37, 53
+    labels = np.zeros((h, w), np.int32)
+    for k, (y, x) in enumerate(rng.integers(0, (h, w), (12, 2)), start=1):
+        labels[y : y + rng.integers(1, 15), x : x + rng.integers(1, 15)] = k * 7  # overlapping, non-consecutive
+    label_source = label_map_to_source(labels, "instance")
+    masks = label_source.decode(np.arange(len(label_source)))
+    rle_source = RLEMaskSource([encode_rle(m.astype(bool)) for m in masks], label_source.ids, h, w)
+    rle_source.rles.append(encode_rle(np.zeros((h, w), bool)))  # an empty mask: no box at all
+    rle_source.ids = np.append(rle_source.ids, 999)
+    masks = np.concatenate([masks, np.zeros((1, h, w), np.uint8)])
+    sources = [rle_source, DenseMaskSource(masks.astype(bool), rle_source.ids)]
+    region = (5, 9, 25, 40)  # top, left, height, width
+    keep = np.flatnonzero(masks[:, 5:30, 9:49].any((1, 2)))
+    region_masks = masks[keep, 5:30, 9:49]
+    region_source = WindowMaskSource(rle_source, keep, region, region_masks.sum((1, 2)))
+    for trial in range(40):
+        top, left = int(rng.integers(0, h)), int(rng.integers(0, w))
+        height, width = int(rng.integers(1, 30)), int(rng.integers(1, 30))
+        expected = masks[:, top : top + height, left : left + width]
+        for source, whole in ((label_source, masks[:-1]), *((s, masks) for s in sources)):
+            chosen = np.sort(rng.choice(len(whole), rng.integers(1, len(whole) + 1), replace=False))
+            np.testing.assert_array_equal(source.decode_window(chosen, top, left, height, width),
+                                          expected[chosen], err_msg=type(source).__name__)
+            np.testing.assert_array_equal(source.window_areas(chosen, top, left, height, width),
+                                          expected[chosen].sum((1, 2)), err_msg=type(source).__name__)
+        if top < 25 and left < 40:
+            inner = region_masks[:, top : top + height, left : left + width]
+            all_kept = np.arange(len(keep))
+            np.testing.assert_array_equal(region_source.decode_window(all_kept, top, left, height, width), inner)
+            np.testing.assert_array_equal(region_source.window_areas(all_kept, top, left, height, width),
+                                          inner.sum((1, 2)))
+    np.testing.assert_array_equal(region_source.decode(np.arange(len(keep))), region_masks)
+    np.testing.assert_array_equal(region_source.ids, rle_source.ids[keep])
 
 
 def test_validate_rle_accepts_both_forms_and_decodes_like_pycocotools():
