@@ -147,6 +147,13 @@ def segmentation_to_rle(segmentation: Any, height: int, width: int, where: str |
     raise SampleError(where, f"unsupported segmentation type {type(segmentation).__name__}")
 
 
+def rle_areas(rles: Sequence[dict[str, Any]]) -> np.ndarray:
+    """``[N]`` int64 pixel counts of compressed RLEs (``pycocotools.mask.area``, called on at most 255 at a time:
+    pycocotools 2.0.11 under NumPy 2 raises OverflowError for a list of 256 or more)."""
+    chunks = [mask_utils.area(list(rles[i : i + 255])) for i in range(0, len(rles), 255)]
+    return np.concatenate(chunks).astype(np.int64) if chunks else np.zeros(0, dtype=np.int64)
+
+
 # ----------------------------------------------------------------------------------------------- sources
 class MaskSource(ABC):
     """The candidate instance masks of one image, decoded on demand.
@@ -210,9 +217,7 @@ class RLEMaskSource(MaskSource):
         self._bboxes: np.ndarray | None = None  # [N, 4] XYWH (pycocotools toBbox), computed when first needed
 
     def areas(self) -> np.ndarray:
-        if not self.rles:
-            return np.zeros(0, dtype=np.int64)
-        return np.asarray(mask_utils.area(self.rles), dtype=np.int64).reshape(-1)
+        return rle_areas(self.rles)
 
     def decode(self, indices: np.ndarray) -> np.ndarray:
         if len(indices) == 0:

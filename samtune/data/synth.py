@@ -20,6 +20,8 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from samtune.data.masks import rle_areas
+
 
 def _texture(kind: int, yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A ``[H, W]`` float pattern in [-1, 1]: 0 flat, 1 stripes, 2 checker, 3 blurred noise."""
@@ -165,7 +167,7 @@ def synthesize_sa1b(
         h, w = image.shape[:2]
         rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
         boxes = mask_utils.toBbox(rles)
-        areas = mask_utils.area(rles)
+        areas = rle_areas(rles)
         annotations = []
         for k, rle in enumerate(rles):
             ys, xs = np.nonzero(masks[k])

@@ -14,6 +14,7 @@ from samtune.data.masks import (
     parse_compressed_counts,
     polygons_to_rle,
     resize_masks,
+    rle_areas,
     segmentation_to_rle,
     validate_rle,
 )
@@ -68,6 +69,18 @@ def test_every_source_decodes_windows_like_the_whole_masks_cut():
                                           inner.sum((1, 2)))
     np.testing.assert_array_equal(region_source.decode(np.arange(len(keep))), region_masks)
     np.testing.assert_array_equal(region_source.ids, rle_source.ids[keep])
+
+
+def test_an_image_with_hundreds_of_rle_masks_loads():
+    """pycocotools.mask.area raises OverflowError for a list of 256 or more RLEs (pycocotools 2.0.11, NumPy 2):
+    SA-1B images hold up to several hundred masks."""
+    rng = np.random.default_rng(0)
+    masks = rng.random((300, 9, 7)) < 0.3
+    rles = [encode_rle(m) for m in masks]
+    expected = masks.reshape(300, -1).sum(1)
+    np.testing.assert_array_equal(rle_areas(rles), expected)
+    assert rle_areas([]).shape == (0,)
+    np.testing.assert_array_equal(RLEMaskSource(rles, np.arange(300), 9, 7).areas(), expected)
 
 
 def test_validate_rle_accepts_both_forms_and_decodes_like_pycocotools():
