@@ -61,7 +61,8 @@ def normalize_image(
     Args:
         image: ``[..., 3, H, W]`` float pixels on the 0-255 scale (any range for ``"minmax"``).
         normalization: ``"sam"`` (mean/std) or ``"minmax"`` (per image to [0, 1]).
-        valid_hw: when the image is already padded, the (h, w) of its content; min/max are taken there.
+        valid_hw: when the image is already padded, the (h, w) of its content; min/max are taken there and
+            the padding outside it is zero in the result (as when padding after normalising).
 
     Returns:
         ``[..., 3, H, W]`` float32.
@@ -70,14 +71,19 @@ def normalize_image(
     if normalization == "sam":
         mean = torch.tensor(PIXEL_MEAN, device=image.device).view(3, 1, 1)
         std = torch.tensor(PIXEL_STD, device=image.device).view(3, 1, 1)
-        return (image - mean) / std
-    if normalization == "minmax":
+        out = (image - mean) / std
+    elif normalization == "minmax":
         content = image if valid_hw is None else image[..., : valid_hw[0], : valid_hw[1]]
         flat = content.flatten(-3)
         lo = flat.amin(-1)[..., None, None, None]
         hi = flat.amax(-1)[..., None, None, None]
-        return (image - lo) / (hi - lo).clamp_min(1e-8)
-    raise ValueError(f"normalization must be 'sam' or 'minmax', got {normalization!r}")
+        out = (image - lo) / (hi - lo).clamp_min(1e-8)
+    else:
+        raise ValueError(f"normalization must be 'sam' or 'minmax', got {normalization!r}")
+    if valid_hw is not None:
+        out[..., valid_hw[0] :, :] = 0
+        out[..., :, valid_hw[1] :] = 0
+    return out
 
 
 def to_rgb_uint8_range(image: np.ndarray) -> np.ndarray:
