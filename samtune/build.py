@@ -181,6 +181,11 @@ def _build_image_encoder(cfg: SamConfig, drop_path_rate: float) -> nn.Module:
         )
     from samtune.modeling.tiny_vit import TinyViT
 
+    stride = enc.stem_stride * 2 ** (len(enc.embed_dims) - 2)
+    if cfg.image_size // stride != cfg.embedding_grid:
+        raise ValueError(
+            f"image_size {cfg.image_size} / TinyViT stride {stride} != embedding grid {cfg.embedding_grid}"
+        )
     return TinyViT(
         img_size=cfg.image_size,
         in_chans=3,
