@@ -189,8 +189,10 @@ class MaskSource(ABC):
         """
 
     def decode_window(self, indices: np.ndarray, top: int, left: int, height: int, width: int) -> np.ndarray:
-        """Decode the chosen masks inside a window only (crops and tiles of large rasters: memory in the window's
-        size, not the image's).
+        """Decode the chosen masks inside a window (crops, tiles and regions of large rasters).
+
+        This generic version decodes whole masks and cuts them; the sources here override it (and
+        :meth:`window_areas`) to decode only the window, so memory follows the window's size, not the image's.
 
         Args:
             indices: ``[k]`` positions into this source.
