@@ -14,9 +14,9 @@ def test_image_size_that_does_not_give_the_embedding_grid_is_a_build_error(name)
         build_sam_from_config(with_overrides(name, image_size=128))
 
 
-def test_registered_tiny_vit_configs_fit_their_grid() -> None:
-    for name in available_models():
-        cfg = get_config(name)
-        if cfg.encoder_type == "tiny_vit":
-            stride = cfg.encoder.stem_stride * 2 ** (len(cfg.encoder.embed_dims) - 2)
-            assert cfg.image_size // stride == cfg.embedding_grid, name
+def test_registered_tiny_vit_models_build() -> None:
+    """The check refuses none of the registered TinyViT models (MobileSAM at 1024, LiteMedSAM at 256, the tiny one)."""
+    names = [name for name in available_models() if get_config(name).encoder_type == "tiny_vit"]
+    assert len(names) >= 3, names
+    for name in names:
+        build_sam_from_config(get_config(name))
