@@ -217,6 +217,7 @@ class RLEMaskSource(MaskSource):
         self.ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         self.height, self.width = height, width
         self._bboxes: np.ndarray | None = None  # [N, 4] XYWH (pycocotools toBbox), computed when first needed
+        self._runs: dict[int, np.ndarray] = {}  # run lengths of the masks decoded by window so far
 
     def areas(self) -> np.ndarray:
         return rle_areas(self.rles)
@@ -239,17 +240,23 @@ class RLEMaskSource(MaskSource):
         height, width = min(height, self.height - top), min(width, self.width - left)
         out = np.zeros((len(indices), height, width), dtype=np.uint8)
         for row in np.flatnonzero(self._touching(indices, top, left, height, width)):
-            runs = parse_compressed_counts(self.rles[int(indices[row])]["counts"])
-            out[row] = rle_window(runs, self.height, top, left, height, width)
+            out[row] = rle_window(self._runs_of(int(indices[row])), self.height, top, left, height, width)
         return out
 
     def window_areas(self, indices: np.ndarray, top: int, left: int, height: int, width: int) -> np.ndarray:
         height, width = min(height, self.height - top), min(width, self.width - left)
         areas = np.zeros(len(indices), dtype=np.int64)
         for row in np.flatnonzero(self._touching(indices, top, left, height, width)):
-            runs = parse_compressed_counts(self.rles[int(indices[row])]["counts"])
-            areas[row] = int(rle_window(runs, self.height, top, left, height, width).sum(dtype=np.int64))
+            window = rle_window(self._runs_of(int(indices[row])), self.height, top, left, height, width)
+            areas[row] = int(window.sum(dtype=np.int64))
         return areas
+
+    def _runs_of(self, index: int) -> np.ndarray:
+        """Run lengths of mask ``index`` (parsed once: crops retry windows, tiles overlap)."""
+        runs = self._runs.get(index)
+        if runs is None:
+            runs = self._runs[index] = parse_compressed_counts(self.rles[index]["counts"])
+        return runs
 
 
 class DenseMaskSource(MaskSource):
