@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import random
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
@@ -347,7 +348,7 @@ class _FillItems(Dataset):
             missing = [view for view, key in keys.items() if not cached.cache.contains(key, self.verify)]
             if not missing:
                 return []
-            sample = ds._get(index)
+            sample = _image_sample(ds, index)
         except CacheError:
             raise
         except Exception as exc:  # noqa: BLE001 - a bad image follows on_error, as when training
@@ -359,6 +360,20 @@ class _FillItems(Dataset):
              {"image": path, "image_id": str(sample["image_id"]), "view": view})
             for view in missing
         ]
+
+
+def _image_sample(ds: SegmentationDataset, index: int) -> dict[str, Any]:
+    """Sample ``index`` of ``ds``, for its image. A training sample draws its masks at random and fails when all the
+    drawn masks vanish at the input size, although another draw of the same image (in training) succeeds and then
+    needs the embedding; the image does not depend on the draw, so such an image is read again with every mask."""
+    try:
+        return ds._get(index)
+    except SampleError:
+        if not ds.train:
+            raise
+    every_mask = copy.copy(ds)
+    every_mask.max_masks_per_image = sys.maxsize
+    return every_mask._get(index)
 
 
 @contextlib.contextmanager

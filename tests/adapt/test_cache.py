@@ -177,6 +177,35 @@ def test_regions_of_one_raster_are_separate_entries(tmp_path):
     assert cached["train"][0]["image_embedding"].mean() < cached["val"][0]["image_embedding"].mean()
 
 
+def test_an_image_whose_drawn_masks_vanish_is_still_cached(tmp_path):
+    """Filling read each training image through one random mask draw: an image whose drawn masks all vanished at
+    the input size was skipped (on_error=skip), and a later training draw of it failed with a cache miss."""
+    from samtune.data.mask_folder import MaskFolderDataset
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "lbl").mkdir()
+    image = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    labels = np.zeros((128, 128), np.uint8)
+    labels[10:60, 10:60] = 1
+    for j in range(20):  # single pixels off the nearest-neighbour grid of a 32-pixel input: they vanish
+        labels[71 + 2 * (j // 10), 6 + 10 * (j % 10)] = 2 + j
+    cv2.imwrite(str(tmp_path / "img/a.png"), image)
+    cv2.imwrite(str(tmp_path / "lbl/a.png"), labels)
+    cv2.imwrite(str(tmp_path / "img/b.png"), image[::-1].copy())
+    cv2.imwrite(str(tmp_path / "lbl/b.png"), (labels == 1).astype(np.uint8))
+    dataset = MaskFolderDataset(tmp_path / "img", tmp_path / "lbl", names=["a", "b"], image_size=32, train=True,
+                                max_masks_per_image=1, on_error="skip")
+    encoder = _ChannelMean().eval()
+    cache = EmbeddingCache(tmp_path / "cache", CacheConfig(encoder_fingerprint(encoder), preprocessing_spec(dataset)))
+    cached = CachedEmbeddingDataset(dataset, cache)
+    torch.manual_seed(0)
+    assert fill_cache(cached, encoder) == 2  # both images, whatever the draw
+    assert all(cache.contains(key) for key in cached.keys(0).values())
+    ids = {cached[0]["image_id"] for _ in range(200)}  # a draw of the big mask (1 in 21) reads image a's entry
+    assert ids == {"a", "b"}
+    torch.testing.assert_close(cached[1]["image_embedding"], encoder(dataset._get(1)["image"][None])[0])
+
+
 # --------------------------------------------------------------------------------------------------- storage
 def test_storage_dtypes_and_roundtrip(encoder, tmp_path):
     spec = {"image_size": SIZE}
