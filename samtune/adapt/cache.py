@@ -160,7 +160,7 @@ def memoized_encoder_fingerprint(encoder: nn.Module) -> str:
     return fingerprint
 
 
-_CONTENT_HASHES: dict[str, tuple[int, int, str]] = {}
+_CONTENT_HASHES: dict[str, tuple[tuple[int, ...], str]] = {}
 
 
 def file_identity(path: str | Path, mode: FileIdentity = "content") -> str:
@@ -168,8 +168,9 @@ def file_identity(path: str | Path, mode: FileIdentity = "content") -> str:
 
     Args:
         path: the image file.
-        mode: ``"content"``: SHA-256 of the bytes (memoised per process by path, size and mtime, so a file is
-            read once unless it changes); ``"stat"``: resolved path, size and modification time (ns).
+        mode: ``"content"``: SHA-256 of the bytes (memoised per process by path, size, mtime, inode and ctime, so
+            a file is read once unless it changes; ctime also moves when a rewrite restores the old mtime);
+            ``"stat"``: resolved path, size and modification time (ns).
 
     Returns:
         A string that changes when the file does (see the module docstring for what each mode notices).
@@ -188,15 +189,16 @@ def file_identity(path: str | Path, mode: FileIdentity = "content") -> str:
     if mode != "content":
         raise ValueError(f"file_identity must be 'content' or 'stat', got {mode!r}")
     name = str(path.resolve())
+    version = (stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
     known = _CONTENT_HASHES.get(name)
-    if known is not None and known[:2] == (stat.st_size, stat.st_mtime_ns):
-        return known[2]
+    if known is not None and known[0] == version:
+        return known[1]
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(_HASH_CHUNK):
             digest.update(chunk)
     identity = f"sha256:{digest.hexdigest()}"
-    _CONTENT_HASHES[name] = (stat.st_size, stat.st_mtime_ns, identity)
+    _CONTENT_HASHES[name] = (version, identity)
     return identity
 
 

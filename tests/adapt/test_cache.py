@@ -129,6 +129,15 @@ def test_file_identity_modes(data_dir, tmp_path):
     assert file_identity(path, "content") == content and file_identity(path, "stat") != stat
     path.write_bytes(path.read_bytes()[:-1] + b"\x00")
     assert file_identity(path, "content") != content
+    # replaced by a file of the same size and mtime (tar, rsync, cp -p + mv): the content identity, memoised per
+    # process, still notices it
+    changed, info = file_identity(path, "content"), path.stat()
+    replacement = root / "new.jpg"
+    replacement.write_bytes(path.read_bytes()[:-1] + b"\x01")
+    os.utime(replacement, ns=(info.st_atime_ns, info.st_mtime_ns))
+    os.replace(replacement, path)
+    assert path.stat().st_size == info.st_size and path.stat().st_mtime_ns == info.st_mtime_ns
+    assert file_identity(path, "content") != changed
     with pytest.raises(FileNotFoundError, match="missing.jpg"):
         file_identity(root / "missing.jpg")
 
