@@ -368,12 +368,19 @@ class EmbeddingCache:
             manifest = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise CorruptCacheError(path, f"unreadable cache manifest ({err}); delete the folder {self.directory}")
+        if not isinstance(manifest, dict):
+            raise CorruptCacheError(path, f"cache manifest is not a JSON object; delete the folder {self.directory}")
         expected = self.config.identity()
         found = {k: manifest.get(k) for k in expected}
         if found != expected:
             differing = sorted(k for k in expected if found[k] != expected[k])
             raise CorruptCacheError(
                 path, f"manifest disagrees with this configuration on {differing}; delete the folder {self.directory}"
+            )
+        shape = manifest.get("embedding_shape")
+        if not (isinstance(shape, list) and len(shape) == 3 and all(type(v) is int and v > 0 for v in shape)):
+            raise CorruptCacheError(
+                path, f"manifest has no valid embedding_shape (got {shape!r}); delete the folder {self.directory}"
             )
         return manifest
 

@@ -265,6 +265,20 @@ def test_corrupt_files_are_named_and_recomputed(data_dir, encoder, tmp_path, cap
         cached[2]
 
 
+def test_a_damaged_manifest_is_named(encoder, tmp_path):
+    """A manifest of valid JSON without a usable embedding_shape (or not an object) raised a bare KeyError /
+    AttributeError naming no file when the next embedding was stored."""
+    config = CacheConfig(encoder_fingerprint(encoder), {"image_size": SIZE})
+    cache = EmbeddingCache(tmp_path, config)
+    cache.save(cache.key("sha256:a"), torch.randn(64, 16, 16))
+    manifest = json.loads(cache.manifest_path.read_text())
+    for text in (json.dumps({k: v for k, v in manifest.items() if k != "embedding_shape"}),
+                 json.dumps(dict(manifest, embedding_shape="64x16x16")), "[1]"):
+        cache.manifest_path.write_text(text)
+        with pytest.raises(CorruptCacheError, match="manifest.json"):
+            EmbeddingCache(tmp_path, config).save(cache.key("sha256:b"), torch.randn(64, 16, 16))
+
+
 def test_concurrent_fills_share_one_cache(data_dir, encoder, tmp_path):
     """Two fillers (as two DDP ranks) at once: each ends with a complete, valid cache; no temporary files left."""
     results: dict[int, int] = {}
