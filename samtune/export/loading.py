@@ -145,11 +145,11 @@ def _active(adaptation: Any) -> dict[str, Any] | None:
     raise CheckpointError(f"adaptation config must be a dict with a 'method' key, got {type(adaptation).__name__}: {adaptation!r}")
 
 
-def _check_name(name: str, where: str, path: Path) -> str:
+def _check_name(name: str, where: str, path: Path, hint: str = "; pass the model name explicitly") -> str:
     if name not in available_models():
         raise CheckpointError(
             f"checkpoint {path}: {where} names model {name!r}, which is not registered "
-            f"(available: {', '.join(available_models())}); pass the model name explicitly"
+            f"(available: {', '.join(available_models())}){hint}"
         )
     return name
 
@@ -182,7 +182,7 @@ def load_sam(
     if not path.exists():
         raise CheckpointError(f"checkpoint {path}: file not found")
     if model is not None:
-        _check_name(model, "the model argument", path)
+        _check_name(model, "the model argument", path, hint="")  # a typo: the list names the choices
     try:
         metadata = read_export_metadata(path) if path.is_file() else None
     except ValueError as err:

@@ -175,6 +175,13 @@ def test_bad_metadata(tiny_pth, tmp_path) -> None:
         load_sam(path)
 
 
+def test_unregistered_model_argument(tiny_pth) -> None:
+    """A mistyped model name lists the registered ones, without telling the user to pass the name they passed."""
+    with pytest.raises(CheckpointError, match="the model argument names model 'sam_vit_z'") as info:
+        load_sam(tiny_pth, "sam_vit_z")
+    assert "sam_vit_b" in str(info.value) and "pass the model name explicitly" not in str(info.value)
+
+
 # --------------------------------------------------------------------------------------------- adaptation
 def test_adaptation_none_loads_plainly(tiny, tmp_path) -> None:
     loaded = load_sam(lightning_like_checkpoint(tiny, tmp_path / "a.ckpt", {"method": "none"}))
