@@ -541,15 +541,20 @@ def _tile_starts(length: int, size: int, stride: int | None = None) -> list[int]
     return starts
 
 
-def read_name_list(path: str | Path) -> list[str]:
+def read_name_list(path: str | Path, key: str | None = None) -> list[str]:
     """Names (one per line; blank lines and ``#`` comments ignored) from a split file.
 
+    Args:
+        path: the split file.
+        key: the setting that gave ``path`` (``MaskFolderDataModule.train_split``), named in the error.
+
     Raises:
-        ValueError: the file is missing.
+        ValueError: the file is missing (a relative path's message names the working directory it was read from).
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"split list not found: {path}")
+        where = "" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+        raise ValueError(f"{key + ': ' if key else ''}split list not found: {path}{where}")
     names = []
     for line in path.read_text().splitlines():
         line = line.split("#", 1)[0].strip()

@@ -243,8 +243,9 @@ class SA1BDataModule(SegmentationDataModule):
     def build_datasets(self) -> tuple[SA1BDataset, SA1BDataset]:
         if not self.root.is_dir():
             raise ValueError(f"SA1BDataModule.root is not a folder: {self.root}")
-        train_list = read_name_list(self.train_split) if self.train_split else None
-        val_list = read_name_list(self.val_split) if self.val_split else None
+        key = type(self).__name__
+        train_list = read_name_list(self.train_split, f"{key}.train_split") if self.train_split else None
+        val_list = read_name_list(self.val_split, f"{key}.val_split") if self.val_split else None
         if self.val_root is not None:
             train = SA1BDataset(self.root, names=train_list, **self.dataset_options(True))
             val = SA1BDataset(self.val_root, names=val_list, **self.dataset_options(False))
@@ -432,8 +433,9 @@ class MaskFolderDataModule(SegmentationDataModule):
         if not self.image_dir.is_dir():
             raise ValueError(f"MaskFolderDataModule.image_dir is not a folder: {self.image_dir}")
         names = sorted(image_files(self.image_dir, self.mask_dir, self.folder_options["mask_suffix"]))
-        train_list = read_name_list(self.train_split) if self.train_split else None
-        val_list = read_name_list(self.val_split) if self.val_split else None
+        key = type(self).__name__
+        train_list = read_name_list(self.train_split, f"{key}.train_split") if self.train_split else None
+        val_list = read_name_list(self.val_split, f"{key}.val_split") if self.val_split else None
         train_names, val_names = self._split(names, train_list, val_list)
         return (
             MaskFolderDataset(self.image_dir, self.mask_dir, names=train_names, **self.folder_options,

@@ -1,5 +1,6 @@
 import sys
 
+import pytest
 import torch
 
 from samtune.data import SA1BDataset, collate_samples
@@ -54,6 +55,17 @@ def test_datamodules_build_loaders(sa1b_dir, coco_file, tmp_path):
     val = next(iter(folder.val_dataloader()))
     assert val["image_id"] == ["img0", "img3"] and len(val["original_masks"]) == 2
     assert folder.train_dataset.names == ["img1", "img2", "img4"] and folder.num_skipped == 0
+
+
+def test_missing_split_list_names_the_setting_and_the_working_directory(tmp_path, monkeypatch):
+    """A recipe's relative split path run from another folder: the error names the key and where it looked."""
+    images, masks = write_mask_folder(tmp_path / "mf", n=3)
+    monkeypatch.chdir(tmp_path)
+    folder = MaskFolderDataModule(str(images), str(masks), train_split="recipes/splits/train.txt", image_size=32,
+                                  num_workers=0)
+    with pytest.raises(ValueError, match=r"MaskFolderDataModule\.train_split: split list not found: "
+                                         r"recipes/splits/train\.txt \(relative to the working directory "):
+        folder.setup("fit")
 
 
 def test_datamodule_loaders_bind_the_rank_for_their_workers(tmp_path, monkeypatch):
