@@ -3,9 +3,9 @@
 ``samtune fit | validate --config FILE [--config FRAGMENT ...] [--key value ...]`` runs Lightning through
 :class:`SamtuneCLI` (a LightningCLI; ``test`` and ``predict`` are refused: the task has neither loop): every key
 of the YAML files and flags is validated against the typed ``__init__`` signatures of the task, the datamodule,
-the Trainer and the callbacks; repeated
-``--config`` files are merged left to right (``recipes/`` holds complete runs, ``configs/`` fragments);
-``--print_config`` prints the resolved configuration. Without ``--config``, ``fit`` runs ``recipes/quickstart.yaml``.
+the Trainer and the callbacks; repeated ``--config`` files are merged left to right (``recipes/`` holds complete
+runs, ``configs/`` fragments); ``--print_config`` prints the resolved configuration. Without ``--config``, ``fit``
+runs ``recipes/quickstart.yaml``.
 
 Other subcommands: ``samtune data synth`` (synthetic SA-1B-format data), ``export`` (official .pth, safetensors,
 merged LoRA, ONNX), ``evaluate`` (point / box / click protocols) and ``amg`` (automatic mask generation); each has
