@@ -454,3 +454,22 @@ def test_bad_coco_files_through_samtune_evaluate_name_the_file(tmp_path, capsys)
     err = capsys.readouterr().err.splitlines()
     assert err[0] == (f"samtune: error: SampleError: {rle} [annotation 5 of image 1]: invalid compressed RLE: "
                       "compressed RLE counts end inside a value"), err
+
+
+def test_bf16_on_a_cpu_without_native_bf16_trains_in_fp32(monkeypatch, tmp_path):
+    """PyTorch emulates bf16 on CPUs without AVX512-BF16 / AMX (a LiteMedSAM step ~16x slower than fp32): the
+    recipes' bf16-mixed trains in 32-true there, with a warning; GPUs and CPUs with native bf16 keep it."""
+    import samtune.cli as cli_module
+    from samtune.cli import cpu_precision, run_lightning
+
+    monkeypatch.setattr(cli_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(UserWarning, match="without native bf16 .* trains in '32-true'"):
+        assert cpu_precision("bf16-mixed", "auto") == "32-true"
+    assert cpu_precision("bf16-mixed", "gpu") == "bf16-mixed" and cpu_precision("32-true", "cpu") == "32-true"
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match="without native bf16"):
+        cli = run_lightning(quick_args("--trainer.precision", "bf16-mixed", "--trainer.accelerator", "cpu"), run=False)
+    assert cli.trainer.precision == "32-true"
+    monkeypatch.setattr(cli_module, "cpu_has_native_bf16", lambda: True)
+    assert cpu_precision("bf16-mixed", "cpu") == "bf16-mixed"
