@@ -42,7 +42,7 @@ from samtune.callbacks import (
     FinalCheckpoint, ParameterCounts, SamtuneProgressBar, SaveConfigToLoggers, ValidationOverlays,
 )
 from samtune.checkpoint_io import AtomicCheckpointIO
-from samtune.modeling.precision import cpu_has_native_bf16
+from samtune.modeling.precision import emulates_bf16
 from samtune.resumable import make_resumable
 
 __all__ = [
@@ -260,9 +260,6 @@ class SamtuneCLI(LightningCLI):
                 config["ckpt_path"] = newer
 
 
-_BF16 = ("bf16-mixed", "bf16", "bf16-true")
-
-
 def cpu_precision(precision: Any, accelerator: Any) -> Any:
     """The Trainer precision to use: ``precision``, except bf16 on a CPU without native bf16 becomes ``"32-true"``.
 
@@ -270,11 +267,9 @@ def cpu_precision(precision: Any, accelerator: Any) -> Any:
     the CPU, about 16x slower than fp32 (LiteMedSAM's encoder forward and backward on two 256 px crops: 115 s
     against 7 s on a Zen 3 EPYC). A warning says so.
     """
-    if str(precision) not in _BF16 or cpu_has_native_bf16():
-        return precision
     on_cpu = accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available()
                                       and not torch.backends.mps.is_available())
-    if not on_cpu:
+    if not on_cpu or not emulates_bf16(precision, "cpu"):
         return precision
     warnings.warn(
         f"trainer.precision {precision!r} on a CPU without native bf16 (no AVX512-BF16 / AMX-BF16 in /proc/cpuinfo): "

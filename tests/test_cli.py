@@ -459,10 +459,10 @@ def test_bad_coco_files_through_samtune_evaluate_name_the_file(tmp_path, capsys)
 def test_bf16_on_a_cpu_without_native_bf16_trains_in_fp32(monkeypatch, tmp_path):
     """PyTorch emulates bf16 on CPUs without AVX512-BF16 / AMX (a LiteMedSAM step ~16x slower than fp32): the
     recipes' bf16-mixed trains in 32-true there, with a warning; GPUs and CPUs with native bf16 keep it."""
-    import samtune.cli as cli_module
+    import samtune.modeling.precision as precision_module
     from samtune.cli import cpu_precision, run_lightning
 
-    monkeypatch.setattr(cli_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.warns(UserWarning, match="without native bf16 .* trains in '32-true'"):
         assert cpu_precision("bf16-mixed", "auto") == "32-true"
@@ -471,5 +471,5 @@ def test_bf16_on_a_cpu_without_native_bf16_trains_in_fp32(monkeypatch, tmp_path)
     with pytest.warns(UserWarning, match="without native bf16"):
         cli = run_lightning(quick_args("--trainer.precision", "bf16-mixed", "--trainer.accelerator", "cpu"), run=False)
     assert cli.trainer.precision == "32-true"
-    monkeypatch.setattr(cli_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: True)
     assert cpu_precision("bf16-mixed", "cpu") == "bf16-mixed"

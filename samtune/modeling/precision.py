@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["Precision", "cpu_has_native_bf16", "resolve_precision", "autocast"]
+__all__ = ["Precision", "cpu_has_native_bf16", "emulates_bf16", "resolve_precision", "autocast"]
 
 Precision = Literal["auto", "fp32", "bf16"]
 
@@ -29,6 +29,16 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         pass
     return False
+
+
+_LIGHTNING_BF16 = ("bf16-mixed", "bf16", "bf16-true")
+
+
+def emulates_bf16(trainer_precision: object, device: torch.device | str) -> bool:
+    """True when a Lightning Trainer ``precision`` asks for bf16 on a CPU that only emulates it (about 16x slower
+    than fp32: no AVX512-BF16 / AMX-BF16)."""
+    return (str(trainer_precision) in _LIGHTNING_BF16 and torch.device(device).type == "cpu"
+            and not cpu_has_native_bf16())
 
 
 def resolve_precision(precision: Precision, device: torch.device | str) -> Literal["fp32", "bf16"]:

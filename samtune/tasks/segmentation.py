@@ -29,6 +29,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from samtune.adapt import AdaptationConfig, apply_adaptation, eval_frozen_batchnorm, save_adapter_checkpoint
@@ -37,6 +38,7 @@ from samtune.build import build_sam, get_config
 from samtune.checkpoints import CheckpointError, init_encoder_from_mae
 from samtune.losses import SamLoss
 from samtune.metrics import ClickIoU
+from samtune.modeling.precision import emulates_bf16
 from samtune.prompts import InteractiveEvaluator, InteractiveSimulator, SimulationConfig
 from samtune.prompts.deterministic import region_centers
 from samtune.prompts.geometry import content_region, resize_masks
@@ -474,6 +476,15 @@ class PromptableSegmentationTask(L.LightningModule):
             and self.adaptation.checkpoint_weights == "trainable"
             and self.hparams["checkpoint"] is not None
         )
+
+    def on_fit_start(self) -> None:
+        """Warn when the Trainer asks for bf16 on a CPU that only emulates it (``samtune fit`` trains in fp32
+        there itself: :func:`samtune.cli.cpu_precision`; a Trainer built in Python keeps what it was given)."""
+        if emulates_bf16(self.trainer.precision, self.device):
+            rank_zero_warn(
+                f"Trainer precision {self.trainer.precision!r} on a CPU without native bf16 (no AVX512-BF16 / "
+                "AMX-BF16): PyTorch emulates bf16 there, about 16x slower than fp32; pass precision='32-true'"
+            )
 
     def on_train_start(self) -> None:
         """Exact resume: a resumed run's global generators continue from the checkpoint's states (drop path,

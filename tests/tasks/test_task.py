@@ -3,6 +3,7 @@ bf16 Trainer runs and weights_only checkpoints."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import lightning as L
 import pytest
@@ -281,8 +282,12 @@ def test_validation_iou_ignores_the_padding() -> None:
     assert emb.shape[0] == 1
 
 
-def test_bf16_trainer_steps_and_weights_only_checkpoint(tmp_path) -> None:
-    """Lightning on CPU with bf16-mixed runs 2 steps; the checkpoint loads with weights_only=True and into build_sam."""
+def test_bf16_trainer_steps_and_weights_only_checkpoint(tmp_path, monkeypatch) -> None:
+    """Lightning on CPU with bf16-mixed runs 2 steps; the checkpoint loads with weights_only=True and into build_sam.
+    On a CPU that only emulates bf16 (about 16x slower than fp32) the task warns."""
+    import samtune.modeling.precision as precision_module
+
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: False)
     task = PromptableSegmentationTask(
         "sam_tiny", simulation=SHORT,
         loss=LossConfig(resolution="gt"), optimizer=OptimizerConfig(warmup_steps=1, layer_decay=0.8),
@@ -291,8 +296,13 @@ def test_bf16_trainer_steps_and_weights_only_checkpoint(tmp_path) -> None:
     trainer = quick_trainer(tmp_path, precision="bf16-mixed", max_steps=2, limit_val_batches=1,
                             enable_checkpointing=True)
     before = {k: v.clone() for k, v in task.model.state_dict().items()}
-    trainer.fit(task, loader([2, 1], batches=2), loader([2], batches=1))
+    with pytest.warns(UserWarning, match="without native bf16 .* emulates bf16 .* pass precision='32-true'"):
+        trainer.fit(task, loader([2, 1], batches=2), loader([2], batches=1))
     assert trainer.global_step == 2
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        task.on_fit_start()
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert "val/iou_click_1" in trainer.callback_metrics
     changed = [k for k, v in task.model.state_dict().items() if not torch.equal(v, before[k])]
