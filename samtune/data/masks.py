@@ -120,21 +120,26 @@ def validate_rle(rle: dict[str, Any], height: int, width: int, where: str | Path
 def polygons_to_rle(polygons: Sequence[Any], height: int, width: int, where: str | Path) -> dict[str, Any]:
     """Rasterise COCO polygons (nested ``[[x, y, ...], ...]`` or a flat ``[x, y, ...]``) into one compressed RLE.
 
+    A part with fewer than 3 points (real COCO-style files hold some) encloses no area and is left out, as is an
+    empty list: an annotation with nothing else gives an empty mask, which samples and evaluation pass over like
+    any empty mask. (pycocotools alone would read a 2-point part as a box.)
+
     Raises:
-        SampleError: odd coordinate counts, fewer than 3 points, or non-finite coordinates.
+        SampleError: odd coordinate counts or non-finite coordinates.
     """
     if len(polygons) and not isinstance(polygons[0], (list, tuple, np.ndarray)):
         polygons = [polygons]  # a flat polygon, not nested
     cleaned: list[list[float]] = []
     for poly in polygons:
         coords = np.asarray(poly, dtype=np.float64).ravel()
-        if coords.size % 2 or coords.size < 6:
-            raise SampleError(where, f"polygon needs an even number (>= 6) of coordinates, got {coords.size}")
+        if coords.size % 2:
+            raise SampleError(where, f"polygon needs an even number of coordinates (x, y pairs), got {coords.size}")
         if not np.all(np.isfinite(coords)):
             raise SampleError(where, "polygon has non-finite coordinates")
-        cleaned.append(coords.tolist())
+        if coords.size >= 6:
+            cleaned.append(coords.tolist())
     if not cleaned:
-        raise SampleError(where, "empty polygon list")
+        return mask_utils.encode(np.zeros((height, width, 1), dtype=np.uint8, order="F"))[0]
     return mask_utils.merge(mask_utils.frPyObjects(cleaned, height, width))
 
 

@@ -124,6 +124,16 @@ def test_bad_polygon_raises_with_annotation_id(coco_file):
         COCODataset(coco_file, image_size=32)[0]
 
 
+def test_degenerate_polygon_leaves_the_images_other_masks(coco_file):
+    """An annotation whose only polygon has 2 points is an empty mask: the image keeps its other annotations."""
+    data = json.loads(coco_file.read_text())
+    data["annotations"][0]["segmentation"] = [[1, 2, 30, 40]]
+    coco_file.write_text(json.dumps(data))
+    ds = COCODataset(coco_file, image_size=32, max_masks_per_image=16)
+    sample = ds[0]
+    assert sample["image_id"] == "1" and len(sample["masks"]) >= 1 and ds.num_skipped == 0
+
+
 @pytest.mark.parametrize(
     "json_name, image_dir, count",
     [

@@ -119,6 +119,18 @@ def test_flat_and_nested_polygons_are_equal():
         segmentation_to_rle([[1, 2, 3, 4, 5]], 20, 30, "f")
 
 
+def test_polygon_parts_under_three_points_enclose_nothing():
+    """COCO-style files hold parts of 1-2 points (zero area): they are left out, not read as boxes by pycocotools,
+    and an annotation made only of them is an empty mask, not an error that costs the image its other masks."""
+    square = [2, 2, 20, 2, 20, 15, 2, 15]
+    reference = mask_utils.decode(polygons_to_rle([square], 20, 30, "f"))
+    for degenerate in ([5, 5, 25, 18], [7, 7]):
+        mixed = polygons_to_rle([degenerate, square], 20, 30, "f")  # a 2-point part first: pycocotools' bbox case
+        np.testing.assert_array_equal(mask_utils.decode(mixed), reference)
+        assert mask_utils.area(polygons_to_rle([degenerate], 20, 30, "f")) == 0
+    assert mask_utils.area(segmentation_to_rle([], 20, 30, "f")) == 0
+
+
 def test_label_map_kinds():
     labels = np.zeros((20, 20), np.uint16)
     labels[1:5, 1:5] = 7
