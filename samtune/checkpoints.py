@@ -279,30 +279,35 @@ def save_checkpoint(model: nn.Module, path: str | Path) -> Path:
 
 @dataclass
 class MaeInitReport:
-    """What :func:`init_encoder_from_mae` did: loaded keys, keys left at their SAM initialisation, ignored keys."""
+    """What :func:`init_encoder_from_mae` did: loaded keys, keys left at their SAM initialisation, ignored keys, and
+    a patch embedding resampled to the encoder's patch size."""
 
     loaded: list[str] = field(default_factory=list)
     new: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    resampled: list[str] = field(default_factory=list)  # "key (14, 14) -> (16, 16)": a patch embedding resized
 
     def __str__(self) -> str:
-        return (
+        text = (
             f"MAE init: {len(self.loaded)} tensors loaded, {len(self.new)} new ({_list(self.new, 6)}), "
             f"{len(self.ignored)} ignored ({_list(self.ignored, 6)})"
         )
+        return text + (f", resampled: {', '.join(self.resampled)}" if self.resampled else "")
 
 
 def init_encoder_from_mae(encoder: nn.Module, source: str | Path | dict[str, torch.Tensor]) -> MaeInitReport:
     """Initialise a SAM ViT image encoder from MAE-pretrained ViT weights, as the SAM paper does.
 
-    The class token is dropped, the 14x14 absolute position embedding is interpolated (bicubic) to the
-    encoder's grid, ``mlp.fc1/fc2`` become ``mlp.lin1/lin2``; relative-position tables are zero-initialised and
-    the neck keeps its fresh initialisation. Keys without a SAM counterpart (final norm, head, MAE decoder,
-    mask token) are ignored.
+    The class token is dropped, the absolute position embedding (14x14 for patch 16 at 224 px, 16x16 for patch 14)
+    is interpolated (bicubic) to the encoder's grid, ``mlp.fc1/fc2`` become ``mlp.lin1/lin2``; relative-position
+    tables are zero-initialised and the neck keeps its fresh initialisation. A patch embedding of another patch
+    size is resampled to the encoder's with FlexiViT's pseudo-inverse resize (timm's ``resample_patch_embed``):
+    the public MAE ViT-H is ViT-H/14 (``mae_pretrain_vit_huge.pth``, timm ``vit_huge_patch14_224.mae``), SAM's
+    ViT-H has 16 px patches. Keys without a SAM counterpart (final norm, head, MAE decoder, mask token) are ignored.
 
     Args:
         encoder: a :class:`samtune.modeling.ImageEncoderViT`.
-        source: a timm ``vit_*_patch16_224.mae`` state dict, or a path to one, or to the MAE repository's
+        source: a timm ``vit_*_patch{14,16}_224.mae`` state dict, or a path to one, or to the MAE repository's
             ``mae_pretrain_vit_*.pth`` (with its ``model`` key).
 
     Returns:
@@ -324,6 +329,12 @@ def init_encoder_from_mae(encoder: nn.Module, source: str | Path | dict[str, tor
             grid = tokens.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
             size = target["pos_embed"].shape[1:3]
             value = F.interpolate(grid, size=size, mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+        if key == "patch_embed.proj.weight" and key in target and value.shape[:2] == target[key].shape[:2] \
+                and value.shape[2:] != target[key].shape[2:]:
+            from timm.layers import resample_patch_embed
+
+            value = resample_patch_embed(value.float(), list(target[key].shape[2:]))
+            report.resampled.append(f"{key} {tuple(state[key].shape[2:])} -> {tuple(value.shape[2:])}")
         if new_key not in target:
             report.ignored.append(key)
             continue

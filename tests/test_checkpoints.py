@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.nn import functional as F
 
 from samtune.build import MODEL_REGISTRY, ViTConfig, build_sam, build_sam_from_config, with_overrides
@@ -356,12 +357,12 @@ def test_resize_positions_refuses_another_attention_layout(tiny_file):
 
 
 # --------------------------------------------------------------------------------------------- MAE init
-def _mae_vit(embed_dim: int = 96, num_classes: int = 10) -> torch.nn.Module:
-    """A timm ViT shaped like an MAE encoder at 224 px (14x14 patches + class token), random weights."""
+def _mae_vit(embed_dim: int = 96, num_classes: int = 10, patch_size: int = 16) -> torch.nn.Module:
+    """A timm ViT shaped like an MAE encoder at 224 px (a grid of 224 / patch_size + class token), random weights."""
     from timm.models.vision_transformer import VisionTransformer
 
     return VisionTransformer(
-        img_size=224, patch_size=16, embed_dim=embed_dim, depth=4, num_heads=3, global_pool="",
+        img_size=224, patch_size=patch_size, embed_dim=embed_dim, depth=4, num_heads=3, global_pool="",
         class_token=True, num_classes=num_classes,
     )
 
@@ -426,6 +427,26 @@ def test_mae_init_from_mae_repository_file(tmp_path):
     torch.save({"model": mae}, path)  # the MAE repository's layout
     report = init_encoder_from_mae(encoder, path)
     _check_mae_init(encoder, mae, before, report)
+
+
+def test_mae_init_from_patch14_mae_resamples_the_patch_embedding():
+    """The public MAE ViT-H is ViT-H/14 (16x16 grid at 224 px); SAM's encoders use 16 px patches. The patch
+    embedding is resampled by FlexiViT's pseudo-inverse resize: a 14 px patch and its bicubic upsampling to 16 px
+    project to the same embedding; the 16x16 position grid is interpolated to the encoder's."""
+    encoder = build_sam("sam_tiny").image_encoder
+    mae = _mae_vit(patch_size=14).state_dict()
+    assert mae["patch_embed.proj.weight"].shape[2:] == (14, 14) and mae["pos_embed"].shape[1] == 1 + 16 * 16
+    report = init_encoder_from_mae(encoder, mae)
+    assert report.resampled == ["patch_embed.proj.weight (14, 14) -> (16, 16)"] and "resampled" in str(report)
+    resampled = encoder.state_dict()["patch_embed.proj.weight"]
+    assert resampled.shape == mae["patch_embed.proj.weight"].shape[:2] + (16, 16)
+    patches = torch.randn(5, 3, 14, 14, dtype=torch.float64)
+    upsampled = F.interpolate(patches, size=(16, 16), mode="bicubic", antialias=True, align_corners=False)
+    original = torch.einsum("nchw,dchw->nd", patches, mae["patch_embed.proj.weight"].double())
+    torch.testing.assert_close(torch.einsum("nchw,dchw->nd", upsampled, resampled.double()), original,
+                               atol=1e-4, rtol=1e-4)
+    assert torch.equal(encoder.state_dict()["patch_embed.proj.bias"], mae["patch_embed.proj.bias"])
+    assert "blocks.0.attn.qkv.weight" in report.loaded and "patch_embed.proj.weight" in report.loaded
 
 
 def test_mae_init_wrong_width_is_a_clear_error():
