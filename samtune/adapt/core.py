@@ -129,12 +129,23 @@ def apply_adaptation(model: Sam, config: AdaptationConfig | dict) -> Sam:
     return model
 
 
+# Attributes under which module wrappers keep the wrapped module: they add a level to module names but not to
+# state-dict keys (activation checkpointing and FSDP units, e.g. Lightning's FSDP strategy on the encoder blocks).
+_WRAPPER_ATTRIBUTES = ("_checkpoint_wrapped_module", "_fsdp_wrapped_module")
+
+
+def _state_dict_prefix(module_name: str) -> str:
+    """The state-dict key prefix of the tensors of the module named ``module_name`` (wrapper levels removed)."""
+    return "".join(f"{part}." for part in module_name.split(".") if part and part not in _WRAPPER_ATTRIBUTES)
+
+
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable weights of ``model`` (detached, on their device), keyed as in ``model.state_dict()``.
 
     Besides every parameter with ``requires_grad=True``, it holds the persistent buffers of modules that own a
     trainable parameter directly (the running statistics of a trainable BatchNorm), because training changes
-    them too. Everything else is the frozen base.
+    them too. Everything else is the frozen base. Modules wrapped for activation checkpointing or FSDP count as
+    the modules they wrap.
     """
     state = model.state_dict(keep_vars=True)
     keys: set[str] = set()
@@ -142,7 +153,7 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         own = list(module.named_parameters(recurse=False))
         if not any(p.requires_grad for _, p in own):
             continue
-        prefix = f"{module_name}." if module_name else ""
+        prefix = _state_dict_prefix(module_name)
         keys.update(prefix + n for n, p in own if p.requires_grad)
         keys.update(prefix + n for n, b in module.named_buffers(recurse=False) if prefix + n in state)
     return {k: state[k].detach() for k in state if k in keys}

@@ -2,6 +2,7 @@
 process they reproduce the adapted model; wrong or missing bases give clear errors."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -125,6 +126,27 @@ def test_wrong_missing_or_moved_base(tmp_path, trained):
     with pytest.raises(CheckpointError, match="base checkpoint .*base0.pth not found.*pass base_checkpoint="):
         load_adapter_checkpoint(path)
     assert_same_outputs(expected, eval_outputs(load_adapter_checkpoint(path, base_checkpoint=moved), inputs))
+
+
+def test_blocks_wrapped_for_activation_checkpointing_or_fsdp_keep_their_trainable_weights(tmp_path, trained):
+    """Lightning's FSDP strategy (configs/trainer/fsdp.yaml) wraps the encoder blocks: module names gain a level
+    (``_checkpoint_wrapped_module``, ``_fsdp_wrapped_module``) that state-dict keys lack. The LoRA weights inside
+    must still count as trainable, not as frozen base (which checkpoints strip and fingerprint)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    from samtune.adapt.core import base_fingerprint
+    from samtune.modeling.image_encoder import EncoderBlock
+
+    model, base = trained["lora"]
+    model = copy.deepcopy(model)
+    trainable, fingerprint = sorted(trainable_state_dict(model)), base_fingerprint(model)
+    apply_activation_checkpointing(model, check_fn=lambda module: isinstance(module, EncoderBlock))
+    assert any("_checkpoint_wrapped_module" in name for name, _ in model.named_parameters())
+    assert sorted(trainable_state_dict(model)) == trainable
+    assert base_fingerprint(model) == fingerprint
+    path = save_adapter_checkpoint(model, tmp_path / "a.pt", model_name="sam_tiny", base_checkpoint=base)
+    inputs = make_inputs(model)
+    assert_same_outputs(eval_outputs(model, inputs), eval_outputs(load_adapter_checkpoint(path), inputs))
 
 
 def test_random_base_needs_a_base_checkpoint(tmp_path):
