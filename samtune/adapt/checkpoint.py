@@ -7,8 +7,8 @@ A standalone adapter file (``.pt`` / ``.pth`` via ``torch.save``, or ``.safetens
   ``mae_checkpoint`` (None unless the base encoder was MAE-initialised), ``base_checkpoint_absolute`` /
   ``mae_checkpoint_absolute`` (the same made absolute at save time; absent in older files; loading prefers them),
   ``adaptation`` (the plain-dict :class:`AdaptationConfig`), ``trainable_keys``, ``base_fingerprint`` (per frozen
-  tensor: float64 sum and absolute sum, to recognise a wrong base) and ``complete`` (whether the tensors cover every
-  weight);
+  tensor: float64 sum and absolute sum, and dtype, to recognise a wrong base) and ``complete`` (whether the tensors
+  cover every weight);
 * tensors: :func:`samtune.adapt.trainable_state_dict` only (LoRA / adapter weights, plus whatever the freeze
   policy trains, e.g. the mask decoder).
 
@@ -336,7 +336,8 @@ def _check_keys(model: Sam, tensors: dict[str, torch.Tensor], meta: dict[str, An
 
 
 def _check_base(model: Sam, meta: dict[str, Any], source: str, base: str | os.PathLike | None) -> None:
-    bad = compare_fingerprints(meta["base_fingerprint"], base_fingerprint(model))
+    expected = meta["base_fingerprint"]
+    bad = compare_fingerprints(expected, base_fingerprint(model, like=expected))
     if bad:
         raise CheckpointError(
             f"adapter checkpoint {source}: the base weights ({base or 'random init'}) are not the ones the adapter "

@@ -166,24 +166,36 @@ def frozen_keys(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def base_fingerprint(model: nn.Module) -> dict[str, list]:
+def base_fingerprint(model: nn.Module, like: dict[str, list] | None = None) -> dict[str, list]:
     """A cheap fingerprint of the frozen base: per frozen key, the float64 sum and sum of absolute values.
 
     Used to check that a base rebuilt from a checkpoint file is the one an adapter was trained on.
 
+    Args:
+        model: the (adapted) model.
+        like: a fingerprint to compare with: each tensor is first cast to the dtype it had there (a model saved in
+            bf16 / fp16 held its base rounded to that dtype; a base rebuilt from its float32 file must be rounded
+            alike to match).
+
     Returns:
-        ``{"keys": [K names], "sums": [[sum, abs_sum]] * K}`` (plain lists: JSON- and weights_only-safe).
+        ``{"keys": [K names], "sums": [[sum, abs_sum]] * K, "dtypes": [K dtype names]}`` (plain lists: JSON- and
+        weights_only-safe).
     """
     state = model.state_dict()
     keys = frozen_keys(model)
+    recorded = dict(zip(like.get("keys", []), like.get("dtypes", []))) if like is not None else {}
     sums: list[list[float]] = []
     if keys:
         rows = []
         for k in keys:
-            t = state[k].detach().double()
+            t = state[k].detach()
+            dtype = getattr(torch, str(recorded.get(k)), None)
+            if isinstance(dtype, torch.dtype):
+                t = t.to(dtype)
+            t = t.double()
             rows.append(torch.stack((t.sum(), t.abs().sum())))
         sums = torch.stack(rows).cpu().tolist()
-    return {"keys": keys, "sums": sums}
+    return {"keys": keys, "sums": sums, "dtypes": [str(state[k].dtype).removeprefix("torch.") for k in keys]}
 
 
 def compare_fingerprints(expected: dict[str, list], actual: dict[str, list], rtol: float = 1e-6) -> list[str]:

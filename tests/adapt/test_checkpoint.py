@@ -149,6 +149,23 @@ def test_blocks_wrapped_for_activation_checkpointing_or_fsdp_keep_their_trainabl
     assert_same_outputs(eval_outputs(model, inputs), eval_outputs(load_adapter_checkpoint(path), inputs))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adapter_saved_from_a_half_precision_model_loads_on_its_float32_base(tmp_path, trained, dtype):
+    """A model held in bf16 / fp16 when saved has its frozen base rounded to that dtype: the float32 base file it was
+    built from is still its base (rounded alike it is the same), not 'not the ones the adapter was trained on'."""
+    model, base = trained["lora"]
+    half = copy.deepcopy(model).to(dtype)
+    path = save_adapter_checkpoint(half, tmp_path / "a.pt", model_name="sam_tiny", base_checkpoint=base)
+    loaded = load_adapter_checkpoint(path)
+    expected = {k: v.float() for k, v in trainable_state_dict(half).items()}
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expected.items())
+    # still a wrong base for another file of the same architecture
+    torch.manual_seed(1)
+    other = save_checkpoint(build_sam("sam_tiny"), tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="not the ones the adapter was trained on"):
+        load_adapter_checkpoint(path, base_checkpoint=other)
+
+
 def test_random_base_needs_a_base_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = apply_adaptation(build_sam("sam_tiny"), ADAPTER)
