@@ -136,7 +136,8 @@ def export_checkpoint(
         CheckpointError: the input cannot be read or its model cannot be inferred, or ``model`` differs from
             the model an adapter checkpoint records.
         ValueError: unknown format, an option the format does not take (:data:`FORMAT_OPTIONS`), an ONNX
-            ``opset`` below 14, or an adapted checkpoint exported to pth/ONNX without ``merge``.
+            ``opset`` below 14, an ``output`` that is a directory, or an adapted checkpoint exported to pth/ONNX
+            without ``merge``.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; expected one of {', '.join(FORMATS)}")
@@ -149,6 +150,9 @@ def export_checkpoint(
                          + ", ".join(f"{n} (only {' / '.join(FORMAT_OPTIONS[n])})" for n in wrong))
     opset = 17 if opset is None else opset
     output = Path(output)
+    if output.is_dir():  # before the (possibly slow) load and export
+        raise ValueError(f"output {output} is a directory; give the path of the file to write (e.g. "
+                         f"{output / ('model.' + format.removesuffix('-encoder'))})")
     if format in ("onnx", "onnx-encoder"):
         from samtune.export.onnx import check_opset
 

@@ -146,6 +146,11 @@ def test_errors(tiny_sam, tiny_pth, tmp_path, capsys) -> None:
     with pytest.raises(ValueError, match="use --format safetensors"):
         main(["--checkpoint", str(tiny_pth), "--format", "pth", "--output", str(tmp_path / "o.safetensors")])
 
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=f"output {folder} is a directory; give the path of the file to write"):
+        main(["--checkpoint", str(tiny_pth), "--format", "onnx", "--output", str(folder)])
+
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--format", "pth", "--return-single-mask", "--opset", "3"],
