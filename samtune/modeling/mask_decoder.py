@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from samtune.modeling.common import MLP, LayerNorm2d, MLPBlock
+from samtune.modeling.precision import in_autocast
 
 __all__ = ["MaskDecoder", "TwoWayTransformer", "TwoWayAttentionBlock", "Attention"]
 
@@ -403,7 +404,15 @@ class MaskDecoder(nn.Module):
         kernel page by page on first touch and unmapped when freed, which costs about as much as the arithmetic;
         smaller ones come from the heap and reuse memory. The result is the same (prompts are independent);
         traces and exports take one chunk (their prompt count is dynamic).
+
+        Outside autocast the inputs are cast to the decoder's weight dtype: a model cast whole to bf16 (Lightning's
+        ``bf16-true``) receives the prompt encoder's positional encodings in fp32 (computed so for accuracy).
         """
+        dtype = self.iou_token.weight.dtype
+        if not in_autocast(image_embeddings.device.type):
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings = (
+                t.to(dtype) for t in (image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
+            )
         m = sparse_prompt_embeddings.shape[0]
         b, c, h, w = image_embeddings.shape
         if image_index is None and b not in (1, m):

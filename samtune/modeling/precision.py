@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["Precision", "cpu_has_native_bf16", "emulates_bf16", "resolve_precision", "autocast"]
+__all__ = ["Precision", "cpu_has_native_bf16", "emulates_bf16", "resolve_precision", "autocast", "in_autocast"]
 
 Precision = Literal["auto", "fp32", "bf16"]
 
@@ -63,3 +63,11 @@ def autocast(device: torch.device | str, precision: Precision) -> contextlib.Abs
     if resolve_precision(precision, device) == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def in_autocast(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (``"cpu"``, ``"cuda"``, ...) here."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()

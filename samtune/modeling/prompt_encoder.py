@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from samtune.modeling.common import LayerNorm2d
+from samtune.modeling.precision import in_autocast
 
 __all__ = ["PromptEncoder", "PositionEmbeddingRandom", "LABEL_PAD", "LABEL_NEG", "LABEL_POS", "LABEL_BOX_TL", "LABEL_BOX_BR"]
 
@@ -137,7 +138,9 @@ class PromptEncoder(nn.Module):
         return pe + table[(labels + 1).clamp(0, self.num_point_embeddings)]
 
     def embed_masks(self, masks: torch.Tensor) -> torch.Tensor:
-        """``[M, 1, 4h, 4w]`` mask logits -> ``[M, embed_dim, h, w]``."""
+        """``[M, 1, 4h, 4w]`` mask logits -> ``[M, embed_dim, h, w]`` (outside autocast, in the weights' dtype)."""
+        if not in_autocast(masks.device.type):
+            masks = masks.to(self.mask_downscaling[0].weight.dtype)
         return self.mask_downscaling(masks)
 
     def no_mask_dense(self, batch: int) -> torch.Tensor:

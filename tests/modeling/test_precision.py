@@ -25,3 +25,27 @@ def test_explicit_and_bad_values(monkeypatch) -> None:
     assert precision.resolve_precision("bf16", "cpu") == "bf16"
     with pytest.raises(ValueError, match="precision must be"):
         precision.resolve_precision("fp16", "cpu")  # type: ignore[arg-type]
+
+
+def test_a_model_cast_whole_to_bf16_decodes_like_fp32() -> None:
+    """Lightning's ``bf16-true`` casts the model itself: the decoder takes the prompt encoder's fp32 positional
+    encodings and fp32 mask inputs (it used to fail: 'mat1 and mat2 must have the same dtype'), and gives what the
+    fp32 model gives, to bf16 rounding."""
+    from samtune.build import build_sam
+
+    torch.manual_seed(0)
+    model = build_sam("sam_tiny").eval()
+    size = model.image_encoder.img_size
+    images = torch.rand(1, 3, size, size)
+    prompts = dict(point_coords=torch.rand(2, 1, 2) * size, point_labels=torch.ones(2, 1),
+                   boxes=torch.tensor([[10.0, 20.0, 150.0, 200.0]] * 2),
+                   mask_inputs=torch.randn(2, 1, 4 * size // 16, 4 * size // 16))
+    with torch.no_grad():
+        expected, expected_iou = model.decode(model.encode_image(images), **prompts)
+        model.to(torch.bfloat16)
+        logits, iou = model.decode(model.encode_image(images.to(torch.bfloat16)), **prompts)
+    assert logits.dtype == iou.dtype == torch.bfloat16
+    scale = expected.abs().max()
+    assert (logits.float() - expected).abs().max() < 0.05 * scale
+    assert ((logits > 0) == (expected > 0)).float().mean() > 0.98
+    torch.testing.assert_close(iou.float(), expected_iou, atol=0.05 * expected_iou.abs().max(), rtol=0)

@@ -323,6 +323,22 @@ def test_bf16_trainer_steps_and_weights_only_checkpoint(tmp_path, monkeypatch) -
     assert reloaded.simulation_config == task.simulation_config
 
 
+def test_bf16_true_trainer_steps(tmp_path) -> None:
+    """``precision="bf16-true"`` (the whole model in bf16) trains: finite losses, weights updated and kept in bf16."""
+    task = PromptableSegmentationTask("sam_tiny", simulation=SHORT, optimizer=OptimizerConfig(warmup_steps=1),
+                                      val_num_clicks=1)
+    trainer = quick_trainer(tmp_path, precision="bf16-true", max_steps=2, limit_val_batches=1)
+    before = {k: v.clone() for k, v in task.model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*without native bf16.*")
+        trainer.fit(task, loader([2, 1], batches=2), loader([2], batches=1))
+    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert "val/iou_box" in trainer.callback_metrics
+    state = task.model.state_dict()
+    assert all(v.dtype == torch.bfloat16 for v in state.values() if v.is_floating_point())
+    assert any(not torch.equal(state[k].float(), v.float()) for k, v in before.items() if k.startswith("mask_decoder."))
+
+
 def test_loss_config_focal_alpha_null_reaches_the_loss():
     """``focal_alpha: null`` (YAML) weighs foreground and background equally; out-of-range values are rejected."""
     task = PromptableSegmentationTask(model="sam_tiny", loss={"focal_alpha": None})
