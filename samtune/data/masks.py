@@ -499,7 +499,7 @@ def resize_image(image: np.ndarray, size: tuple[int, int], interpolation: Interp
     """Resize ``[H, W, 3]`` uint8 to (h, w) with the model's filter, as :class:`samtune.Predictor` resizes its input.
 
     ``"bilinear"``: PIL's bilinear (anti-aliased when shrinking), the official SAM predictor's; ``"area"``:
-    OpenCV's ``INTER_AREA`` computed in float32 as LiteMedSAM's reference does, rounded back to uint8. A model
+    OpenCV's ``INTER_AREA`` on the uint8 image, as LiteMedSAM's reference does. A model
     trained on other resampling than it meets at inference sees other inputs (LiteMedSAM's box IoU on the EM
     asset moves by 0.07 with the filter, see :mod:`samtune.modeling.preprocessing`).
     """

@@ -109,12 +109,13 @@ def resize_longest_side(image: np.ndarray, long_side: int, interpolation: Interp
 
     Args:
         image: uint8 for ``"bilinear"`` (PIL, as the official predictor); any numeric dtype for ``"area"``
-            (OpenCV ``INTER_AREA`` in float32, as LiteMedSAM's reference).
+            (OpenCV ``INTER_AREA``: uint8 images are resized as uint8, as LiteMedSAM's reference does, so the
+            result is rounded to uint8; other dtypes in float32).
         long_side: target length of the longest side.
         interpolation: ``"bilinear"`` or ``"area"``.
 
     Returns:
-        ``[h, w, C]``: uint8 for ``"bilinear"``, float32 for ``"area"``.
+        ``[h, w, C]``: uint8 for ``"bilinear"``; for ``"area"`` uint8 from a uint8 image, else float32.
     """
     return resize_image_to(image, get_preprocess_shape(image.shape[0], image.shape[1], long_side), interpolation)
 
@@ -123,7 +124,7 @@ def resize_image_to(image: np.ndarray, size: tuple[int, int], interpolation: Int
     """Resize an ``[H, W, C]`` image to ``size`` = (h, w) with a model's filter (see :func:`resize_longest_side`).
 
     Returns:
-        ``[h, w, C]``: uint8 for ``"bilinear"``, float32 for ``"area"``.
+        ``[h, w, C]``: uint8 for ``"bilinear"``; for ``"area"`` uint8 from a uint8 image, else float32.
     """
     h, w = size
     if interpolation == "bilinear":
@@ -135,6 +136,9 @@ def resize_image_to(image: np.ndarray, size: tuple[int, int], interpolation: Int
     if interpolation == "area":
         import cv2
 
-        out = cv2.resize(image.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
+        # LiteMedSAM's reference resizes its uint8 images as uint8: OpenCV rounds (and, enlarging, interpolates in
+        # fixed point), which a float32 resize does not reproduce
+        source = image if image.dtype == np.uint8 else image.astype(np.float32)
+        out = cv2.resize(source, (w, h), interpolation=cv2.INTER_AREA)
         return out[:, :, None] if out.ndim == 2 else out
     raise ValueError(f"interpolation must be 'bilinear' or 'area', got {interpolation!r}")

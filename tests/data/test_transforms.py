@@ -168,7 +168,4 @@ def test_dataset_input_is_what_the_predictor_feeds_the_model(model_name, hw, tmp
     got = dataset[0]["image"]
     resized = Predictor(model, precision="fp32").transform.apply_image(image)
     expected = model.preprocess(torch.as_tensor(resized).permute(2, 0, 1)[None].float())[0]
-    # area resizing runs in float32 and the dataset rounds it to uint8: each pixel, the minimum and the maximum of
-    # the min-max scaling move by <= 0.5 grey levels, so the scaled values by <= 1.5 / (max - min)
-    atol = 0.0 if model.resize_interpolation == "bilinear" else 1.5 / float(resized.max() - resized.min())
-    torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+    torch.testing.assert_close(got, expected, atol=0.0, rtol=0)

@@ -295,3 +295,25 @@ def test_bf16_fast_path_matches_fp32():
 def test_precision_argument_is_checked():
     with pytest.raises(ValueError, match="precision"):
         Predictor(build_sam("sam_tiny"), precision="fp16")
+
+
+@pytest.mark.parametrize("hw", [(512, 512), (300, 220), (90, 140)], ids=["halved", "shrunk", "enlarged"])
+def test_min_max_model_input_is_lite_medsams_reference_preprocessing(hw):
+    """A uint8 image reaches a min-max model (LiteMedSAM) exactly as in LiteMedSAM's reference inference
+    (CVPR24_LiteMedSAM_infer.py): OpenCV INTER_AREA on the uint8 image (its output rounded to uint8), min-max of
+    the resized image, zero padding. Resizing a float copy instead moved every input value by up to 0.003."""
+    import cv2
+
+    model = build_sam("sam_tiny_vit_t").eval()
+    size = model.image_size
+    image = cv2.GaussianBlur(np.random.default_rng(0).integers(0, 256, (*hw, 3), dtype=np.uint8), (5, 5), 1.5)
+    h, w = (int(s * size / max(hw) + 0.5) for s in hw)
+    resized = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+    scaled = (resized - resized.min()) / np.clip(resized.max() - resized.min(), 1e-8, None)
+    padded = np.pad(scaled, ((0, size - h), (0, size - w), (0, 0)))
+    seen = []
+    model.image_encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    pred = Predictor(model, precision="fp32")
+    pred.set_image(image)
+    assert pred.input_size == (h, w)
+    torch.testing.assert_close(seen[0], torch.tensor(padded).float().permute(2, 0, 1)[None], atol=1e-6, rtol=0)
