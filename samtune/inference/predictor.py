@@ -11,7 +11,9 @@ something meaningless:
   ``point_labels`` without ``point_coords`` (the official predictor ignores them), prompts of the wrong shape,
   batch sizes that differ between prompts, labels outside {-1, 0, 1, 2, 3} and a ``mask_input`` that is not one
   low-res logit map per prompt.
-* ``predict_torch`` also takes boxes as ``[B, 1, 4]`` (what ``predict`` passes internally in the official code).
+* ``predict_torch`` also takes boxes as ``[B, 1, 4]`` (what ``predict`` passes internally in the official code),
+  returns empty outputs for ``B = 0`` prompts (the official one fails inside the decoder) and raises
+  ``TypeError`` for prompts that are not tensors.
 * Point labels 2 and 3 are box corners (top-left, bottom-right) and get the box-corner embeddings, as in SAM's
   ONNX decoder and box prompts; the official ``SamPredictor`` gives such points their position encoding alone.
 * ``precision="auto"`` (the default) runs in bf16 where the hardware does so natively (CUDA GPUs with bf16,
@@ -283,7 +285,9 @@ class Predictor:
         if point_coords is None and boxes is None and mask_input is None:
             raise ValueError("no prompt given: pass point_coords/point_labels, a box or a mask_input")
         _require_point_pair(point_coords, point_labels)
-        boxes = self._check_prompts(point_coords, point_labels, boxes, mask_input)
+        boxes, batch_size = self._check_prompts(point_coords, point_labels, boxes, mask_input)
+        if batch_size == 0:
+            return self._empty_outputs(multimask_output, return_logits)
         with autocast(self.device, self.precision):
             low_res, iou = self.model.decode(
                 self.features,
@@ -299,10 +303,23 @@ class Predictor:
             masks = masks > self.model.mask_threshold
         return masks, iou, low_res
 
+    def _empty_outputs(self, multimask_output: bool, return_logits: bool) -> tuple[torch.Tensor, ...]:
+        """What :meth:`predict_torch` returns for a batch of ``B = 0`` prompts (the decoder cannot run on none)."""
+        channels = self.model.mask_decoder.num_mask_tokens - 1 if multimask_output else 1
+        low = self.model.low_res_size
+        masks = torch.zeros(0, channels, *self.original_size, device=self.device,
+                            dtype=torch.float32 if return_logits else torch.bool)
+        return masks, torch.zeros(0, channels, device=self.device), torch.zeros(0, channels, low, low, device=self.device)
+
     def _check_prompts(self, point_coords: torch.Tensor | None, point_labels: torch.Tensor | None,
-                       boxes: torch.Tensor | None, mask_input: torch.Tensor | None) -> torch.Tensor | None:
-        """Raise ``ValueError`` naming the argument for prompts the model cannot take; returns ``boxes`` as
-        ``[B, 4]`` (``[B, 1, 4]`` is flattened)."""
+                       boxes: torch.Tensor | None, mask_input: torch.Tensor | None) -> tuple[torch.Tensor | None, int]:
+        """Raise ``TypeError`` / ``ValueError`` naming the argument for prompts the model cannot take; returns
+        ``boxes`` as ``[B, 4]`` (``[B, 1, 4]`` is flattened) and the batch size ``B``."""
+        prompts = {"point_coords": point_coords, "point_labels": point_labels, "boxes": boxes, "mask_input": mask_input}
+        for what, value in prompts.items():
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise TypeError(f"{what} must be a torch.Tensor in model-input pixels, got {type(value).__name__}; "
+                                "predict() takes numpy arrays in original-image pixels")
         if boxes is not None and boxes.ndim == 3 and boxes.shape[1:] == (1, 4):
             boxes = boxes[:, 0]
         batch: dict[str, int] = {}
@@ -338,7 +355,7 @@ class Predictor:
                 raise ValueError(f"{what} must be finite, got NaN or inf")
             if ((value < 0) | (value > size)).any():
                 raise ValueError(f"{what} outside the model input frame [0, {size}]; transform them with predictor.transform first")
-        return boxes
+        return boxes, next(iter(batch.values()))
 
     # ----------------------------------------------------------------- state
     def get_image_embedding(self) -> torch.Tensor:

@@ -317,3 +317,27 @@ def test_min_max_model_input_is_lite_medsams_reference_preprocessing(hw):
     pred.set_image(image)
     assert pred.input_size == (h, w)
     torch.testing.assert_close(seen[0], torch.tensor(padded).float().permute(2, 0, 1)[None], atol=1e-6, rtol=0)
+
+
+def test_predict_torch_names_prompts_that_are_not_tensors(predictor):
+    """numpy prompts passed to predict_torch (which takes tensors in model-input pixels) failed deep inside with
+    "'numpy.ndarray' object has no attribute 'unique'"."""
+    with pytest.raises(TypeError, match=r"point_coords must be a torch\.Tensor .* got ndarray; predict\(\)"):
+        predictor.predict_torch(np.array([[[10.0, 20.0]]]), np.array([[1]]))
+    with pytest.raises(TypeError, match=r"boxes must be a torch\.Tensor .* got list"):
+        predictor.predict_torch(None, None, boxes=[[1.0, 2.0, 30.0, 40.0]])
+
+
+@pytest.mark.parametrize("multimask_output, channels", [(True, 3), (False, 1)])
+def test_predict_torch_with_no_prompts_in_the_batch(model, predictor, multimask_output, channels):
+    """B = 0 (say, no detections on this image) gives empty outputs of the documented shapes; it used to fail
+    inside the decoder with "cannot reshape tensor of 0 elements"."""
+    low = model.low_res_size
+    for return_logits, dtype in ((False, torch.bool), (True, torch.float32)):
+        masks, iou, low_res = predictor.predict_torch(None, None, boxes=torch.zeros(0, 4),
+                                                      multimask_output=multimask_output, return_logits=return_logits)
+        assert masks.shape == (0, channels, H, W) and masks.dtype == dtype
+        assert iou.shape == (0, channels) and low_res.shape == (0, channels, low, low)
+    masks, iou, _ = predictor.predict_torch(torch.zeros(0, 2, 2), torch.zeros(0, 2, dtype=torch.int),
+                                            multimask_output=multimask_output)
+    assert masks.shape == (0, channels, H, W) and iou.shape == (0, channels)
