@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.nn import functional as F
 
 from samtune.build import MODEL_REGISTRY, ViTConfig, build_sam, build_sam_from_config, with_overrides
