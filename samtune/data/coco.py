@@ -3,8 +3,8 @@
 Segmentations may be polygons (nested, or a flat ``[x, y, ...]`` list), uncompressed RLE (``counts`` a list, the
 ``iscrowd`` form) or compressed RLE (``counts`` a string); polygon parts of fewer than 3 points enclose nothing
 and are left out (an annotation made only of them is an empty mask, passed over like any empty mask). Crowd
-annotations are left out unless ``include_crowd``; ``category_ids`` keeps only those categories. Images left without annotations by these
-filters are not indexed (they are counted in :attr:`COCODataset.num_unannotated`).
+annotations are left out unless ``include_crowd``; ``category_ids`` keeps only those categories. Images left
+without annotations by these filters are not indexed (they are counted in :attr:`COCODataset.num_unannotated`).
 """
 from __future__ import annotations
 
