@@ -415,6 +415,9 @@ class MaskDecoder(nn.Module):
             )
         m = sparse_prompt_embeddings.shape[0]
         b, c, h, w = image_embeddings.shape
+        if m == 0 and not _exporting():  # no prompts (e.g. an image without detections): empty outputs
+            logits = image_embeddings.new_zeros(0, self.num_mask_tokens, 4 * h, 4 * w)
+            return logits, image_embeddings.new_zeros(0, self.num_mask_tokens)
         if image_index is None and b not in (1, m):
             raise ValueError(
                 f"{b} image embeddings for {m} prompts: pass image_index to say which image each prompt belongs to"

@@ -345,3 +345,24 @@ def test_prompt_positional_encoding_stays_fp32_under_autocast(models) -> None:
     encoder.__dict__.pop("_dense_pe_cache", None)
     torch.testing.assert_close(dense, encoder.get_dense_pe(), rtol=0, atol=0)
     torch.testing.assert_close(points_autocast, encoder.embed_points(coords, labels), rtol=0, atol=1e-6)
+
+
+def test_zero_prompts_decode_to_empty_outputs() -> None:
+    """No prompts (an image without detections, a batch whose masks were all filtered) gives empty outputs of the
+    documented shapes instead of a reshape error inside the decoder."""
+    model = build_sam("sam_tiny").eval()
+    size = model.image_encoder.img_size
+    low = 4 * (size // 16)
+    with torch.no_grad():
+        embeddings = model.encode_image(torch.rand(2, 3, size, size))
+        for multimask, channels in ((True, 3), (False, 1)):
+            logits, iou = model.decode(embeddings[:1], boxes=torch.zeros(0, 4), multimask_output=multimask)
+            assert logits.shape == (0, channels, low, low) and iou.shape == (0, channels)
+            logits, iou = model.decode(embeddings[:1], point_coords=torch.zeros(0, 1, 2),
+                                       point_labels=torch.zeros(0, 1), multimask_output=multimask)
+            assert logits.shape == (0, channels, low, low) and iou.shape == (0, channels)
+        logits, iou = model.decode(embeddings, boxes=torch.zeros(2, 0, 4))  # [B, N] prompts with N = 0
+        assert logits.shape == (2, 0, 3, low, low) and iou.shape == (2, 0, 3)
+        logits, iou = model.decode(embeddings, image_index=torch.zeros(0, dtype=torch.long), boxes=torch.zeros(0, 4),
+                                   return_all_tokens=True)
+        assert logits.shape == (0, 4, low, low) and iou.shape == (0, 4)
