@@ -285,9 +285,7 @@ class Predictor:
         if point_coords is None and boxes is None and mask_input is None:
             raise ValueError("no prompt given: pass point_coords/point_labels, a box or a mask_input")
         _require_point_pair(point_coords, point_labels)
-        boxes, batch_size = self._check_prompts(point_coords, point_labels, boxes, mask_input)
-        if batch_size == 0:
-            return self._empty_outputs(multimask_output, return_logits)
+        boxes = self._check_prompts(point_coords, point_labels, boxes, mask_input)
         with autocast(self.device, self.precision):
             low_res, iou = self.model.decode(
                 self.features,
@@ -303,18 +301,10 @@ class Predictor:
             masks = masks > self.model.mask_threshold
         return masks, iou, low_res
 
-    def _empty_outputs(self, multimask_output: bool, return_logits: bool) -> tuple[torch.Tensor, ...]:
-        """What :meth:`predict_torch` returns for a batch of ``B = 0`` prompts (the decoder cannot run on none)."""
-        channels = self.model.mask_decoder.num_mask_tokens - 1 if multimask_output else 1
-        low = self.model.low_res_size
-        masks = torch.zeros(0, channels, *self.original_size, device=self.device,
-                            dtype=torch.float32 if return_logits else torch.bool)
-        return masks, torch.zeros(0, channels, device=self.device), torch.zeros(0, channels, low, low, device=self.device)
-
     def _check_prompts(self, point_coords: torch.Tensor | None, point_labels: torch.Tensor | None,
-                       boxes: torch.Tensor | None, mask_input: torch.Tensor | None) -> tuple[torch.Tensor | None, int]:
+                       boxes: torch.Tensor | None, mask_input: torch.Tensor | None) -> torch.Tensor | None:
         """Raise ``TypeError`` / ``ValueError`` naming the argument for prompts the model cannot take; returns
-        ``boxes`` as ``[B, 4]`` (``[B, 1, 4]`` is flattened) and the batch size ``B``."""
+        ``boxes`` as ``[B, 4]`` (``[B, 1, 4]`` is flattened)."""
         prompts = {"point_coords": point_coords, "point_labels": point_labels, "boxes": boxes, "mask_input": mask_input}
         for what, value in prompts.items():
             if value is not None and not isinstance(value, torch.Tensor):
@@ -355,7 +345,7 @@ class Predictor:
                 raise ValueError(f"{what} must be finite, got NaN or inf")
             if ((value < 0) | (value > size)).any():
                 raise ValueError(f"{what} outside the model input frame [0, {size}]; transform them with predictor.transform first")
-        return boxes, next(iter(batch.values()))
+        return boxes
 
     # ----------------------------------------------------------------- state
     def get_image_embedding(self) -> torch.Tensor:
