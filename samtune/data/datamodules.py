@@ -195,6 +195,16 @@ class SegmentationDataModule(L.LightningDataModule):
         return split_by_ratio(names, self.val_fraction, self.split_seed)
 
 
+def _split_lists(module: Any) -> tuple[list[str] | None, list[str] | None]:
+    """The names listed in a datamodule's ``train_split`` / ``val_split`` files (None where unset); a missing file's
+    error names the setting."""
+    def names(setting: str) -> list[str] | None:
+        path = getattr(module, setting)
+        return read_name_list(path, f"{type(module).__name__}.{setting}") if path else None
+
+    return names("train_split"), names("val_split")
+
+
 class SA1BDataModule(SegmentationDataModule):
     """SA-1B folders.
 
@@ -243,9 +253,7 @@ class SA1BDataModule(SegmentationDataModule):
     def build_datasets(self) -> tuple[SA1BDataset, SA1BDataset]:
         if not self.root.is_dir():
             raise ValueError(f"SA1BDataModule.root is not a folder: {self.root}")
-        key = type(self).__name__
-        train_list = read_name_list(self.train_split, f"{key}.train_split") if self.train_split else None
-        val_list = read_name_list(self.val_split, f"{key}.val_split") if self.val_split else None
+        train_list, val_list = _split_lists(self)
         if self.val_root is not None:
             train = SA1BDataset(self.root, names=train_list, **self.dataset_options(True))
             val = SA1BDataset(self.val_root, names=val_list, **self.dataset_options(False))
@@ -433,9 +441,7 @@ class MaskFolderDataModule(SegmentationDataModule):
         if not self.image_dir.is_dir():
             raise ValueError(f"MaskFolderDataModule.image_dir is not a folder: {self.image_dir}")
         names = sorted(image_files(self.image_dir, self.mask_dir, self.folder_options["mask_suffix"]))
-        key = type(self).__name__
-        train_list = read_name_list(self.train_split, f"{key}.train_split") if self.train_split else None
-        val_list = read_name_list(self.val_split, f"{key}.val_split") if self.val_split else None
+        train_list, val_list = _split_lists(self)
         train_names, val_names = self._split(names, train_list, val_list)
         return (
             MaskFolderDataset(self.image_dir, self.mask_dir, names=train_names, **self.folder_options,
