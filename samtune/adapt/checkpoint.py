@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -195,7 +196,11 @@ def _check_metadata(meta: Any, source: str) -> dict[str, Any]:
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
         raise CheckpointError(f"checkpoint {source}: adapter metadata lacks {missing}")
-    if int(meta["format_version"]) > ADAPTER_FORMAT_VERSION:
+    version = meta["format_version"]
+    if isinstance(version, bool) or not isinstance(version, (int, str)) or not str(version).strip().isdigit():
+        raise CheckpointError(f"checkpoint {source}: adapter metadata 'format_version' must be a non-negative "
+                              f"integer, got {version!r}")
+    if int(version) > ADAPTER_FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {source}: adapter format version {meta['format_version']} is newer than this samtune "
             f"reads ({ADAPTER_FORMAT_VERSION}; written by samtune {meta.get('samtune_version')}): upgrade samtune"
@@ -368,6 +373,9 @@ def load_adapter_checkpoint(path: str | os.PathLike, base_checkpoint: str | os.P
     config = AdaptationConfig.coerce(meta["adaptation"], name=f"adapter checkpoint {source}: adaptation")
     complete = bool(meta.get("complete"))
     given = base_checkpoint is not None
+    if given and complete:
+        warnings.warn(f"adapter checkpoint {source} stores every weight of the model (complete); base_checkpoint "
+                      f"{base_checkpoint} is not used", stacklevel=2)
     base = base_checkpoint if given else _recorded_path(meta, "base_checkpoint")
     if base is None and not complete:
         raise CheckpointError(

@@ -365,3 +365,36 @@ def test_task_resumes_with_another_checkpoint_weights_setting(tmp_path, saved, r
     other.load_state_dict(ckpt["state_dict"])
     expected = task.model.state_dict()
     assert all(torch.equal(value, expected[key]) for key, value in other.model.state_dict().items())
+
+
+def test_complete_checkpoint_warns_that_a_given_base_is_unused(tmp_path):
+    """A complete checkpoint stores every weight: a base passed along is not read, and the caller is told so
+    instead of believing the weights came from it."""
+    from samtune.adapt.checkpoint import METADATA_KEY, adapter_metadata
+
+    torch.manual_seed(0)
+    model = build_sam("sam_tiny")
+    apply_adaptation(model, LORA)
+    meta = adapter_metadata(model, model_name="sam_tiny", base_checkpoint=None, complete=True)
+    path = tmp_path / "complete.pt"
+    torch.save({METADATA_KEY: meta, "state_dict": dict(model.state_dict())}, path)
+    other = save_checkpoint(build_sam("sam_tiny"), tmp_path / "other.pth")
+    inputs = make_inputs(model)
+    with pytest.warns(UserWarning, match=r"complete.*other\.pth is not used"):
+        loaded = load_adapter_checkpoint(path, base_checkpoint=other)
+    assert_same_outputs(eval_outputs(model, inputs), eval_outputs(loaded, inputs))
+
+
+@pytest.mark.parametrize("version", ["one", 1.5, None, True])
+def test_bad_format_version_is_a_checkpoint_error(tmp_path, version):
+    """A corrupt ``format_version`` is reported as a bad adapter file naming the key, not a bare ValueError."""
+    from samtune.adapt.checkpoint import METADATA_KEY, adapter_metadata
+
+    model = build_sam("sam_tiny")
+    apply_adaptation(model, LORA)
+    meta = adapter_metadata(model, model_name="sam_tiny", base_checkpoint=None, complete=True) | {
+        "format_version": version}
+    path = tmp_path / "bad.pt"
+    torch.save({METADATA_KEY: meta, "state_dict": dict(model.state_dict())}, path)
+    with pytest.raises(CheckpointError, match=r"bad\.pt: adapter metadata 'format_version' must be"):
+        load_adapter_checkpoint(path)
