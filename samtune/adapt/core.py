@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -292,6 +293,7 @@ def export_merged(model: Sam, path: str | Path, format: Literal["pth", "safetens
         ValueError: an unknown format or a suffix that does not fit it.
     """
     from samtune.checkpoints import save_checkpoint
+    from samtune.export.metadata import sidecar_path
 
     path = Path(path)
     if format not in ("pth", "safetensors"):
@@ -301,4 +303,10 @@ def export_merged(model: Sam, path: str | Path, format: Literal["pth", "safetens
                          "(use a .safetensors suffix exactly for format 'safetensors')")
     merged = merge_adaptation(model)
     _check_official_layout(merged)
-    return save_checkpoint(merged, path)
+    written = save_checkpoint(merged, path)
+    stale = sidecar_path(written)
+    if stale.is_file():  # a `samtune export` of what this file held before: its model name and preprocessing
+        stale.unlink()   # would be read for these weights (samtune.export.read_export_metadata)
+        warnings.warn(f"export_merged: removed {stale}, the export metadata of the file {written} replaced",
+                      stacklevel=2)
+    return written

@@ -143,3 +143,16 @@ def test_unmergeable_export_error_names_a_loader_that_reads_the_advised_file(tmp
     assert not loaded.merged
     inputs = make_inputs(model)
     assert max_diff(eval_outputs(model, inputs), eval_outputs(loaded.model, inputs)) <= TOL
+
+
+def test_export_merged_removes_the_replaced_files_export_metadata(tmp_path):
+    """Writing merged weights over a ``samtune export`` output removes its ``OUT.json``: that sidecar named the
+    model and preprocessing of the replaced weights, and loaders would read it for the new ones."""
+    from samtune.export.metadata import read_export_metadata, sidecar_path
+
+    path = tmp_path / "model.pth"
+    export_merged(build_sam("sam_tiny"), path)
+    sidecar_path(path).write_text('{"format": "samtune-export", "model": "lite_medsam"}')
+    with pytest.warns(UserWarning, match=r"removed .*model\.pth\.json"):
+        export_merged(apply_adaptation(build_sam("sam_tiny"), dict(method="lora", lora_rank=2)), path)
+    assert not sidecar_path(path).exists() and read_export_metadata(path) is None
