@@ -38,6 +38,9 @@ __all__ = [
 ]
 
 _CONTAINER_KEYS = ("model", "state_dict", "module", "model_state_dict")
+# Lightning checkpoints of the task: how the training data mapped image files to the model's 8-bit RGB input
+# (``samtune.data.io.prepare_image`` keyword arguments; see ``SegmentationDataModule.input_mapping``).
+INPUT_MAPPING_KEY = "samtune_input_mapping"
 _SAM_PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 
 

@@ -632,6 +632,11 @@ class CachedEmbeddingDataModule(L.LightningDataModule):
         """Bad samples skipped so far (see the wrapped datamodule)."""
         return self.data.num_skipped
 
+    @property
+    def input_mapping(self) -> dict[str, Any]:
+        """The wrapped datamodule's :attr:`~samtune.data.datamodules.SegmentationDataModule.input_mapping`."""
+        return self.data.input_mapping
+
     # ------------------------------------------------------------------------------ loaders
     def _loader(self, dataset: CachedEmbeddingDataset, shuffle: bool) -> DataLoader:
         data = self.data

@@ -137,6 +137,22 @@ class SegmentationDataModule(L.LightningDataModule):
         self.train_dataset: SegmentationDataset | None = None
         self.val_dataset: SegmentationDataset | None = None
 
+    @property
+    def input_mapping(self) -> dict[str, Any]:
+        """How an image file becomes the model's 8-bit RGB input: the keyword arguments of
+        :func:`samtune.data.io.prepare_image` (``bands``, ``intensity``, ``percentiles``, ``window``).
+
+        The task records it in its checkpoints and ``samtune export`` in the export metadata, so that inference
+        (``samtune amg``) and other apps map 16-bit or multi-band images as training did.
+        """
+        common = self._common
+        return {
+            "bands": None if common["bands"] is None else [int(b) for b in common["bands"]],
+            "intensity": str(common["intensity"]),
+            "percentiles": [float(v) for v in common["percentiles"]],
+            "window": None if common["window"] is None else [float(v) for v in common["window"]],
+        }
+
     def dataset_options(self, train: bool) -> dict[str, Any]:
         """Keyword options for a dataset of the given role."""
         options = dict(self._common, train=train, region=self._regions[train])

@@ -364,6 +364,39 @@ def prepare_image(
     return np.ascontiguousarray(normalize_intensity(rgb, intensity, percentiles, window, path))
 
 
+INPUT_MAPPING_DEFAULTS: dict[str, Any] = {"bands": None, "intensity": "auto", "percentiles": (0.5, 99.5),
+                                          "window": None}
+
+
+def resolve_input_mapping(recorded: dict[str, Any] | None = None, **given: Any) -> dict[str, Any]:
+    """The keyword arguments of :func:`prepare_image` for inference on a trained model.
+
+    Each setting (``bands``, ``intensity``, ``percentiles``, ``window``) is the one given (not None), else the
+    one ``recorded`` (the input mapping a training checkpoint or export metadata keeps, see
+    :attr:`samtune.data.datamodules.SegmentationDataModule.input_mapping`), else ``prepare_image``'s default.
+
+    Raises:
+        ValueError: an invalid combination (see :func:`check_intensity_options`), or ``percentiles`` / ``window``
+            given for an intensity preset that does not use them (they would be silently ignored).
+    """
+    unknown = sorted(set(given) - set(INPUT_MAPPING_DEFAULTS))
+    if unknown:
+        raise TypeError(f"resolve_input_mapping: unknown settings {unknown}")
+    mapping = dict(INPUT_MAPPING_DEFAULTS)
+    for source in (recorded or {}, given):
+        mapping.update({k: v for k, v in source.items() if k in mapping and v is not None})
+    intensity = mapping["intensity"]
+    if given.get("percentiles") is not None and intensity not in ("percentile", "auto"):
+        raise ValueError(f"percentiles only act with intensity 'percentile' or 'auto', but intensity is {intensity!r}")
+    if given.get("window") is not None and intensity != "window":
+        raise ValueError(f"window only acts with intensity 'window', but intensity is {intensity!r}")
+    check_intensity_options(intensity, mapping["percentiles"], mapping["window"])
+    mapping["bands"] = None if mapping["bands"] is None else [int(b) for b in mapping["bands"]]
+    mapping["percentiles"] = tuple(float(v) for v in mapping["percentiles"])
+    mapping["window"] = None if mapping["window"] is None else tuple(float(v) for v in mapping["window"])
+    return mapping
+
+
 def check_intensity_options(
     intensity: str, percentiles: Sequence[float], window: Sequence[float] | None
 ) -> None:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 
+from samtune.argtypes import comma_separated
 from samtune.evaluation.protocols import PROTOCOLS, ProtocolConfig
 from samtune.evaluation.report import format_table, safe_name, write_report
 from samtune.evaluation.runner import dataset_options, evaluate
@@ -55,9 +56,10 @@ def load_model(
     return _load(checkpoint, model, base_checkpoint)[0]
 
 
-def _load(checkpoint: str | Path, model: str | None,
-          base_checkpoint: str | Path | None = None) -> tuple[torch.nn.Module, str | None]:
-    """:func:`load_model` and the registry name of the model (given, or inferred from the file)."""
+def _load(checkpoint: str | Path, model: str | None, base_checkpoint: str | Path | None = None
+          ) -> tuple[torch.nn.Module, str | None, dict[str, Any] | None]:
+    """:func:`load_model`, the registry name of the model (given, or inferred from the file) and the input mapping
+    its training recorded (``samtune.export.LoadedCheckpoint.input_mapping``)."""
     from samtune.export import load_sam
 
     path = Path(checkpoint)
@@ -67,24 +69,10 @@ def _load(checkpoint: str | Path, model: str | None,
         raise ValueError(f"--base-checkpoint {base_checkpoint}: file not found (expected the base weights the "
                          f"adapter checkpoint {path} was trained on)")
     loaded = load_sam(path, model, base_checkpoint=base_checkpoint, merge_adapters="auto")
-    return loaded.model, model if model is not None else loaded.name
+    return loaded.model, model if model is not None else loaded.name, loaded.input_mapping
 
 
 # ------------------------------------------------------------------------------------------------ parsing
-def _list_of(kind: Callable[[str], Any], count: int | None = None) -> Callable[[str], list[Any]]:
-    def parse(text: str) -> list[Any]:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        if count is not None and len(items) != count:
-            raise argparse.ArgumentTypeError(f"expected {count} comma-separated values, got {text!r}")
-        try:
-            return [kind(t) for t in items]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
-
-    parse.__name__ = f"list of {kind.__name__}"
-    return parse
-
-
 def _protocols(text: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in items if t not in PROTOCOLS]
@@ -158,19 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask-type", choices=("binary", "components", "instance", "semantic"),
                    help="how label images become instances (default instance)")
     g.add_argument("--background", type=int, help="background label (default 0)")
-    g.add_argument("--ignore-values", type=_list_of(int), help="labels that are neither object nor background")
+    g.add_argument("--ignore-values", type=comma_separated(int), help="labels that are neither object nor background")
     g.add_argument("--min-area", type=int, help="drop instances smaller than this, original pixels (default 0)")
     g.add_argument("--connectivity", type=int, choices=(4, 8), help="connected components (default 8)")
     g = parser.add_argument_group("coco options")
-    g.add_argument("--category-ids", type=_list_of(int), help="keep only these categories")
+    g.add_argument("--category-ids", type=comma_separated(int), help="keep only these categories")
     g.add_argument("--include-crowd", action="store_true", default=None, help="also evaluate iscrowd annotations")
     g = parser.add_argument_group("image reading (all formats)")
     g.add_argument("--intensity", choices=("auto", "none", "minmax", "percentile", "window"),
                    help="intensity preset for 16-bit / float images (default auto)")
-    g.add_argument("--percentiles", type=_list_of(float, 2),
+    g.add_argument("--percentiles", type=comma_separated(float, 2),
                    help="LO,HI for --intensity percentile (and auto, on images that are not 8-bit)")
-    g.add_argument("--window", type=_list_of(float, 2), help="LO,HI raw values; needs --intensity window")
-    g.add_argument("--bands", type=_list_of(int), help="1 or 3 band indices of multi-band images")
+    g.add_argument("--window", type=comma_separated(float, 2), help="LO,HI raw values; needs --intensity window")
+    g.add_argument("--bands", type=comma_separated(int), help="1 or 3 band indices of multi-band images")
     g.add_argument("--crop-size", type=_positive_int, help="tile images into squares of this size first")
     g.add_argument("--tile-overlap", type=int, help="pixels shared by neighbouring tiles (each instance is "
                    "evaluated once, whole where a tile holds it whole)")
@@ -199,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--coordinate-mapping", choices=("official", "area"), default="official",
                    help="GT pixel -> model-input coordinates: x * scale like SamPredictor.transform (official) or "
                         "by pixel area ((x + 0.5) * scale - 0.5; box ends at (x1 + 1) * scale - 1)")
-    g.add_argument("--noc-thresholds", type=_list_of(float), default=[0.85, 0.90], help="IoU thresholds of NoC")
+    g.add_argument("--noc-thresholds", type=comma_separated(float), default=[0.85, 0.90], help="IoU thresholds of NoC")
     g.add_argument("--seed", type=_non_negative_int, default=0,
                    help="seed of the box jitter and of --max-masks-per-image")
 
@@ -239,11 +227,15 @@ def _image_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def _check_intensity_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """--window and --percentiles only act through their --intensity preset: given without it, they would be
-    silently ignored (``auto`` applies the percentiles to images that are not 8-bit)."""
-    intensity = args.intensity or "auto"
-    got = f" (got --intensity {args.intensity})" if args.intensity is not None else ""
+def _check_intensity_flags(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                           recorded: dict[str, Any] | None = None) -> None:
+    """--window and --percentiles only act through their --intensity preset (given, else the one the checkpoint
+    records, else auto): otherwise they would be silently ignored (``auto`` applies the percentiles to images
+    that are not 8-bit)."""
+    kept = (recorded or {}).get("intensity")
+    intensity = args.intensity or kept or "auto"
+    got = (f" (got --intensity {args.intensity})" if args.intensity is not None
+           else f" (the checkpoint records intensity {kept})" if kept is not None else "")
     if args.window is not None and intensity != "window":
         parser.error(f"--window needs --intensity window{got}")
     if args.percentiles is not None and intensity not in ("percentile", "auto"):
@@ -383,8 +375,8 @@ def main(argv: list[str]) -> int:
         args.checkpoint = args.checkpoint or model_args.get("checkpoint")
     elif args.data is None:
         parser.error("give the dataset with --data {mask_folder,coco,sa1b} (and its paths) or --config RECIPE")
-    else:
-        _check_intensity_flags(parser, args)
+    elif args.intensity is not None:
+        _check_intensity_flags(parser, args)  # before loading the model; else once it tells its recorded mapping
     if args.checkpoint is None:
         parser.error("--checkpoint is required")
     try:
@@ -407,8 +399,20 @@ def main(argv: list[str]) -> int:
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output {out}: exists and is not a folder")
-    model, model_name = _load(args.checkpoint, args.model, args.base_checkpoint)
+    from samtune.data.io import resolve_input_mapping
+
+    model, model_name, recorded = _load(args.checkpoint, args.model, args.base_checkpoint)
     base = dataset_options(model, config, args.max_masks_per_image)
+    mapping = None
+    if recipe is None:
+        _check_intensity_flags(parser, args, recorded)
+        try:  # flags given replace the mapping the checkpoint's training recorded, setting by setting
+            mapping = resolve_input_mapping(recorded, bands=args.bands, intensity=args.intensity,
+                                            percentiles=args.percentiles, window=args.window)
+        except ValueError as err:
+            parser.error(f"image reading (--intensity, --percentiles, --window, --bands): {err}")
+        args.bands, args.intensity, args.percentiles, args.window = (
+            mapping["bands"], mapping["intensity"], mapping["percentiles"], mapping["window"])
     if recipe is not None:
         # --seed replaces the recipe's data seed (which mask subset --max-masks-per-image keeps), as with --data
         dataset = dataset_from_recipe(recipe, args.config, {**base, "seed": args.seed})
@@ -421,7 +425,8 @@ def main(argv: list[str]) -> int:
         device=args.device, precision=args.precision, max_images=args.max_images, progress=not args.quiet,
         metadata={"model": model_name, "checkpoint": str(args.checkpoint),
                   **({} if args.base_checkpoint is None else {"base_checkpoint": str(args.base_checkpoint)}),
-                  "data": args.data or f"config:{args.config}"},
+                  "data": args.data or f"config:{args.config}",
+                  **({} if mapping is None else {"input_mapping": mapping})},
     )
     paths, warnings = write_report(report, out, plot=not args.no_plot)
     print(format_table(report))

@@ -28,7 +28,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from samtune.build import available_models, build_sam
-from samtune.checkpoints import CheckpointError, infer_model_name, load_into, read_state_dict
+from samtune.checkpoints import INPUT_MAPPING_KEY, CheckpointError, infer_model_name, load_into, read_state_dict
 from samtune.export.metadata import FORMAT, read_export_metadata
 from samtune.modeling.sam import Sam
 
@@ -52,6 +52,9 @@ class LoadedCheckpoint:
         adaptation: the adaptation config (LoRA/adapters) of the weights, if any.
         merged: whether that adaptation was merged into the weights.
         metadata: samtune export metadata found with the file.
+        input_mapping: how the training data turned image files into the model's 8-bit RGB input
+            (:func:`samtune.data.io.prepare_image` keyword arguments), from a task checkpoint or export metadata;
+            None where unknown.
     """
 
     model: Sam
@@ -62,6 +65,7 @@ class LoadedCheckpoint:
     adaptation: dict[str, Any] | None = None
     merged: bool = False
     metadata: dict[str, Any] | None = None
+    input_mapping: dict[str, Any] | None = None
 
 
 def _adapt_function(name: str, path: Path, why: str) -> Callable[..., Any]:
@@ -117,9 +121,10 @@ def _read_container(path: Path) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _adapter_metadata(path: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+def _adapter_metadata(path: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None, dict[str, Any] | None]:
     """The ``samtune_adapter`` metadata of an adapter checkpoint and, for a Lightning checkpoint, its
-    hyper-parameters; None for what the file lacks or when it cannot be read (the adapter loader then says why)."""
+    hyper-parameters and input mapping; None for what the file lacks or when it cannot be read (the adapter loader
+    then says why)."""
     try:
         container = _read_container(path)
         if container is None:
@@ -127,12 +132,22 @@ def _adapter_metadata(path: Path) -> tuple[dict[str, Any] | None, dict[str, Any]
 
             with safe_open(str(path), framework="pt") as fh:
                 raw = (fh.metadata() or {}).get(_ADAPTER_METADATA_KEY)
-            meta, hp = (json.loads(raw) if raw is not None else None), None
+            meta, hp, mapping = (json.loads(raw) if raw is not None else None), None, None
         else:
             meta, hp = container.get(_ADAPTER_METADATA_KEY), container.get("hyper_parameters")
+            mapping = _input_mapping(container)
     except Exception:  # noqa: BLE001  (unreadable here: load_adapter_checkpoint reports it)
-        return None, None
-    return (dict(meta) if isinstance(meta, dict) else None), (dict(hp) if isinstance(hp, dict) else None)
+        return None, None, None
+    return (dict(meta) if isinstance(meta, dict) else None), (dict(hp) if isinstance(hp, dict) else None), mapping
+
+
+def _input_mapping(container: dict[str, Any] | None, metadata: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The input mapping a task checkpoint records (:data:`samtune.checkpoints.INPUT_MAPPING_KEY`), else the
+    one in export metadata, else None."""
+    mapping = container.get(INPUT_MAPPING_KEY) if container is not None else None
+    if not isinstance(mapping, dict) and metadata is not None:
+        mapping = metadata.get("input_mapping")
+    return dict(mapping) if isinstance(mapping, dict) else None
 
 
 def _active(adaptation: Any) -> dict[str, Any] | None:
@@ -191,7 +206,7 @@ def load_sam(
         metadata = None
 
     if _is_adapter_checkpoint(path):
-        recorded, hparams = _adapter_metadata(path)
+        recorded, hparams, mapping = _adapter_metadata(path)
         recorded_name = recorded.get("model_name") if recorded is not None else None
         if model is not None and recorded_name is not None and model != recorded_name:
             raise CheckpointError(
@@ -211,7 +226,9 @@ def load_sam(
                 name = infer_model_name(sam.state_dict(), str(path))
             except CheckpointError:
                 name = None
-        return LoadedCheckpoint(sam.eval(), name, path, "adapter", hparams, adaptation, merged, metadata)
+        if mapping is None:
+            mapping = _input_mapping(None, metadata)
+        return LoadedCheckpoint(sam.eval(), name, path, "adapter", hparams, adaptation, merged, metadata, mapping)
     if base_checkpoint is not None:
         raise CheckpointError(
             f"checkpoint {path}: base_checkpoint is only used with adapter-only checkpoints, and this is not one "
@@ -264,4 +281,5 @@ def load_sam(
         load_into(sam, state, strict=True, source=str(path))
     if metadata is not None and isinstance(metadata.get("adaptation"), dict) and metadata["adaptation"].get("merged"):
         adaptation, merged = metadata["adaptation"].get("config"), True
-    return LoadedCheckpoint(sam.eval(), name, path, kind, hparams, adaptation, merged, metadata)
+    return LoadedCheckpoint(sam.eval(), name, path, kind, hparams, adaptation, merged, metadata,
+                            _input_mapping(container, metadata))

@@ -9,7 +9,10 @@ Keys: ``format`` (``"samtune-export"``), ``format_version``, ``model`` (registry
 ``pixel_mean`` / ``pixel_std`` on 0-255 RGB or null for min-max, ``resize_interpolation``, ``resize``,
 ``padding``, ``image_format``), ``samtune_version``, ``source_checkpoint`` (``path``, ``kind``, ``sha256``),
 ``training_config`` (a Lightning checkpoint's hyper-parameters, or null), ``adaptation`` (the adaptation
-config and whether it was merged, or null), ``onnx`` (the ONNX interface, for ONNX exports).
+config and whether it was merged, or null), ``input_mapping`` (how the training data turned image files into the
+8-bit RGB input: ``bands``, ``intensity``, ``percentiles``, ``window``, the keyword arguments of
+``samtune.data.io.prepare_image``; null when the source checkpoint does not record it), ``onnx`` (the ONNX
+interface, for ONNX exports).
 """
 from __future__ import annotations
 

@@ -89,6 +89,7 @@ def build_metadata(loaded: LoadedCheckpoint, weights_format: str, onnx: dict[str
         "source_checkpoint": {"path": str(source.resolve()), "kind": loaded.kind, "sha256": sha256sum(source)},
         "training_config": loaded.training_config,
         "adaptation": adaptation,
+        "input_mapping": loaded.input_mapping,
     }
     if onnx is not None:
         meta["onnx"] = onnx

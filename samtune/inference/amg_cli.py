@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from samtune.argtypes import comma_separated
 from samtune.files import atomic_write, new_dir_mode
 
 __all__ = ["main", "build_parser", "find_images", "image_ids"]
@@ -56,10 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="mask form in the JSON; binary_mask also writes one PNG per mask (default: coco_rle)",
     )
     io.add_argument("--coco-results", default=None, help="also write a COCO results JSON for all images here")
-    io.add_argument(
-        "--intensity", default="auto", choices=("auto", "none", "minmax", "percentile"),
-        help="mapping of non-uint8 images (16-bit, float) to 0-255 (default: auto)",
+    image = parser.add_argument_group(
+        "image reading (default: the input mapping recorded in the checkpoint by training, else auto)")
+    image.add_argument(
+        "--intensity", default=None, choices=("auto", "none", "minmax", "percentile", "window"),
+        help="mapping of non-uint8 images (16-bit, float) to 0-255",
     )
+    image.add_argument("--percentiles", type=comma_separated(float, 2), default=None,
+                       help="LO,HI percentiles for --intensity percentile (and auto on images that are not 8-bit)")
+    image.add_argument("--window", type=comma_separated(float, 2), default=None,
+                       help="LO,HI raw values for --intensity window")
+    image.add_argument("--bands", type=comma_separated(int), default=None, help="1 or 3 band indices of multi-band images")
     run = parser.add_argument_group("model")
     run.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     run.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
@@ -172,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from samtune.data.errors import SampleError
-    from samtune.data.io import prepare_image, read_image
+    from samtune.data.io import prepare_image, read_image, resolve_input_mapping
     from samtune.inference.amg import AutomaticMaskGenerator, to_coco_results, to_sa1b_json
 
     images = find_images(Path(args.input))
@@ -181,6 +189,14 @@ def run(args: argparse.Namespace) -> int:
         raise AmgError(f"--output must be a folder, but {output} is a file")
     output.mkdir(parents=True, exist_ok=True)
     predictor = _load_predictor(args)
+    try:
+        mapping = resolve_input_mapping(predictor.input_mapping, bands=args.bands, intensity=args.intensity,
+                                        percentiles=args.percentiles, window=args.window)
+    except ValueError as err:
+        raise AmgError(f"image reading: {err}") from err
+    if not args.quiet:
+        print(f"samtune amg: image reading {mapping}"
+              + (" (recorded in the checkpoint)" if predictor.input_mapping else ""), file=sys.stderr)
     generator = AutomaticMaskGenerator(
         predictor,
         points_per_side=args.points_per_side,
@@ -203,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     for index, path in enumerate(bar):
         bar.set_postfix_str(path.name)
         try:
-            image = prepare_image(read_image(path), intensity=args.intensity, path=path)
+            image = prepare_image(read_image(path), **mapping, path=path)
         except SampleError as err:
             raise AmgError(f"cannot read image {err}") from err
         try:

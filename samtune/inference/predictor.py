@@ -58,6 +58,12 @@ class Predictor:
             weights change) and the prompt encoder and decoder under bf16 autocast; outputs are float32.
         compile: ``torch.compile`` the image encoder (a one-off compilation of about a minute on CPU, then
             10-20% faster).
+
+    Attributes:
+        input_mapping: how the model's training data turned image files into its 8-bit RGB input (band selection
+            and intensity preset, :func:`samtune.data.io.prepare_image` keyword arguments), when
+            :meth:`from_checkpoint` found it recorded; else None. Apply it to raw 16-bit / multi-band images
+            before :meth:`set_image` (``samtune amg`` does).
     """
 
     def __init__(self, sam_model: Sam, precision: Precision = "auto", compile: bool = False) -> None:
@@ -65,6 +71,7 @@ class Predictor:
         self.transform = ResizeLongestSide(sam_model.image_size, sam_model.resize_interpolation)
         self.precision = resolve_precision(precision, sam_model.device)
         self.compile = compile
+        self.input_mapping: dict[str, Any] | None = None
         self._encoder: nn.Module | None = None
         self._encoder_key: tuple | None = None
         self.reset_image()
@@ -138,7 +145,9 @@ class Predictor:
         from samtune.export.loading import load_sam
 
         loaded = load_sam(path, model, base_checkpoint=base_checkpoint, merge_adapters=merge_adapters)
-        return cls(loaded.model.to(device), precision=precision, compile=compile)
+        predictor = cls(loaded.model.to(device), precision=precision, compile=compile)
+        predictor.input_mapping = loaded.input_mapping
+        return predictor
 
     # ----------------------------------------------------------------- image
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:

@@ -35,7 +35,7 @@ from torch import nn
 from samtune.adapt import AdaptationConfig, apply_adaptation, eval_frozen_batchnorm, save_adapter_checkpoint
 from samtune.adapt.checkpoint import METADATA_KEY, adapter_metadata, restore_frozen, strip_frozen
 from samtune.build import build_sam, get_config
-from samtune.checkpoints import CheckpointError, init_encoder_from_mae
+from samtune.checkpoints import INPUT_MAPPING_KEY, CheckpointError, init_encoder_from_mae
 from samtune.losses import SamLoss
 from samtune.metrics import ClickIoU
 from samtune.modeling.precision import emulates_bf16
@@ -190,6 +190,8 @@ class PromptableSegmentationTask(L.LightningModule):
         self.simulation_seed = int(torch.randint(0, 2**62, (1,)).item())
         self._train_step_counter = 0  # training_step calls (micro-batches), kept in checkpoints
         self._restored_rng_states: dict[str, Any] | None = None  # from a checkpoint, set when training starts
+        # The training datamodule's image -> input mapping (bands, intensity), kept in checkpoints for inference.
+        self.input_mapping: dict[str, Any] | None = None
         # Gradient accumulation: the global mask count of the optimizer step's micro-batches so far (None before its
         # first); training_step normalises by it, on_before_optimizer_step starts the next window.
         self._window_masks: torch.Tensor | None = None
@@ -478,8 +480,13 @@ class PromptableSegmentationTask(L.LightningModule):
         )
 
     def on_fit_start(self) -> None:
-        """Warn when the Trainer asks for bf16 on a CPU that only emulates it (``samtune fit`` trains in fp32
-        there itself: :func:`samtune.cli.cpu_precision`; a Trainer built in Python keeps what it was given)."""
+        """Record the datamodule's ``input_mapping`` (bands, intensity; written into checkpoints and export
+        metadata, see :attr:`samtune.data.datamodules.SegmentationDataModule.input_mapping`). Warn when the
+        Trainer asks for bf16 on a CPU that only emulates it (``samtune fit`` trains in fp32 there itself:
+        :func:`samtune.cli.cpu_precision`; a Trainer built in Python keeps what it was given)."""
+        mapping = getattr(self.trainer.datamodule, "input_mapping", None)
+        if isinstance(mapping, dict):
+            self.input_mapping = dict(mapping)
         if emulates_bf16(self.trainer.precision, self.device):
             rank_zero_warn(
                 f"Trainer precision {self.trainer.precision!r} on a CPU without native bf16 (no AVX512-BF16 / "
@@ -502,6 +509,8 @@ class PromptableSegmentationTask(L.LightningModule):
         checkpoint["skipped_nonfinite_steps"] = int(self.skipped_nonfinite_steps)
         checkpoint["simulation_state"] = {"seed": self.simulation_seed, "step_counter": self._train_step_counter}
         checkpoint["rng_states"] = rng_states()  # this process's (every DDP rank is seeded alike)
+        if self.input_mapping is not None:
+            checkpoint[INPUT_MAPPING_KEY] = dict(self.input_mapping)
         if self.adaptation is None:
             return
         state = checkpoint.get("state_dict")
@@ -519,6 +528,8 @@ class PromptableSegmentationTask(L.LightningModule):
             self.simulation_seed = int(simulation["seed"])
             self._train_step_counter = int(simulation["step_counter"])
         self._restored_rng_states = checkpoint.get("rng_states")  # restored in on_train_start (fit only)
+        mapping = checkpoint.get(INPUT_MAPPING_KEY)
+        self.input_mapping = dict(mapping) if isinstance(mapping, dict) else None
         meta = checkpoint.get(METADATA_KEY)
         if meta is None:
             return
