@@ -96,6 +96,21 @@ class ClickIoU(Metric):
         self.add_state("iou_abs_err_sum", torch.zeros(()), dist_reduce_fx="sum")
         self.add_state("num_iou_pred", torch.zeros(()), dist_reduce_fx="sum")
 
+    def _apply(self, fn: Any, exclude_state: Sequence[str] = "") -> "ClickIoU":
+        """Move the states with the module, but never below float32.
+
+        ``module.to(dtype=torch.bfloat16)`` (Lightning's ``bf16-true`` / ``16-true``) would cast the sums too: a
+        bf16 count stops growing at 256 masks and every mean would be off by percents.
+        """
+        this = super()._apply(fn, exclude_state)
+        for key, default in this._defaults.items():
+            if default.is_floating_point() and torch.finfo(default.dtype).bits < 32:
+                this._defaults[key] = default.float()
+            value = getattr(this, key)
+            if value.is_floating_point() and torch.finfo(value.dtype).bits < 32:
+                setattr(this, key, value.float())
+        return this
+
     def update(
         self,
         click_ious: torch.Tensor,

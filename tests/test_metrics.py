@@ -160,3 +160,24 @@ def test_dice_equals_the_dice_of_the_masks() -> None:
     assert out["dice_click_1"].item() == pytest.approx(dice(preds[0]).mean().item(), abs=1e-6)
     assert out["dice_click_2"].item() == pytest.approx(dice(preds[1]).mean().item(), abs=1e-6)
     assert out["dice_box"].item() == pytest.approx(dice(preds[2]).mean().item(), abs=1e-6)
+
+
+def test_states_stay_float32_when_the_module_is_cast_to_bf16() -> None:
+    """Lightning's ``bf16-true`` casts the whole LightningModule (``module.to(dtype=torch.bfloat16)``), the metric
+    included: the sums must stay float32 (a bf16 mask count stops at 256, shifting every mean)."""
+    holder = torch.nn.Module()
+    holder.metric = ClickIoU(num_clicks=2)
+    holder.to(dtype=torch.bfloat16)
+    metric, reference = holder.metric, ClickIoU(num_clicks=2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        ious = torch.rand(17, 2, generator=g)
+        metric.update(ious)
+        reference.update(ious)
+    assert metric.num_masks.dtype == torch.float32 and metric.num_masks.item() == 510
+    expected = reference.compute()
+    for key, value in metric.compute().items():
+        assert value.item() == pytest.approx(expected[key].item(), rel=1e-6), key
+    metric.reset()
+    assert metric.click_iou_sum.dtype == torch.float32
+    assert metric.set_dtype(torch.float64).click_iou_sum.dtype == torch.float64  # an explicit upcast still works
