@@ -8,8 +8,9 @@ image's resolution when IoUs are computed there.
 Masks that the resize to the model input erases (tiny instances) are evaluated at the original resolution, where
 their prompts are computed; at the input resolution they cannot be prompted and are dropped. The report counts
 both (``info["masks_empty_at_input"]``, ``info["dropped_masks"]``) and a warning says how many were dropped.
-Void pixels that samples carry (``"ignore_mask"``, e.g. a mask folder's ``ignore_values``) are left out of every
-IoU and never receive a click.
+A dataset built with ``on_error="skip"`` hands the next valid sample in place of a bad one; such a repeat is
+evaluated once only (``info["skipped_samples"]``, ``info["repeated_samples"]``). Void pixels that samples carry
+(``"ignore_mask"``, e.g. a mask folder's ``ignore_values``) are left out of every IoU and never receive a click.
 """
 from __future__ import annotations
 
@@ -89,6 +90,31 @@ class _Indexed(Dataset):
         sample = dict(self.dataset[index])
         sample["_index"] = index
         return sample
+
+
+def _sample_key(sample: dict[str, Any]) -> tuple[Any, ...]:
+    """What identifies a sample's content: image id, instance ids, mask areas, input size and image sum (the tiles
+    of one image, or the parts of a crowded tile, differ in these; a repeated sample does not)."""
+    ids = torch.as_tensor(sample["instance_ids"]).flatten().tolist()
+    ids += torch.as_tensor(sample.get("vanished_instance_ids", ())).flatten().tolist()
+    areas = sample["masks"].flatten(1).sum(1).tolist()
+    size = torch.as_tensor(sample["input_size"]).tolist()
+    return str(sample["image_id"]), tuple(ids), tuple(areas), tuple(size), float(sample["image"].double().sum())
+
+
+def _first_visits(samples: list[dict[str, Any]], seen: set[tuple[Any, ...]]) -> list[int]:
+    """Positions of the samples not evaluated before; ``seen`` is updated.
+
+    A dataset with ``on_error="skip"`` returns the next valid sample in place of a bad one, which is then loaded
+    again under its own index: scored twice, its masks would weigh double in every mean.
+    """
+    fresh = []
+    for j, s in enumerate(samples):
+        key = _sample_key(s)
+        if key not in seen:
+            seen.add(key)
+            fresh.append(j)
+    return fresh
 
 
 def _target(sample: dict[str, Any], config: ProtocolConfig, device: torch.device) -> tuple[ImageTarget, torch.Tensor]:
@@ -172,10 +198,19 @@ def evaluate(
         bar = tqdm(total=len(dataset), unit="img", desc=f"evaluate {name}", file=sys.stderr,  # type: ignore[arg-type]
                    dynamic_ncols=True)
     start = time.perf_counter()
-    num_images = vanished = 0
+    num_images = vanished = repeated = 0
+    seen: set[tuple[Any, ...]] = set()
     try:
         with torch.inference_mode():
             for images, samples in loader:
+                fresh = _first_visits(samples, seen)
+                if len(fresh) < len(samples):  # on_error="skip" gave the next sample in place of a bad one
+                    repeated += len(samples) - len(fresh)
+                    if bar is not None:
+                        bar.update(len(samples) - len(fresh))
+                    if not fresh:
+                        continue
+                    images, samples = images[fresh], [samples[j] for j in fresh]
                 targets, ids = zip(*(_target(s, config, device) for s in samples))
                 vanished += sum(len(s.get("vanished_instance_ids", ())) for s in samples)
                 with autocast(device, precision):
@@ -212,6 +247,7 @@ def evaluate(
         "batch_size": batch_size,
         "image_size": int(model.image_size),
         "skipped_samples": int(getattr(base, "num_skipped", 0)),
+        "repeated_samples": repeated,  # substitutes for skipped ones, evaluated once only
         "masks_empty_at_input": vanished,  # non-empty masks erased by the resize to the model input
         "dropped_masks": 0 if config.iou_resolution == "original" else vanished,  # of them, not evaluated
         **({"crop_size": int(base.crop_size)} if getattr(base, "crop_size", None) else {}),  # samples are tiles

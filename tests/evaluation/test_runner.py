@@ -255,3 +255,22 @@ def test_masks_empty_at_the_model_input_are_counted_and_scored_at_the_original_r
     assert json.loads(paths["json"].read_text())["info"]["dropped_masks"] == 1
     train = MaskFolderDataset(images, masks, **{**dataset_options(model, config), "train": True})
     assert "vanished_instance_ids" not in train[0]  # training samples are unchanged
+
+
+def test_a_skipped_sample_does_not_count_its_substitute_twice(tmp_path) -> None:
+    """``on_error="skip"`` hands the next image in place of a bad one: it is evaluated once, not twice (twice, its
+    masks weighed double in every mean and num_images counted a bad file as an image)."""
+    from tests.evaluation.conftest import rectangles, write_label_folder
+
+    images, masks = write_label_folder(tmp_path / "bad", [
+        rectangles((12, 12), [(2, 2, 6, 6)]), rectangles((12, 12), [(1, 1, 9, 4)]), rectangles((12, 12), [(3, 3, 8, 8)]),
+    ])
+    (images / "img0.png").write_bytes(b"not a png")
+    model = PaintSam()
+    config = ProtocolConfig(protocols=("clicks",), num_clicks=2)
+    dataset = MaskFolderDataset(images, masks, on_error="skip", **dataset_options(model, config))
+    for batch_size in (1, 2):
+        report = evaluate(model, dataset, config, batch_size=batch_size, progress=False)
+        assert (report.num_images, report.num_masks) == (2, 2), batch_size
+        assert report.per_mask["image_id"] == ["img1", "img2"]
+        assert report.info["repeated_samples"] == 1
