@@ -8,7 +8,7 @@ Protocols (each mask is prompted independently, prompts derived from its ground 
   keeps (default: the highest predicted IoU of the three multimask outputs, the paper's "most confident mask"),
   the oracle (best of the three against the ground truth) and the single-mask output (token 0).
 * ``"box"``: the exact tight ground-truth box, single-mask output. The box-as-mask baseline (IoU of the filled
-  box, ``|mask| / |box|``, the box's void pixels not counted) is reported with it.
+  box, ``|mask| / |box|``, void pixels not counted in either) is reported with it.
 * ``"box_jitter"``: the same box with the training recipe's noise: every coordinate moves by a Gaussian of
   standard deviation ``box_noise_std_fraction`` of the box side (width for x, height for y), at most
   ``box_noise_max`` model-input pixels; clipped to the image, seeded per sample (``seed``, sample index).
@@ -450,7 +450,9 @@ class ProtocolRunner:
         out: dict[str, torch.Tensor] = {}
         if "box" in cfg.protocols:
             iou, pred = self._box_round(model, embeddings, image_index, boxes, found_all, targets, counts)
-            area = torch.cat([t.gt.flatten(1).sum(1).cpu() for t in targets]).float()
+            # the GT's void pixels do not count either (as in mask_iou): else the ratio may exceed 1
+            area = torch.cat([(t.gt if t.ignore is None else t.gt & ~t.ignore).flatten(1).sum(1).cpu()
+                              for t in targets]).float()
             baseline = torch.where(found_all.cpu(), area / torch.cat(box_area).clamp_min(1.0), torch.ones_like(area))
             out.update(box_iou=iou, box_iou_pred=pred, box_as_mask_iou=baseline)
         if "box_jitter" in cfg.protocols:

@@ -134,6 +134,11 @@ def test_ignored_pixels_are_left_out_of_ious_and_clicks() -> None:
     out = ProtocolRunner(ProtocolConfig(protocols=("box",)))(
         PaintSam(), EMB, [ImageTarget(l_shape, (12, 12), ignore=void)])
     assert out["box_as_mask_iou"].tolist() == [1.0] and out["box_iou"].tolist() == [1.0]
+    # Void pixels inside the mask count in neither term (as in the IoUs): 18 of 28 px left, the box 48 - 20 - 10.
+    void = _gt((12, 12), (6, 5, 7, 9))[0] | _gt((12, 12), (2, 5, 5, 9))[0]
+    out = ProtocolRunner(ProtocolConfig(protocols=("box",)))(
+        PaintSam(), EMB, [ImageTarget(l_shape, (12, 12), ignore=void)])
+    assert out["box_as_mask_iou"].tolist() == [1.0] and out["box_iou"].tolist() == [1.0]  # was 28 / 18
     with pytest.raises(ValueError, match="ImageTarget.ignore"):
         ImageTarget(gt, (12, 12), ignore=void[:6])
 
