@@ -91,7 +91,9 @@ def summarize(per_mask: dict[str, Any], config: ProtocolConfig) -> dict[str, Any
         }
     if "clicks" in config.protocols:
         ious = per_mask["click_iou"]
-        metric = ClickIoU(config.num_clicks, config.noc_thresholds)
+        # The columns are this process's whole result: no sync (under an initialised process group, e.g. after a
+        # DDP fit, compute() would merge the other ranks' masks in, or wait forever for ranks that do not evaluate).
+        metric = ClickIoU(config.num_clicks, config.noc_thresholds, sync_on_compute=False)
         if ious.shape[0]:
             metric.update(ious, click_iou_pred=per_mask["click_iou_pred"])
             values = {k: float(v) for k, v in metric.compute().items()}

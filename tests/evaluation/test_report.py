@@ -62,6 +62,21 @@ def test_summary_hand_values() -> None:
     assert "box as mask 0.6000" in table and "3: 0.8700" in table and "NoC@90 2.67" in table
 
 
+def test_summary_is_of_the_columns_given_even_in_an_initialised_process_group(monkeypatch) -> None:
+    """``evaluate`` after a DDP fit (process group still up): the click summary is of this process's columns, never
+    merged with other ranks' (nor waiting for ranks that do not evaluate)."""
+    import torchmetrics.metric
+
+    def other_rank_too(tensor, group=None):  # a second rank whose masks all have IoU 0 (and NoC 0)
+        return [tensor, torch.zeros_like(tensor) if tensor.dim() else torch.ones_like(tensor)]
+
+    monkeypatch.setattr(torchmetrics.metric, "jit_distributed_available", lambda: True)
+    monkeypatch.setattr(torchmetrics.metric, "gather_all_tensors", other_rank_too)
+    metrics = _report("d").metrics
+    assert metrics["clicks"]["miou"] == pytest.approx([0.5, 0.7333333, 0.87], abs=1e-6)
+    assert metrics["clicks"]["noc"] == {"85": pytest.approx(8 / 3), "90": pytest.approx(8 / 3)}
+
+
 def test_files_agree(tmp_path) -> None:
     pytest.importorskip("matplotlib", reason="matplotlib (an optional dependency) is not installed")
     report = _report("nuclei 2d")
