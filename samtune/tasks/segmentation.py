@@ -364,7 +364,8 @@ class PromptableSegmentationTask(L.LightningModule):
         DDP: they returned a zero loss (Lightning needs a backward on every process), which leaves zero gradients,
         and AdamW would still apply weight decay and momentum: the gradients are dropped and the closure reports
         a skipped backward (None), as on one process; every precision plugin then skips the update (AMP's
-        GradScaler included).
+        GradScaler included). Conversely, when only the LAST micro-batch was skipped, the closure reports a
+        (zero) loss instead of its None: AMP's plugin would otherwise drop the earlier micro-batches' gradients.
         """
         if optimizer_closure is None:
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
@@ -374,6 +375,8 @@ class PromptableSegmentationTask(L.LightningModule):
             if not self._window_finite:
                 optimizer.zero_grad(set_to_none=True)
                 return None
+            if result is None:  # the last micro-batch was skipped, earlier ones left gradients: step on them
+                return torch.zeros((), device=self.device)
             return result
 
         return super().optimizer_step(epoch, batch_idx, optimizer, closure)

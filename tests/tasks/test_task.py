@@ -253,6 +253,43 @@ def test_nonfinite_loss_is_skipped_or_raises(caplog) -> None:
         task.training_step(make_batch([2]), 0)
 
 
+class NonFiniteOddBatches(PromptableSegmentationTask):
+    """Its micro-batches 1, 3, ... have a NaN loss (NaN IoU token during their step)."""
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx % 2 == 0:
+            return super().training_step(batch, batch_idx)
+        token = self.model.mask_decoder.iou_token.weight
+        saved = token.detach().clone()
+        with torch.no_grad():
+            token.fill_(float("nan"))
+        try:
+            return super().training_step(batch, batch_idx)
+        finally:
+            with torch.no_grad():
+                token.copy_(saved)
+
+
+@pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"), reason="CPU GradScaler needs torch >= 2.3")
+def test_fp16_amp_steps_on_the_finite_micro_batches_when_the_last_is_skipped(tmp_path) -> None:
+    """Accumulating a finite then a non-finite micro-batch under 16-mixed AMP updates the weights from the finite
+    one, as in fp32: the skipped last micro-batch must not make the GradScaler drop the whole step."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    task = NonFiniteOddBatches("sam_tiny", simulation=EXACT_BOXES,
+                               optimizer=OptimizerConfig(warmup_steps=0, schedule="constant", weight_decay=0.0))
+    data = DataLoader([make_sample(2, seed=i) for i in range(2)], batch_size=1, collate_fn=collate_samples)
+    before = {k: v.clone() for k, v in task.model.state_dict().items()}
+    amp = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = quick_trainer(tmp_path, max_steps=1, accumulate_grad_batches=2, limit_val_batches=0, plugins=[amp])
+    trainer.fit(task, data)
+    assert trainer.global_step == 1 and task.skipped_nonfinite_steps == 1
+    decoder = "mask_decoder.output_upscaling.0.weight"
+    assert not torch.equal(task.model.state_dict()[decoder], before[decoder])
+    assert all(torch.isfinite(v).all() for v in task.model.state_dict().values() if v.is_floating_point())
+
+
 def test_validation_logs_click_metrics_and_an_overlay_example(tmp_path) -> None:
     task = PromptableSegmentationTask("sam_tiny", val_num_clicks=3, simulation=SHORT)
     metrics = quick_trainer(tmp_path).validate(task, loader([3, 2], batches=2), verbose=False)[0]
