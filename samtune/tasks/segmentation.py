@@ -189,7 +189,9 @@ class PromptableSegmentationTask(L.LightningModule):
         # Seed of the prompt simulation: from the global RNG, so `seed_everything` fixes it; kept in checkpoints.
         self.simulation_seed = int(torch.randint(0, 2**62, (1,)).item())
         self._train_step_counter = 0  # training_step calls (micro-batches), kept in checkpoints
-        self._restored_rng_states: dict[str, Any] | None = None  # from a checkpoint, set when training starts
+        # From a checkpoint: the prompt seed and counter and the global generators' states, applied when a fit
+        # resumes from it (not when the checkpoint only warm-starts a new run, e.g. after load_from_checkpoint).
+        self._restored_training_state: dict[str, Any] | None = None
         # The training datamodule's image -> input mapping (bands, intensity), kept in checkpoints for inference.
         self.input_mapping: dict[str, Any] | None = None
         # Gradient accumulation: the global mask count of the optimizer step's micro-batches so far (None before its
@@ -497,11 +499,22 @@ class PromptableSegmentationTask(L.LightningModule):
             )
 
     def on_train_start(self) -> None:
-        """Exact resume: a resumed run's global generators continue from the checkpoint's states (drop path,
-        dropout), set here, after the sanity-check validation has drawn its own."""
-        if self._restored_rng_states is not None:
-            restore_rng_states(self._restored_rng_states)
-            self._restored_rng_states = None
+        """Exact resume: a resumed run's prompt seed and step counter, and its global generators (drop path, dropout),
+        continue from the checkpoint's, set here, after the sanity-check validation has drawn its own.
+
+        Only when the Trainer resumes from that checkpoint (``ckpt_path``): a new run started from a loaded task
+        (``load_from_checkpoint``, then ``fit`` without ``ckpt_path``) keeps its own seeds (``seed_everything``)
+        instead of replaying the checkpoint's random streams.
+        """
+        state, self._restored_training_state = self._restored_training_state, None
+        if state is None or not self.trainer.ckpt_path:
+            return
+        simulation = state["simulation"]
+        if simulation is not None:
+            self.simulation_seed = int(simulation["seed"])
+            self._train_step_counter = int(simulation["step_counter"])
+        if state["rng_states"] is not None:
+            restore_rng_states(state["rng_states"])
 
     def on_train_epoch_start(self) -> None:
         """Exact resume: the epoch's training loaders (reloaded ones included) count the batches whose step
@@ -526,11 +539,10 @@ class PromptableSegmentationTask(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_nonfinite_steps = int(checkpoint.get("skipped_nonfinite_steps", 0))
-        simulation = checkpoint.get("simulation_state")
-        if simulation is not None:
-            self.simulation_seed = int(simulation["seed"])
-            self._train_step_counter = int(simulation["step_counter"])
-        self._restored_rng_states = checkpoint.get("rng_states")  # restored in on_train_start (fit only)
+        # Applied in on_train_start when a fit resumes from this checkpoint.
+        self._restored_training_state = {
+            "simulation": checkpoint.get("simulation_state"), "rng_states": checkpoint.get("rng_states"),
+        }
         mapping = checkpoint.get(INPUT_MAPPING_KEY)
         self.input_mapping = dict(mapping) if isinstance(mapping, dict) else None
         meta = checkpoint.get(METADATA_KEY)

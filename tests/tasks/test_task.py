@@ -290,6 +290,39 @@ def test_fp16_amp_steps_on_the_finite_micro_batches_when_the_last_is_skipped(tmp
     assert all(torch.isfinite(v).all() for v in task.model.state_dict().values() if v.is_floating_point())
 
 
+class FirstTrainingDraw(L.Callback):
+    """Records the first global-generator draw of training (what dropout / drop path would get)."""
+
+    def __init__(self) -> None:
+        self.value: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.value is None:
+            self.value = torch.rand(1).item()
+
+
+def test_a_new_run_from_a_loaded_task_keeps_its_own_seeds(tmp_path) -> None:
+    """``load_from_checkpoint`` then ``fit`` without ``ckpt_path`` is a new run: ``seed_everything`` decides its
+    random streams and prompt seed; they are not replaced by the checkpoint's (that is for resuming)."""
+    data = DataLoader([make_sample(1, seed=0)], batch_size=1, collate_fn=collate_samples)
+    task = PromptableSegmentationTask("sam_tiny", simulation=SHORT)
+    checkpoint = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
+                  "pytorch-lightning_version": L.__version__}
+    task.on_save_checkpoint(checkpoint)  # the prompt seed and the global generators' states
+    path = tmp_path / "warm.ckpt"
+    torch.save(checkpoint, path)
+    draws, seeds = [], []
+    for seed in (1, 2):
+        L.seed_everything(seed)
+        loaded = PromptableSegmentationTask.load_from_checkpoint(path)
+        record = FirstTrainingDraw()
+        quick_trainer(tmp_path / str(seed), max_steps=1, limit_val_batches=0, callbacks=[record]).fit(loaded, data)
+        draws.append(record.value)
+        seeds.append(loaded.simulation_seed)
+    assert draws[0] != draws[1]
+    assert seeds[0] != seeds[1] and task.simulation_seed not in seeds
+
+
 def test_validation_logs_click_metrics_and_an_overlay_example(tmp_path) -> None:
     task = PromptableSegmentationTask("sam_tiny", val_num_clicks=3, simulation=SHORT)
     metrics = quick_trainer(tmp_path).validate(task, loader([3, 2], batches=2), verbose=False)[0]
