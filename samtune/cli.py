@@ -182,6 +182,21 @@ def _class_paths(value: Any) -> list[str]:
     return [type(value).__name__] if not isinstance(value, (str, bool, int, float)) else []
 
 
+class SamtuneArgumentParser(LightningArgumentParser):
+    """LightningArgumentParser that takes only whole option names (``allow_abbrev=False``).
+
+    argparse expands a prefix to the one option it matches: ``--trainer.max_step 5`` set ``max_steps``,
+    ``--model.init_args.simulation.num_iter 2`` set ``num_iterations``, and ``--conf recipes/medical.yaml`` was
+    read as ``--config`` after the default recipe had been put in front of it (its settings then leaked into the
+    run). jsonargparse builds the parsers of the task's and datamodule's arguments with the class of the parser
+    it nests them in, so setting the default here covers those options too.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 class SamtuneCLI(LightningCLI):
     """LightningCLI with samtune's defaults.
 
@@ -391,6 +406,7 @@ def run_lightning(args: list[str], run: bool = True) -> SamtuneCLI:
             save_config_callback=SaveConfigToLoggers,
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
+            parser_class=SamtuneArgumentParser,
             parser_kwargs={"exit_on_error": False, "env_prefix": "SAMTUNE", "default_env": False},
             args=args if run else args[1:],
             run=run,

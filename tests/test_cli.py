@@ -228,6 +228,24 @@ def test_wrong_type_is_one_line(capsys):
     assert len(err) == 1 and "trainer.max_steps" in err[0]
 
 
+@pytest.mark.parametrize("flag", [
+    ["--trainer.max_step", "5"],                            # a Trainer option (max_steps)
+    ["--model.init_args.simulation.num_iter", "2"],         # a field of the task's dataclass (num_iterations)
+    ["--seed", "3"],                                        # seed_everything
+    ["--conf", str(REPO_ROOT / "recipes" / "medical.yaml")],  # --config: merged over the default recipe
+], ids=lambda flag: flag[0])
+def test_abbreviated_option_is_refused(flag, capsys):
+    """argparse expanded a prefix to the one option it matched, so a misspelt flag configured the run silently
+    (``--conf`` even after the default recipe had been prepended); whole names only now."""
+    capsys.readouterr()
+    assert run_cli(["fit", *(["--config", str(QUICKSTART)] if flag[0] != "--conf" else []), *flag,
+                    "--print_config"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = [line for line in captured.err.strip().splitlines() if "error" in line]
+    assert len(err) == 1 and flag[0].rsplit(".", 1)[-1] in err[0] and err[0].startswith("samtune fit: error:")
+
+
 def test_missing_data_path_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     missing = tmp_path / "no_such_folder"
