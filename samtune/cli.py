@@ -63,7 +63,8 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 
 
 class UsageError(Exception):
-    """A command-line problem (exit code 2)."""
+    """A command-line problem (exit code 2). The message goes after ``samtune COMMAND: error: ``, so it does not
+    name the command itself."""
 
 
 @dataclass
@@ -390,7 +391,7 @@ def run_lightning(args: list[str], run: bool = True) -> SamtuneCLI:
     """
     if args[0] == "fit" and not _uses_config(args[1:]) and not any(a in ("-h", "--help") for a in args[1:]):
         if not QUICKSTART.is_file():
-            raise UsageError("samtune fit: no --config given and recipes/quickstart.yaml was not found; "
+            raise UsageError("no --config given and recipes/quickstart.yaml was not found; "
                              "pass --config RECIPE.yaml")
         print(f"samtune: no --config given: running {QUICKSTART}", file=sys.stderr)
         args = [args[0], "--config", str(QUICKSTART), *args[1:]]
@@ -454,14 +455,18 @@ def _dispatch(args: list[str]) -> int:
         return 0
     if command in ("test", "predict"):  # Lightning's other loops: the task defines neither
         raise UsageError(
-            f"samtune {command}: the SAM task has no {command} loop; score a checkpoint on a dataset with "
+            f"the SAM task has no {command} loop; score a checkpoint on a dataset with "
             "`samtune evaluate` (IoU per click, NoC), segment images with `samtune amg` or samtune.Predictor"
         )
     if command == "data":
         if len(args) < 2 or args[1] in ("-h", "--help"):
-            parser.parse_args(["data", "--help"])
+            try:
+                parser.parse_args(["data", "--help"])  # prints the help of `samtune data` and exits
+            except SystemExit:
+                pass
+            return 0 if len(args) > 1 else 2  # as `samtune` without a command: help, usage error
         if args[1] != "synth":
-            raise UsageError(f"samtune data: unknown command {args[1]!r}; available: synth")
+            raise UsageError(f"unknown command {args[1]!r}; available: synth")
         from samtune.data.synth import main as synth_main
 
         synth_main(args[2:])

@@ -60,7 +60,7 @@ def test_lightning_loops_the_task_lacks_are_a_usage_error(command, capsys):
     assert f"\n    {command} " not in (run_cli(["--help"]), capsys.readouterr().out)[1]
     assert run_cli([command, "--config", str(QUICKSTART)]) == 2
     err = capsys.readouterr().err
-    assert f"samtune {command}: the SAM task has no {command} loop" in err and "samtune evaluate" in err
+    assert err.startswith(f"samtune {command}: error: the SAM task has no {command} loop;") and "samtune evaluate" in err
 
 
 @pytest.mark.parametrize("command", ["export", "evaluate", "amg"])
@@ -73,6 +73,17 @@ def test_unknown_command_is_a_usage_error(capsys):
     assert run_cli(["train"]) == 2
     err = capsys.readouterr().err
     assert "unknown command 'train'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_data_command_errors_name_the_command_once(capsys):
+    """``samtune data foo`` printed ``samtune data: error: samtune data: unknown command 'foo'``, and a bare
+    ``samtune data`` exited 0 after its help; now one prefix, and exit code 2 as a bare ``samtune`` does."""
+    capsys.readouterr()
+    assert run_cli(["data", "foo"]) == 2
+    assert capsys.readouterr().err == "samtune data: error: unknown command 'foo'; available: synth\n"
+    assert run_cli(["data"]) == 2
+    assert "synth" in capsys.readouterr().out
+    assert run_cli(["data", "--help"]) == 0
 
 
 def test_python_dash_m_data_synth(tmp_path):
