@@ -408,7 +408,8 @@ def run_lightning(args: list[str], run: bool = True) -> SamtuneCLI:
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
             parser_class=SamtuneArgumentParser,
-            parser_kwargs={"exit_on_error": False, "env_prefix": "SAMTUNE", "default_env": False},
+            # prog: the usage line says `samtune fit`, not `__main__.py` (python -m samtune, torchrun -m samtune)
+            parser_kwargs={"prog": "samtune", "exit_on_error": False, "env_prefix": "SAMTUNE", "default_env": False},
             args=args if run else args[1:],
             run=run,
         )

@@ -54,6 +54,15 @@ def test_help_lists_every_command(capsys):
         assert f"\n    {command} " in out, command
 
 
+@pytest.mark.parametrize("command", ["fit", "validate"])
+def test_trainer_command_help_names_samtune(command, capsys, monkeypatch):
+    """The usage line of ``python -m samtune fit --help`` (and ``torchrun -m samtune``) said ``__main__.py``."""
+    monkeypatch.setattr(sys, "argv", [os.path.join("samtune", "__main__.py")])
+    capsys.readouterr()
+    assert run_cli([command, "--help"]) == 0
+    assert capsys.readouterr().out.startswith(f"usage: samtune [options] {command} ")
+
+
 @pytest.mark.parametrize("command", ["test", "predict"])
 def test_lightning_loops_the_task_lacks_are_a_usage_error(command, capsys):
     """The task has no test_step / predict_step: the commands are not offered, and point to what does the job."""
