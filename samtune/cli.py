@@ -539,10 +539,35 @@ def _one_line(err: BaseException) -> str:
     return f"{name}: {text}" if text else name
 
 
+# Lines of jsonargparse's union-type errors that never say what is wrong: the list of alternatives, the
+# alternatives that a value with a class_path could not be anyway (null, bool), and the value given back.
+_UNION_NOISE = re.compile(
+    r"Does not validate against any of the Union subtypes|Subtypes: .*|Errors:|Given value type: .*"
+    r"|Expected a <class 'NoneType'>"
+)
+# ... and, once the error names the class_path that was given, the other ways a class could have been given.
+_CLASS_PATH_NOISE = re.compile(
+    r"Not a valid subclass of .*|Subclass types expect one of:|a class path \(str\)|a dict with class_path entry"
+    r"|a dict without class_path but with init_args entry.*|a dict with parameters accepted by the base class.*"
+    r"|Expected a <class 'bool'>|Given value: .*"
+)
+
+
 def _usage_error_text(err: BaseException) -> str:
-    """jsonargparse messages name the key; keep them on one line."""
+    """A jsonargparse message on one line, without the lines of its union-type errors that say nothing.
+
+    A misspelt key in a class's ``init_args`` (``save_dri`` in a logger fragment, ``lora_rnak`` in
+    ``adaptation``) is reported as one of several failed alternatives, after the list of types, and followed by the
+    whole value given: cut to one line of 600 characters, the message lost the key. Kept: the keys, the class paths
+    given, and what was wrong (``Parser key "trainer.logger": Problem with given class_path '...CSVLogger':
+    Option 'save_dri' is not accepted``).
+    """
     lines = [line.strip(" -") for line in str(err).strip().splitlines() if line.strip(" -")]
-    text = "; ".join(lines)
+    noise = [_UNION_NOISE]
+    if any(line.startswith("Problem with given class_path") for line in lines):
+        noise.append(_CLASS_PATH_NOISE)
+    kept = [line for line in lines if not any(n.fullmatch(line) for n in noise)] or lines
+    text = "".join(line + (" " if line.endswith(":") else "; ") for line in kept).rstrip("; ")
     return text[:600] + (" ..." if len(text) > 600 else "")
 
 

@@ -242,6 +242,20 @@ def test_unknown_key_is_one_line(capsys):
     assert len(err) == 1 and "no_such_key" in err[0] and err[0].startswith("samtune fit: error:")
 
 
+def test_misspelt_key_of_a_class_in_a_fragment_is_named(tmp_path, capsys):
+    """A misspelt ``init_args`` key of a logger in a fragment came after jsonargparse's list of union types and the
+    alternatives that failed, and the 600-character line ended before it ("... CSVLogger':; Opti ..."); the line
+    now keeps the key, the class and the problem."""
+    fragment = tmp_path / "wandb_typo.yaml"
+    fragment.write_text((REPO_ROOT / "configs" / "logger" / "wandb.yaml").read_text().replace("save_dir:", "save_dri:"))
+    capsys.readouterr()
+    assert run_cli(["fit", "--config", str(QUICKSTART), "--config", str(fragment), "--print_config"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('samtune fit: error: Parser key "trainer.logger": ')
+    assert "'lightning.pytorch.loggers.CSVLogger': Option 'save_dri' is not accepted" in err[0]
+    assert "Subtypes" not in err[0] and "Given value" not in err[0]
+
+
 def test_wrong_type_is_one_line(capsys):
     assert run_cli(["fit", "--config", str(QUICKSTART), "--trainer.max_steps", "many"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
