@@ -425,6 +425,7 @@ def _tool_command(name: str, args: list[str]) -> int:
 
 def _top_level_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # whole option names only: a prefix must not silently stand for an option
         prog="samtune",
         description="Train and adapt the Segment Anything Model with PyTorch Lightning.",
         epilog="Run `samtune COMMAND --help` for the options of a command. Errors print one line; add "

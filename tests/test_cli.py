@@ -525,3 +525,22 @@ def test_bf16_on_a_cpu_without_native_bf16_trains_in_fp32(monkeypatch, tmp_path)
     assert cli.trainer.precision == "32-true"
     monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: True)
     assert cpu_precision("bf16-mixed", "cpu") == "bf16-mixed"
+
+
+@pytest.mark.parametrize(("module", "required", "flag"), [
+    ("samtune.evaluation.cli", ["--checkpoint", "c.pth", "--output", "out"], "--click"),
+    ("samtune.export.cli", ["--checkpoint", "c.pth", "--output", "o.pth", "--format", "pth"], "--mod"),
+    ("samtune.inference.amg_cli", ["--checkpoint", "c.pth", "--input", "i", "--output", "o"], "--points-per-s"),
+])
+def test_tool_commands_refuse_abbreviated_options(module, required, flag):
+    """The plain-argparse commands take whole option names too (``--click 5`` used to mean ``--clicks 5``)."""
+    import importlib
+
+    parser = importlib.import_module(module).build_parser()
+    _, extra = parser.parse_known_args([*required, flag, "5"])
+    assert extra == [flag, "5"]
+
+
+def test_data_synth_refuses_abbreviated_options(tmp_path, capsys):
+    assert run_cli(["data", "synth", "--out", str(tmp_path / "s"), "--num-images", "1", "--image-s", "64"]) == 2
+    assert "unrecognized arguments: --image-s 64" in capsys.readouterr().err

@@ -194,7 +194,8 @@ def synthesize_sa1b(
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     """Command line entry point (``samtune data synth``)."""
-    parser = argparse.ArgumentParser(prog="samtune data synth", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="samtune data synth", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--num-images", type=int, required=True, help="number of images")
     parser.add_argument("--image-size", type=int, default=256, help="square image side (default 256)")

@@ -114,6 +114,7 @@ def _non_negative_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``samtune evaluate``."""
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # whole option names only: a prefix must not silently stand for an option
         prog="samtune evaluate",
         description="Evaluate a SAM checkpoint with the SAM paper's protocols: one click at the mask centre, "
                     "the ground-truth box (exact and jittered) and up to k corrective clicks (mIoU per click, "

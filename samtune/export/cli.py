@@ -22,6 +22,7 @@ __all__ = ["main", "build_parser"]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # whole option names only: a prefix must not silently stand for an option
         prog="samtune export",
         description="Write a checkpoint (official SAM .pth, MobileSAM, LiteMedSAM, safetensors, samtune export or "
                     "training .ckpt) as official-format .pth, safetensors or ONNX, with OUTPUT.json metadata.",

@@ -36,6 +36,7 @@ class AmgError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # whole option names only: a prefix must not silently stand for an option
         prog="samtune amg",
         description="Automatic mask generation (point grid, IoU/stability filtering, NMS) over images; writes one "
         "SA-1B-format JSON per image.",
