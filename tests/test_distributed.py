@@ -68,7 +68,10 @@ def _read(path) -> dict[int, dict]:
 
 def _args(batch_size: int, *extra: str) -> list[str]:
     recorder = {"class_path": "tests.test_distributed.RecordRank", "init_args": {"prefix": "rank"}}
-    return quick_args(*DETERMINISTIC, "--data.init_args.batch_size", str(batch_size),
+    # 11 images: 8 train (4 steps of 2), 3 validate, an odd number: each rank's validation share is its own
+    # (Lightning's DistributedSampler would pad one rank's with a repeat, which the summed metrics counted twice).
+    return quick_args(*DETERMINISTIC, "--synthetic_data.num_images", "11", "--data.init_args.val_fraction", "0.27",
+                      "--data.init_args.batch_size", str(batch_size),
                       "--trainer.callbacks", json.dumps([recorder]), "--trainer.logger", "false",
                       "--model.init_args.val_num_clicks", "2", *extra, steps=STEPS)
 

@@ -51,7 +51,7 @@ from samtune.adapt.cache import (
 )
 from samtune.data.base import SegmentationDataset
 from samtune.data.collate import collate_targets, worker_init
-from samtune.data.datamodules import SegmentationDataModule, keeps_full_batches
+from samtune.data.datamodules import SegmentationDataModule, exact_eval_sampler, keeps_full_batches
 from samtune.data.errors import SampleError
 from samtune.data.masks import masks_to_boxes
 from samtune.data.transforms import resize_longest, to_model_input
@@ -644,6 +644,7 @@ class CachedEmbeddingDataModule(L.LightningDataModule):
             dataset,
             batch_size=data.batch_size,
             shuffle=shuffle,
+            sampler=None if shuffle else exact_eval_sampler(dataset, self.trainer),
             num_workers=data.num_workers,
             pin_memory=data.pin_memory,
             collate_fn=collate_cached,

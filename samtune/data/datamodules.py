@@ -8,11 +8,12 @@ from __future__ import annotations
 import logging
 from abc import abstractmethod
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, Sized
 
 import lightning as L
 import numpy as np
-from torch.utils.data import DataLoader
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Sampler
 
 from samtune.data.base import SegmentationDataset, read_name_list
 from samtune.data.coco import COCODataset, filters_text, index_coco
@@ -40,6 +41,24 @@ def split_by_ratio(names: Sequence[Any], val_fraction: float, seed: int) -> tupl
     val = sorted(order[:n_val].tolist())
     train = sorted(order[n_val:].tolist())
     return [names[i] for i in train], [names[i] for i in val]
+
+
+def exact_eval_sampler(dataset: Sized, trainer: L.Trainer | None) -> Sampler | None:
+    """The sampler of a validation loader under DDP: each sample on exactly one process, or None (Lightning's).
+
+    Lightning's own ``DistributedSampler`` pads the processes' shares to equal length with repeated samples, so
+    validation metrics (summed over processes by torchmetrics) would count those samples twice. Unrepeated shares
+    may differ by one batch; validation has no per-batch collective but DDP's first forward (buffer sync), which
+    every process makes as long as each has a sample: with fewer samples than processes, or one process, or
+    ``use_distributed_sampler=False``, this returns None and Lightning's choice stands.
+    """
+    if trainer is None:
+        return None
+    world = int(trainer.world_size)
+    connector = getattr(trainer, "_accelerator_connector", None)
+    if world <= 1 or len(dataset) < world or not getattr(connector, "use_distributed_sampler", True):
+        return None
+    return UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=int(trainer.global_rank), shuffle=False)
 
 
 def keeps_full_batches(num_samples: int, batch_size: int, trainer: L.Trainer | None) -> bool:
@@ -182,6 +201,7 @@ class SegmentationDataModule(L.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=None if shuffle else exact_eval_sampler(dataset, self.trainer),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             collate_fn=collate_samples,

@@ -131,3 +131,26 @@ def test_coco_ratio_split_draws_from_the_images_left_by_the_filters(coco_file, t
     (tmp_path / "no_id.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"no_id\.json: images\[1\] has no 'id'"):  # was a bare KeyError('id')
         COCODataModule(str(tmp_path / "no_id.json"), num_workers=0).setup()
+
+
+def test_validation_under_ddp_sees_each_sample_once(tmp_path):
+    """3 validation images on 2 ranks: Lightning's DistributedSampler pads rank 1's share with a repeat of image 0,
+    which the summed validation metrics then counted twice; the datamodule's sampler shares them 2 + 1."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DistributedSampler, SequentialSampler
+
+    images, masks = write_mask_folder(tmp_path / "mf", n=8)
+    folder = MaskFolderDataModule(str(images), str(masks), image_size=32, num_workers=0, batch_size=2,
+                                  val_fraction=0.375, pin_memory=False)
+    seen = []
+    for rank in range(2):
+        folder.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        loader = folder.val_dataloader()
+        assert isinstance(loader.sampler, DistributedSampler)  # so Lightning keeps it instead of padding
+        seen += [name for batch in loader for name in batch["image_id"]]
+    assert len(folder.val_dataset) == 3 and sorted(seen) == sorted(folder.val_dataset.names)
+    folder.trainer = SimpleNamespace(world_size=4, global_rank=0)  # fewer samples than ranks: Lightning's sampler
+    assert isinstance(folder.val_dataloader().sampler, SequentialSampler)
+    folder.trainer = SimpleNamespace(world_size=1, global_rank=0)
+    assert isinstance(folder.val_dataloader().sampler, SequentialSampler)
