@@ -449,6 +449,10 @@ class PromptableSegmentationTask(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()  # synchronised over processes by torchmetrics
+        if self.evaluator.evaluate_box:  # NaN without masks, as the click entries: a ModelCheckpoint monitoring
+            nan = torch.full((), float("nan"), device=self.device)  # val/iou_box must find its key (else it raises)
+            values.setdefault("iou_box", nan)
+            values.setdefault("dice_box", nan)
         for name, value in values.items():
             self.log(f"val/{name}", value, on_step=False, on_epoch=True, sync_dist=False)
         self.val_metrics.reset()

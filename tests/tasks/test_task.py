@@ -337,6 +337,20 @@ def test_validation_logs_click_metrics_and_an_overlay_example(tmp_path) -> None:
     assert ex["points"].shape == (3, 1, 2) and ex["labels"].shape == (3, 1) and ex["normalization"] == "sam"
 
 
+def test_validation_without_masks_still_logs_the_monitored_box_iou(tmp_path) -> None:
+    """A validation pass that meets no mask (all skipped, empty crops) logs NaN for every metric, box included:
+    the recipes' ModelCheckpoint(monitor="val/iou_box") raised when the key was missing, ending the run."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    task = PromptableSegmentationTask("sam_tiny", val_num_clicks=2, simulation=SHORT)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/iou_box", mode="max", save_last=True)
+    trainer = quick_trainer(tmp_path, max_steps=1, callbacks=[checkpoint], enable_checkpointing=True)
+    trainer.fit(task, loader([2], batches=1), loader([0, 0], batches=1))
+    metrics = trainer.callback_metrics
+    assert torch.isnan(metrics["val/iou_box"]) and torch.isnan(metrics["val/iou_click_1"])
+    assert (tmp_path / "ckpt" / "last.ckpt").is_file()
+
+
 def test_validation_iou_ignores_the_padding() -> None:
     """A wide image (content 128 x 256): the IoU equals the one computed on the cropped content."""
     task = PromptableSegmentationTask("sam_tiny", val_num_clicks=1).eval()
