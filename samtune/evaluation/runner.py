@@ -197,13 +197,17 @@ def evaluate(
 
         bar = tqdm(total=len(dataset), unit="img", desc=f"evaluate {name}", file=sys.stderr,  # type: ignore[arg-type]
                    dynamic_ncols=True)
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    # Only a dataset that skips bad samples hands in substitutes (samtune datasets with on_error="raise" never do):
+    # the content keys, a pass over every image, are computed only then.
+    may_repeat = getattr(base, "on_error", "skip") != "raise"
     start = time.perf_counter()
     num_images = vanished = repeated = 0
     seen: set[tuple[Any, ...]] = set()
     try:
         with torch.inference_mode():
             for images, samples in loader:
-                fresh = _first_visits(samples, seen)
+                fresh = _first_visits(samples, seen) if may_repeat else range(len(samples))
                 if len(fresh) < len(samples):  # on_error="skip" gave the next sample in place of a bad one
                     repeated += len(samples) - len(fresh)
                     if bar is not None:
@@ -233,7 +237,6 @@ def evaluate(
     wall = time.perf_counter() - start
     per_mask: dict[str, Any] = {"image_id": image_ids, "instance_id": torch.cat(instance_ids)}
     per_mask.update({k: torch.cat(v) for k, v in columns.items()})
-    base = dataset.dataset if isinstance(dataset, Subset) else dataset
     if vanished and config.iou_resolution == "input":
         warnings.warn(
             f"{vanished} mask{'s' if vanished != 1 else ''} of {name!r} {'are' if vanished != 1 else 'is'} empty at "
