@@ -206,6 +206,13 @@ class ValidationOverlays(Callback):
         self._validations = 0
         self.last_path: Path | None = None
 
+    def state_dict(self) -> dict[str, Any]:
+        # the period counts on across a resume instead of restarting at the resumed run's first validation
+        return {"validations": self._validations}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._validations = int(state_dict.get("validations", 0))
+
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:

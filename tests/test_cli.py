@@ -6,13 +6,14 @@ import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 
 from samtune.build import build_sam
-from samtune.callbacks import render_overlays
+from samtune.callbacks import ValidationOverlays, render_overlays
 from samtune.cli import SyntheticData, configure_wandb_mode, ensure_synthetic_data, main
 from tests.conftest import REPO_ROOT
 
@@ -371,6 +372,29 @@ def test_render_overlays_draws_truth_prediction_and_clicks():
     assert tuple(picture[8, side + 8]) == (0, 200, 0)               # positive click
     assert tuple(picture[side + 24, side + 24]) == (230, 0, 0)      # negative click (second row)
     assert picture[side // 2, 0].sum() == 0                         # background untouched
+
+
+def test_validation_overlays_period_continues_after_resume(tmp_path):
+    """The overlay period counted validations from 0 again after a resume: with every_n_epochs=2 and a checkpoint
+    saved after 3 validations, the resumed run drew at its first validation (the 4th) instead of the 5th."""
+    side = 16
+    example = {"image": torch.zeros(3, side, side), "gt": torch.ones(1, side, side, dtype=torch.bool),
+               "pred": torch.ones(1, side, side, dtype=torch.bool), "points": torch.tensor([[[4.0, 4.0]]]),
+               "labels": torch.tensor([[1]]), "normalization": "minmax"}
+    module = SimpleNamespace(last_val_example=example)
+
+    def validate(callback, step):
+        trainer = SimpleNamespace(sanity_checking=False, loggers=[], global_step=step, current_epoch=0,
+                                  default_root_dir=str(tmp_path))
+        callback.last_path = None
+        callback.on_validation_epoch_end(trainer, module)
+        return callback.last_path is not None
+
+    first = ValidationOverlays(every_n_epochs=2)
+    assert [validate(first, step) for step in (1, 2, 3)] == [True, False, True]
+    resumed = ValidationOverlays(every_n_epochs=2)
+    resumed.load_state_dict(first.state_dict())
+    assert [validate(resumed, step) for step in (4, 5)] == [False, True]
 
 
 def test_synthetic_data_is_generated_once(tmp_path):
