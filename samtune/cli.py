@@ -38,6 +38,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 import samtune.data.datamodules  # noqa: F401  (registers the datamodules for class_path short names)
 import samtune.tasks  # noqa: F401  (registers PromptableSegmentationTask for class_path short names)
+from samtune.bundled import bundled_folder, resolve_config_path
 from samtune.callbacks import (
     FinalCheckpoint, ParameterCounts, SamtuneProgressBar, SaveConfigToLoggers, ValidationOverlays,
 )
@@ -59,7 +60,8 @@ TOOL_COMMANDS = {
     "evaluate": ("samtune.evaluation.cli", "IoU per click / NoC of a checkpoint on a dataset"),
     "amg": ("samtune.inference.amg_cli", "automatic mask generation (point grid, IoU/stability filtering, NMS) over images"),
 }
-QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+_RECIPES = bundled_folder("recipes")
+QUICKSTART = (_RECIPES or Path(__file__).resolve().parents[1] / "recipes") / "quickstart.yaml"
 
 
 class UsageError(Exception):
@@ -344,6 +346,20 @@ def _uses_config(args: Sequence[str]) -> bool:
 _YAML_NULLS = ("null", "Null", "NULL", "~")
 
 
+def _bundled_configs(args: Sequence[str]) -> list[str]:
+    """``--config recipes/X.yaml`` / ``configs/...`` (also ``-c``, ``--config=``) missing from the working directory
+    name samtune's bundled copy (:func:`samtune.bundled.resolve_config_path`): an installed samtune runs its
+    recipes and fragments without a checkout."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg in ("-c", "--config") and i + 1 < len(out):
+            out[i + 1] = resolve_config_path(out[i + 1])
+        elif arg.startswith(("--config=", "-c=")):
+            flag, value = arg.split("=", 1)
+            out[i] = f"{flag}={resolve_config_path(value)}"
+    return out
+
+
 def _null_overrides(args: Sequence[str]) -> list[str]:
     """Rewrite ``--model[.init_args].GROUP.FIELD null`` as ``--model[.init_args].GROUP '{"FIELD": null}'``.
 
@@ -395,7 +411,7 @@ def run_lightning(args: list[str], run: bool = True) -> SamtuneCLI:
                              "pass --config RECIPE.yaml")
         print(f"samtune: no --config given: running {QUICKSTART}", file=sys.stderr)
         args = [args[0], "--config", str(QUICKSTART), *args[1:]]
-    args = _null_overrides(args)
+    args = _null_overrides(_bundled_configs(args))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
         return SamtuneCLI(

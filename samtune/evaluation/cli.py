@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 
 from samtune.argtypes import comma_separated
+from samtune.bundled import resolve_config_path
 from samtune.evaluation.protocols import PROTOCOLS, ProtocolConfig
 from samtune.evaluation.report import format_table, safe_name, write_report
 from samtune.evaluation.runner import dataset_options, evaluate
@@ -369,6 +370,7 @@ def main(argv: list[str]) -> int:
         given = [f"--{f.replace('_', '-')}" for f in DATA_FLAGS if getattr(args, f) is not None]
         if given:
             parser.error(f"--config takes the data settings from the recipe; drop {', '.join(given)}")
+        args.config = resolve_config_path(args.config)  # recipes/X.yaml: the bundled recipe without a checkout
         recipe = _read_recipe(args.config)
         model_section = recipe.get("model") if isinstance(recipe.get("model"), dict) else {}
         model_args = model_section.get("init_args") or {}
