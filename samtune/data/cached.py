@@ -72,7 +72,7 @@ logger = logging.getLogger("samtune.data")
 
 # Bump when samtune.data's image reading, band selection or intensity code changes what a file turns into
 # (the resize filter and normalisation are covered by a probe hash, see ``preprocessing_spec``).
-PIPELINE_VERSION = 2  # 2: EXIF orientation applied
+PIPELINE_VERSION = 3  # 2: EXIF orientation applied; 3: also from a PNG eXIf chunk after the pixel data
 
 View = Literal["identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose"]
 VIEWS: tuple[str, ...] = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose")

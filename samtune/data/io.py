@@ -14,7 +14,9 @@ Intensity presets:
 
 Orientation: the EXIF ``Orientation`` tag of JPEG / PNG / WebP files is applied, so images, label maps and
 their sizes are those that viewers show and annotation tools (labelme, CVAT) annotate, and that ``cv2.imread``'s
-default (the official SAM scripts) reads. TIFFs are read as stored (as GDAL and tifffile do).
+default (the official SAM scripts) reads. A PNG's ``eXIf`` chunk counts wherever it lies, after the pixel data
+(``IDAT``) too, as for ``cv2.imread`` and Pillow's ``exif_transpose`` (Pillow's header alone only sees one
+before ``IDAT``). TIFFs are read as stored (as GDAL and tifffile do).
 
 Float images holding NaN (e.g. nodata) are rejected with a :class:`SampleError` naming the file (a dataset then
 raises or skips it, per ``on_error``), and so are infinities under the presets that take their range from the
@@ -41,6 +43,7 @@ INTENSITY_PRESETS: tuple[str, ...] = get_args(Intensity)
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 EXIF_ORIENTATION = 0x0112  # EXIF tag number of Orientation
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"  # start-of-image (+ next marker) and end-of-image markers
 _PILLOW_LIMIT_LOCK = threading.Lock()
 
@@ -102,16 +105,24 @@ def read_image(path: str | Path) -> np.ndarray:
         array = cv2.cvtColor(array, cv2.COLOR_BGRA2RGBA)
     try:
         with _open_pillow(io.BytesIO(data)) as img:  # parses the header only
-            orientation = exif_orientation(img)
+            orientation = exif_orientation(img, data)
     except Exception:  # noqa: BLE001 - a format Pillow cannot open carries no EXIF it could read
         orientation = 1
     return apply_orientation(array, orientation)
 
 
-def exif_orientation(img: Image.Image) -> int:
+def exif_orientation(img: Image.Image, source: bytes | Path | None = None) -> int:
     """The EXIF ``Orientation`` (1-8) of an opened Pillow image, from its header (no pixels are decoded); 1 when
-    the file has none or an invalid one."""
+    the file has none or an invalid one.
+
+    Args:
+        img: the opened image.
+        source: its file (path or content). A PNG's ``eXIf`` chunk may follow the pixel data, where Pillow only
+            finds it once the pixels are decoded: with ``source`` the chunk is found wherever it lies.
+    """
     raw = img.info.get("exif")
+    if not raw and source is not None and img.format == "PNG":
+        raw = png_exif(source)
     if not raw:
         return 1
     try:
@@ -121,6 +132,25 @@ def exif_orientation(img: Image.Image) -> int:
     except Exception:  # noqa: BLE001 - a damaged EXIF block is ignored, as viewers do
         return 1
     return value if 1 <= value <= 8 else 1
+
+
+def png_exif(source: bytes | Path) -> bytes | None:
+    """The content of the first ``eXIf`` chunk of a PNG file (path or bytes), wherever it lies; None when there is
+    none or the file is not a PNG. Walks the chunk headers only, seeking over the data (the pixels are not read).
+    """
+    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else open(source, "rb")
+    with stream:
+        if stream.read(8) != PNG_SIGNATURE:
+            return None
+        while len(header := stream.read(8)) == 8:
+            length, kind = int.from_bytes(header[:4], "big"), header[4:]
+            if kind == b"eXIf":
+                data = stream.read(length)
+                return data if len(data) == length else None
+            if kind == b"IEND":
+                return None
+            stream.seek(length + 4, io.SEEK_CUR)  # data and CRC
+    return None
 
 
 def apply_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
@@ -195,7 +225,7 @@ def read_label_map(path: str | Path) -> np.ndarray:
             with _open_pillow(path) as img:
                 lossy = _lossy_format(img, path)
                 if lossy is None:
-                    array = apply_orientation(np.asarray(img), exif_orientation(img))
+                    array = apply_orientation(np.asarray(img), exif_orientation(img, path))
     except Exception as exc:
         raise SampleError(path, f"cannot decode mask image ({type(exc).__name__}: {exc})") from exc
     if lossy is not None:
@@ -264,7 +294,7 @@ def image_shape(path: str | Path) -> tuple[int, int]:
             return shape[0], shape[1]
         with _open_pillow(path) as img:
             width, height = img.size
-            if exif_orientation(img) in (5, 6, 7, 8):  # turned by a quarter
+            if exif_orientation(img, path) in (5, 6, 7, 8):  # turned by a quarter
                 width, height = height, width
         return height, width
     except Exception as exc:

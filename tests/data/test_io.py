@@ -1,3 +1,5 @@
+import zlib
+
 import cv2
 import numpy as np
 import pytest
@@ -172,3 +174,57 @@ def test_large_rasters_open_beyond_pillows_decompression_bomb_limit(tmp_path, mo
     _with_orientation(tmp_path / "turned.png", np.stack([labels] * 3, -1), 6)
     assert read_image(tmp_path / "turned.png").shape == (30, 20, 3) and image_shape(tmp_path / "turned.png") == (30, 20)
     assert Image.MAX_IMAGE_PIXELS == 100  # Pillow's own setting is left as it was
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def _write_png(path, array, exif_after_pixels: bytes | None = None):
+    """An 8/16-bit grey (``[H, W]``), grey + alpha (``[H, W, 2]``), RGB or RGBA PNG written chunk by chunk, with an
+    ``eXIf`` chunk after the pixel data (IDAT) when given: encoders may place it there, where Pillow's header
+    parsing does not look."""
+    array = np.asarray(array)
+    height, width = array.shape[:2]
+    channels = 1 if array.ndim == 2 else array.shape[2]
+    depth = 16 if array.dtype == np.uint16 else 8
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    rows = array.astype(">u2" if depth == 16 else np.uint8).reshape(height, -1).view(np.uint8)
+    raw = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1).tobytes()  # filter type 0 per row
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([depth, colour_type, 0, 0, 0])
+    data = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(raw))
+    if exif_after_pixels is not None:
+        data += _png_chunk(b"eXIf", exif_after_pixels)
+    path.write_bytes(data + _png_chunk(b"IEND", b""))
+
+
+def test_png_exif_after_the_pixel_data_turns_images_and_masks_alike(tmp_path):
+    """An eXIf chunk after IDAT was applied to label maps (Pillow finds it once the pixels are decoded) but not to
+    images or image_shape (header only): a 5x7 image with a turned 7x5 mask failed the size check, and a square one
+    was silently misaligned with its mask. cv2.imread and Pillow's exif_transpose both apply it."""
+    from samtune.data.mask_folder import MaskFolderDataset
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    payload = exif.tobytes()[6:]  # the chunk holds the TIFF structure without the JPEG "Exif\0\0" header
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), np.uint8)
+    _write_png(tmp_path / "late.png", pixels, exif_after_pixels=payload)
+    with Image.open(tmp_path / "late.png") as shown:
+        expected = np.asarray(ImageOps.exif_transpose(shown))
+    assert expected.shape == (7, 5, 3)
+    np.testing.assert_array_equal(read_image(tmp_path / "late.png"), expected)
+    assert image_shape(tmp_path / "late.png") == (7, 5)
+    np.testing.assert_array_equal(cv2.cvtColor(cv2.imread(str(tmp_path / "late.png")), cv2.COLOR_BGR2RGB), expected)
+
+    # a square image and its label map, both with the eXIf chunk after the pixels: the masks stay on the objects
+    (tmp_path / "i").mkdir()
+    (tmp_path / "m").mkdir()
+    labels = np.zeros((16, 16), np.uint8)
+    labels[1:5, 2:12] = 1  # a bar at the top, turned to the right edge
+    _write_png(tmp_path / "i" / "a.png", np.where(labels[..., None] > 0, 255, 0).repeat(3, 2).astype(np.uint8),
+               exif_after_pixels=payload)
+    _write_png(tmp_path / "m" / "a.png", labels, exif_after_pixels=payload)
+    sample = MaskFolderDataset(tmp_path / "i", tmp_path / "m", image_size=16, normalization="minmax")[0]
+    mask = sample["masks"][0].numpy()
+    np.testing.assert_array_equal(mask, np.rot90(labels, -1) > 0)
+    assert sample["image"][0][mask].min() == 1.0 and sample["image"][0][~mask].max() == 0.0
