@@ -206,10 +206,14 @@ def read_label_map(path: str | Path) -> np.ndarray:
     Returns:
         ``[H, W]`` integer or bool array, turned as its EXIF orientation says (as :func:`read_image`).
 
+    Grey + alpha and RGBA label images (R = G = B) are read from their grey values when the alpha channel is the
+    same everywhere (e.g. fully opaque); 16-bit colour / grey + alpha PNGs keep all 16 bits (Pillow would cut
+    them to 8).
+
     Raises:
         SampleError: missing, undecodable, stored with lossy compression (JPEG, lossy WebP, JPEG-compressed TIFF:
-            it changes label values and adds noisy edges, which would become invented instances), or a colour image
-            whose channels differ.
+            it changes label values and adds noisy edges, which would become invented instances), a colour image
+            whose channels differ, or one whose alpha channel varies (what transparent pixels hold is undefined).
     """
     path = Path(path)
     if not path.is_file():
@@ -221,11 +225,17 @@ def read_label_map(path: str | Path) -> np.ndarray:
                 lossy = _lossy_tiff(tif)
                 if lossy is None:
                     array = np.asarray(tif.asarray())
+                    # an extra sample is alpha only where the file says so (else e.g. a second label band)
+                    has_alpha = any(int(kind) in (1, 2) for kind in tif.pages[0].extrasamples)
         else:
             with _open_pillow(path) as img:
                 lossy = _lossy_format(img, path)
                 if lossy is None:
-                    array = apply_orientation(np.asarray(img), exif_orientation(img, path))
+                    pixels = _png_16bit_colour(path) if img.format == "PNG" else None
+                    if pixels is None:
+                        pixels = np.asarray(img)
+                    has_alpha = pixels.ndim == 3 and pixels.shape[2] in (2, 4)  # LA / PA / RGBA (16-bit too)
+                    array = apply_orientation(pixels, exif_orientation(img, path))
     except Exception as exc:
         raise SampleError(path, f"cannot decode mask image ({type(exc).__name__}: {exc})") from exc
     if lossy is not None:
@@ -235,12 +245,7 @@ def read_label_map(path: str | Path) -> np.ndarray:
         )
     array = np.squeeze(array)
     if array.ndim == 3:
-        if array.shape[2] in (3, 4) and np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(
-            array[..., 0], array[..., 2]
-        ):
-            array = array[..., 0]
-        else:
-            raise SampleError(path, f"expected a single-channel label image, got shape {array.shape}")
+        array = _single_channel_labels(array, path, has_alpha)
     if array.ndim != 2:
         raise SampleError(path, f"expected a 2-D label image, got shape {array.shape}")
     if array.dtype.kind == "f":
@@ -248,6 +253,52 @@ def read_label_map(path: str | Path) -> np.ndarray:
             raise SampleError(path, "float label image holds non-integer values")
         array = array.astype(np.int64)
     return array
+
+
+def _single_channel_labels(array: np.ndarray, path: Path, has_alpha: bool) -> np.ndarray:
+    """The labels of a ``[H, W, C]`` label image: grey + alpha (C = 2) or RGB(A) (C = 3, 4) with equal colour
+    channels and, where there is one (``has_alpha``: the file's last channel is alpha), an alpha channel that is
+    the same everywhere; else :class:`SampleError`."""
+    channels = array.shape[2]
+    if channels not in ((2, 4) if has_alpha else (3,)):
+        raise SampleError(path, f"expected a single-channel label image, got shape {array.shape}")
+    if channels in (3, 4) and not (np.array_equal(array[..., 0], array[..., 1])
+                                   and np.array_equal(array[..., 0], array[..., 2])):
+        raise SampleError(path, f"expected a single-channel label image, got shape {array.shape} with colour "
+                                "channels that differ (a colour-coded mask): save the labels as one channel")
+    if channels in (2, 4):
+        alpha = array[..., -1]
+        low, high = int(alpha.min()), int(alpha.max())
+        if low != high:
+            kind = "grey + alpha" if channels == 2 else "RGBA"
+            raise SampleError(
+                path,
+                f"{kind} label image whose alpha channel varies (values {low}..{high}, {np.count_nonzero(alpha < high)}"
+                f" of {alpha.size} pixels below {high}): labels are read from the grey values, "
+                "and what transparent pixels hold there is undefined. Save the mask without an alpha channel, "
+                "first setting transparent pixels to the background label if they are background (e.g. with "
+                "NumPy: labels = np.where(alpha > 0, grey, 0))",
+            )
+    return np.ascontiguousarray(array[..., 0])
+
+
+def _png_16bit_colour(path: Path) -> np.ndarray | None:
+    """The ``[H, W, C]`` pixels (channels in RGB(A) order) of a 16-bit grey + alpha / RGB / RGBA PNG file, read
+    through OpenCV: Pillow reads such files as 8-bit, keeping the high byte only (label 300 read as 1). None for
+    any other PNG."""
+    with open(path, "rb") as f:
+        header = f.read(26)
+    if len(header) < 26 or header[:8] != PNG_SIGNATURE or header[12:16] != b"IHDR":
+        return None
+    depth, colour_type = header[24], header[25]
+    if depth != 16 or colour_type not in (2, 4, 6):
+        return None
+    array = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+    if array is None or array.ndim != 3:
+        raise ValueError("OpenCV cannot decode this 16-bit PNG")
+    if colour_type == 4:  # OpenCV expands grey + alpha to BGRA with equal colours
+        return np.ascontiguousarray(array[..., [0, 3]])
+    return np.ascontiguousarray(array[..., [2, 1, 0, *range(3, array.shape[2])]])
 
 
 def _lossy_tiff(tif: tifffile.TiffFile) -> str | None:

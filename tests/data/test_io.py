@@ -228,3 +228,60 @@ def test_png_exif_after_the_pixel_data_turns_images_and_masks_alike(tmp_path):
     mask = sample["masks"][0].numpy()
     np.testing.assert_array_equal(mask, np.rot90(labels, -1) > 0)
     assert sample["image"][0][mask].min() == 1.0 and sample["image"][0][~mask].max() == 0.0
+
+
+def test_label_images_with_alpha_read_their_grey_values_when_the_alpha_is_uniform(tmp_path):
+    """Grey + alpha (LA) label PNGs were rejected ("expected a single-channel label image, got shape (H, W, 2)")
+    even when fully opaque, and a 16-bit grey + alpha or RGB PNG lost its low byte in Pillow (label 300 read as 1,
+    label 7 as 0) and was then accepted as R = G = B: silently wrong instances."""
+    labels = np.zeros((6, 8), np.uint8)
+    labels[1:3, 2:5], labels[4, 1:7] = 3, 9
+    opaque = np.full_like(labels, 255)
+    Image.fromarray(np.stack([labels, opaque], -1), mode="LA").save(tmp_path / "la.png")
+    with Image.open(tmp_path / "la.png") as written:
+        assert written.mode == "LA"
+    np.testing.assert_array_equal(read_label_map(tmp_path / "la.png"), labels)
+    Image.fromarray(np.stack([labels] * 3 + [opaque], -1), mode="RGBA").save(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(read_label_map(tmp_path / "rgba.png"), labels)
+
+    wide = (labels.astype(np.uint16) * 100 + (labels > 0) * 7).astype(np.uint16)  # 307 and 907: beyond 8 bits
+    _write_png(tmp_path / "la16.png", np.stack([wide, np.full_like(wide, 65535)], -1))
+    _write_png(tmp_path / "rgb16.png", np.stack([wide] * 3, -1))
+    _write_png(tmp_path / "rgba16.png", np.stack([wide] * 3 + [np.full_like(wide, 65535)], -1))
+    for name in ("la16.png", "rgb16.png", "rgba16.png"):
+        read = read_label_map(tmp_path / name)
+        assert read.dtype == np.uint16, name
+        np.testing.assert_array_equal(read, wide, err_msg=name)
+
+    # TIFF: a second band is alpha only where the file declares it (ExtraSamples), else it may be a second label
+    Image.fromarray(np.stack([labels, opaque], -1), mode="LA").save(tmp_path / "la.tif")
+    np.testing.assert_array_equal(read_label_map(tmp_path / "la.tif"), labels)
+    tifffile.imwrite(tmp_path / "two_bands.tif", np.stack([labels, np.ones_like(labels)], -1))
+    with pytest.raises(SampleError, match=r"two_bands\.tif: expected a single-channel label image, got shape "
+                                          r"\(6, 8, 2\)"):
+        read_label_map(tmp_path / "two_bands.tif")
+
+    # varying transparency: what transparent pixels hold is undefined, so the file is refused with a way out
+    transparent = np.where(labels > 0, 255, 0).astype(np.uint8)
+    Image.fromarray(np.stack([labels, transparent], -1), mode="LA").save(tmp_path / "cutout.png")
+    Image.fromarray(np.stack([labels] * 3 + [transparent], -1), mode="RGBA").save(tmp_path / "cutout_rgba.png")
+    for name, kind in (("cutout.png", "grey \\+ alpha"), ("cutout_rgba.png", "RGBA")):
+        with pytest.raises(SampleError, match=rf"{name}: {kind} label image whose alpha channel varies "
+                                              r"\(values 0..255, 36 of 48 pixels below 255\): labels are read "
+                                              r"from the grey values, .*Save the mask without an alpha channel"):
+            read_label_map(tmp_path / name)
+
+
+def test_mask_folder_reads_opaque_grey_alpha_masks(tmp_path):
+    from samtune.data.mask_folder import MaskFolderDataset
+
+    (tmp_path / "i").mkdir()
+    (tmp_path / "m").mkdir()
+    labels = np.zeros((24, 24), np.uint8)
+    labels[2:10, 3:12], labels[14:20, 14:22] = 1, 2
+    cv2.imwrite(str(tmp_path / "i" / "a.png"), labels * 100)
+    Image.fromarray(np.stack([labels, np.full_like(labels, 255)], -1), mode="LA").save(tmp_path / "m" / "a.png")
+    sample = MaskFolderDataset(tmp_path / "i", tmp_path / "m", image_size=24, return_original_masks=True)[0]
+    assert sample["instance_ids"].tolist() == [1, 2]
+    for mask, ident in zip(sample["original_masks"].numpy(), (1, 2)):
+        np.testing.assert_array_equal(mask, labels == ident)
