@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from samtune.data.base import RawSample, SegmentationDataset
 from samtune.data.errors import SampleError
 from samtune.data.io import image_shape, read_image
-from samtune.data.masks import RLEMaskSource, file_label, segmentation_to_rle
+from samtune.data.masks import RLEMaskSource, as_integer, file_label, segmentation_to_rle
 
 logger = logging.getLogger("samtune.data")
 
@@ -52,10 +52,10 @@ def _required_int(path: Path, section: str, k: int, entry: Any, key: str) -> int
     where = f"{path}: {section}[{k}]" + (f" (id {entry['id']!r})" if key != "id" and "id" in entry else "")
     if key not in entry:
         raise ValueError(f"{where} has no '{key}' (required by the COCO instances format)")
-    try:
-        return int(entry[key])
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: '{key}' must be an integer, got {entry[key]!r}") from None
+    value = as_integer(entry[key])
+    if value is None:
+        raise ValueError(f"{where}: '{key}' must be an integer, got {entry[key]!r}")
+    return value
 
 
 def index_coco(

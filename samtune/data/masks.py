@@ -131,7 +131,11 @@ def polygons_to_rle(polygons: Sequence[Any], height: int, width: int, where: str
         polygons = [polygons]  # a flat polygon, not nested
     cleaned: list[list[float]] = []
     for poly in polygons:
-        coords = np.asarray(poly, dtype=np.float64).ravel()
+        try:
+            coords = np.asarray(poly, dtype=np.float64).ravel()
+        except (TypeError, ValueError):
+            raise SampleError(where, f"a polygon must be a list of numbers [x1, y1, x2, y2, ...], got "
+                                     f"{_short(poly)}") from None
         if coords.size % 2:
             raise SampleError(where, f"polygon needs an even number of coordinates (x, y pairs), got {coords.size}")
         if not np.all(np.isfinite(coords)):
@@ -141,6 +145,12 @@ def polygons_to_rle(polygons: Sequence[Any], height: int, width: int, where: str
     if not cleaned:
         return mask_utils.encode(np.zeros((height, width, 1), dtype=np.uint8, order="F"))[0]
     return mask_utils.merge(mask_utils.frPyObjects(cleaned, height, width))
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages about large JSON values."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def segmentation_to_rle(segmentation: Any, height: int, width: int, where: str | Path) -> dict[str, Any]:
@@ -509,6 +519,24 @@ def resize_image(image: np.ndarray, size: tuple[int, int], interpolation: Interp
     if out.dtype != np.uint8:
         out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
     return out
+
+
+def as_integer(value: Any) -> int | None:
+    """``value`` as an int when it is an integer: an int, a float without a fractional part (``3.0``, as some
+    exporters write ids) or a string of digits; None for anything else (a bool, ``1.7``, ``"a1"``, None), where
+    ``int()`` would truncate ``1.7`` to 1 and silently give an annotation to another image."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return int(value) if np.isfinite(value) and float(value).is_integer() else None
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return None
+    return None
 
 
 def file_label(path: str | Path, detail: str | int | None = None) -> str:

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from samtune.data.base import RawSample, SegmentationDataset, read_name_list
 from samtune.data.errors import SampleError
 from samtune.data.io import image_shape, read_image
-from samtune.data.masks import RLEMaskSource, file_label, validate_rle
+from samtune.data.masks import RLEMaskSource, as_integer, file_label, validate_rle
 
 
 class SA1BDataset(SegmentationDataset):
@@ -118,12 +118,10 @@ def _check_fields(record: dict[str, Any], json_path: Path) -> None:
 
 
 def _as_int(value: Any, minimum: int | None = None) -> int | None:
-    """``int(value)``, or None when it is not an integer (at least ``minimum``)."""
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        return None
-    return number if minimum is None or number >= minimum else None
+    """``value`` as an int (see :func:`samtune.data.masks.as_integer`), or None when it is not an integer (at
+    least ``minimum``)."""
+    number = as_integer(value)
+    return number if number is not None and (minimum is None or number >= minimum) else None
 
 
 def _mask_source(record: dict[str, Any], json_path: Path, height: int, width: int) -> RLEMaskSource:

@@ -289,3 +289,43 @@ def test_random_crops_find_sparse_objects(tmp_path):
         assert sample["instance_ids"].tolist() == [7] and sample["original_masks"][0].any()
         windows.add(sample["image"].numpy().tobytes() + sample["original_masks"][0].numpy().tobytes())
     assert len(windows) > 5  # still random crops, not one fixed window
+
+
+@pytest.mark.parametrize(("section", "position", "key", "value", "message"), [
+    ("annotations", 0, "image_id", 2.7, r"annotations\[0\] \(id 10\): 'image_id' must be an integer, got 2\.7"),
+    ("annotations", 1, "id", 11.5, r"annotations\[1\]: 'id' must be an integer, got 11\.5"),
+    ("images", 0, "height", 60.9, r"images\[0\] \(id 1\): 'height' must be an integer, got 60\.9"),
+    ("images", 0, "width", True, r"images\[0\] \(id 1\): 'width' must be an integer, got True"),
+    ("images", 2, "id", False, r"images\[2\]: 'id' must be an integer, got False"),
+])
+def test_fractional_and_boolean_numbers_are_not_integers(coco_file, section, position, key, value, message):
+    """int() truncated them: an annotation with image_id 2.7 was drawn on image 2, id 11.5 became 11, height 60.9
+    passed as 60 and True as 1."""
+    data = json.loads(coco_file.read_text())
+    data[section][position][key] = value
+    coco_file.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=rf"annotations\.json: {message}$"):
+        COCODataset(coco_file, image_size=32)
+
+
+def test_integral_floats_and_digit_strings_are_integers(coco_file):
+    """Exporters that write ids as 1.0 or "2" keep working."""
+    data = json.loads(coco_file.read_text())
+    data["annotations"][0]["image_id"], data["annotations"][4]["image_id"] = 1.0, "2"
+    data["annotations"][1]["id"] = 11.0
+    data["images"][0]["height"] = 60.0
+    coco_file.write_text(json.dumps(data))
+    ds = COCODataset(coco_file, image_size=32)
+    assert [ds[i]["instance_ids"].tolist() for i in range(len(ds))] == [[10, 11, 12], [20]]
+
+
+@pytest.mark.parametrize("polygon", [[["a", "b", "c", "d", "e", "f"]], [[[1, 2], [3, 4, 5], [6, 7]]],
+                                     [[1, 2, {"x": 3}, 4, 5, 6]]])
+def test_non_numeric_polygons_name_the_annotation(coco_file, polygon):
+    """They were an 'unexpected ValueError while loading the sample' blamed on the image file."""
+    data = json.loads(coco_file.read_text())
+    data["annotations"][0]["segmentation"] = polygon
+    coco_file.write_text(json.dumps(data))
+    with pytest.raises(SampleError, match=r"annotations\.json \[annotation 10 of image 1\]: a polygon must be a list "
+                                          r"of numbers \[x1, y1, x2, y2, \.\.\.\], got "):
+        COCODataset(coco_file, image_size=32)[0]

@@ -190,3 +190,18 @@ def test_validation_tiles_assign_each_annotation_once(sa1b_dir):
             seen.append(ident)
     usable = [i for i, m in by_id.items() if 0 < m.sum() <= 0.9 * m.size]
     assert sorted(seen) == sorted(usable)
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda r: r["image"].__setitem__("height", 96.5), r": image 'height' must be a positive integer, got 96\.5"),
+    (lambda r: r["image"].__setitem__("width", True), r": image 'width' must be a positive integer, got True"),
+    (lambda r: r["annotations"][0].__setitem__("id", 7.25),
+     r" \[annotations\[0\]\]: 'id' must be an integer, got 7\.25"),
+])
+def test_fractional_and_boolean_numbers_are_not_integers(sa1b_dir, mutate, message):
+    """int() truncated them (height 96.5 passed as 96, True as 1, id 7.25 became instance 7)."""
+    record = json.loads((sa1b_dir / "sa_2.json").read_text())
+    mutate(record)
+    (sa1b_dir / "sa_2.json").write_text(json.dumps(record))
+    with pytest.raises(SampleError, match=rf"sa_2\.json{message}$"):
+        SA1BDataset(sa1b_dir, image_size=32)[1]
