@@ -100,8 +100,11 @@ def index_coco(
         images[image_id] = img
     wanted_categories = set(int(c) for c in category_ids) if category_ids is not None else None
     by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    orphans: dict[int, int] = {}  # image id named by annotations but by no image entry -> annotation count
     for k, ann in enumerate(data["annotations"]):
         image_id = _required_int(path, "annotations", k, ann, "image_id")
+        if image_id not in images:
+            orphans[image_id] = orphans.get(image_id, 0) + 1
         for key in ("id", "category_id"):  # optional here, but integers where given
             if key in ann:
                 _required_int(path, "annotations", k, ann, key)
@@ -114,6 +117,10 @@ def index_coco(
         if wanted_categories is not None and int(ann.get("category_id", -1)) not in wanted_categories:
             continue
         by_image[image_id].append(ann)
+    if orphans:
+        logger.warning("%s: %d annotation(s) name image ids that no entry of 'images' has (%s%s); they are left out",
+                       path, sum(orphans.values()), ", ".join(str(i) for i in list(orphans)[:5]),
+                       ", ..." if len(orphans) > 5 else "")
     return images, by_image
 
 

@@ -1,4 +1,5 @@
 import json
+import logging
 
 import cv2
 import numpy as np
@@ -329,3 +330,16 @@ def test_non_numeric_polygons_name_the_annotation(coco_file, polygon):
     with pytest.raises(SampleError, match=r"annotations\.json \[annotation 10 of image 1\]: a polygon must be a list "
                                           r"of numbers \[x1, y1, x2, y2, \.\.\.\], got "):
         COCODataset(coco_file, image_size=32)[0]
+
+
+def test_annotations_of_unknown_images_are_reported(coco_file, caplog):
+    """Annotations whose image_id no image entry has (e.g. two files merged with renumbered images) were dropped
+    without a word."""
+    data = json.loads(coco_file.read_text())
+    data["annotations"][4]["image_id"] = 7
+    data["annotations"].append(dict(data["annotations"][0], id=30, image_id=8))
+    coco_file.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger="samtune.data"):
+        ds = COCODataset(coco_file, image_size=32)
+    assert len(ds) == 1
+    assert "annotations.json: 2 annotation(s) name image ids that no entry of 'images' has (7, 8)" in caplog.text
