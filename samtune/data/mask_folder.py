@@ -25,11 +25,23 @@ from samtune.data.masks import Connectivity, MaskSource, MaskType, label_map_to_
 
 
 def _files_by_stem(folder: Path) -> dict[str, Path]:
+    """The image files of ``folder`` by stem (the first in sorted order where several share a stem, see
+    :func:`_files_sharing_stems`)."""
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
             files.setdefault(path.stem, path)
     return files
+
+
+def _files_sharing_stems(folder: Path) -> dict[str, list[Path]]:
+    """The stems that several image files of ``folder`` share (``a.png`` and ``a.tif``), with those files: which
+    of them pairs with the other folder's file is ambiguous."""
+    files: dict[str, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            files.setdefault(path.stem, []).append(path)
+    return {stem: paths for stem, paths in files.items() if len(paths) > 1}
 
 
 def image_files(image_dir: Path, mask_dir: Path, mask_suffix: str) -> dict[str, Path]:
@@ -102,6 +114,7 @@ class MaskFolderDataset(SegmentationDataset):
         self.connectivity = connectivity
         self._images = image_files(self.image_dir, self.mask_dir, mask_suffix)
         self._masks = _files_by_stem(self.mask_dir)
+        self._shared_stems = {folder: _files_sharing_stems(folder) for folder in {self.image_dir, self.mask_dir}}
         if split_file is not None:
             names = read_name_list(split_file)
         self.names = list(names) if names is not None else sorted(self._images)
@@ -128,10 +141,22 @@ class MaskFolderDataset(SegmentationDataset):
     def _load_masks(self, i: int) -> tuple[MaskSource, Path]:
         """The masks alone, from the label image: the image's pixels are not read."""
         image_path, mask_path = self._image_path(i), self._mask_path(i)
-        if self.names[i] not in self._images:
-            raise SampleError(image_path, f"no image named {self.names[i]!r} in {self.image_dir}")
-        if self.names[i] + self.mask_suffix not in self._masks:
+        name = self.names[i]
+        if name not in self._images:
+            stem, suffix = Path(name).stem, Path(name).suffix
+            hint = (f": names are file stems without the extension, e.g. {stem!r}"
+                    if suffix.lower() in IMAGE_SUFFIXES and stem in self._images else "")
+            raise SampleError(self.image_dir / name, f"no image named {name!r} in {self.image_dir}{hint}")
+        if name + self.mask_suffix not in self._masks:
             raise SampleError(mask_path, f"no mask for image {image_path} in {self.mask_dir}")
+        for folder, stem, kind in ((self.image_dir, name, "image"), (self.mask_dir, name + self.mask_suffix, "mask")):
+            shared = self._shared_stems[folder].get(stem)
+            if shared:
+                raise SampleError(
+                    folder / stem, f"{len(shared)} {kind} files share the name {stem!r} "
+                    f"({', '.join(p.name for p in shared)}): images and masks pair by name without the extension, so "
+                    "which one is meant is ambiguous; keep one of them in the folder",
+                )
         labels = read_label_map(mask_path)
         source = label_map_to_source(
             labels, self.mask_type, self.background, self.ignore_values, self.min_area, self.connectivity

@@ -1,3 +1,4 @@
+import cv2
 import numpy as np
 import pytest
 import tifffile
@@ -212,3 +213,27 @@ def test_an_image_whose_name_ends_with_the_mask_suffix_is_still_an_image(tmp_pat
     ds = MaskFolderDataset(tmp_path, tmp_path, mask_suffix="_mask", image_size=32)
     assert ds.names == ["case0", "scan_mask"]
     assert [ds[i]["masks"].shape[0] for i in range(2)] == [1, 1]
+
+
+def test_files_sharing_a_name_are_an_error_naming_them(tmp_path):
+    """img1.jpg beside img1.png (or a mask saved twice, as .png and .tif) silently paired the first in sorted order,
+    here an empty image or an empty mask, with the other folder's file."""
+    images, masks = write_mask_folder(tmp_path, n=3)
+    cv2.imwrite(str(images / "img1.jpg"), np.zeros((48, 64), np.uint8))
+    tifffile.imwrite(masks / "img2.tif", np.zeros((48, 64), np.uint16))
+    ds = MaskFolderDataset(images, masks, image_size=32)
+    assert ds[0]["image_id"] == "img0"
+    with pytest.raises(SampleError, match=r"images/img1: 2 image files share the name 'img1' \(img1\.jpg, img1\.png\): "
+                                          r"images and masks pair by name without the extension"):
+        ds[1]
+    with pytest.raises(SampleError, match=r"masks/img2: 2 mask files share the name 'img2' \(img2\.png, img2\.tif\)"):
+        ds[2]
+    skipping = MaskFolderDataset(images, masks, image_size=32, on_error="skip")
+    assert [skipping[i]["image_id"] for i in range(3)] == ["img0", "img0", "img0"] and skipping.num_skipped == 3
+
+
+def test_a_name_given_with_its_extension_is_explained(tmp_path):
+    images, masks = write_mask_folder(tmp_path, n=1)
+    with pytest.raises(SampleError, match=r"images/img0\.png: no image named 'img0\.png' in .*images: names are file "
+                                          r"stems without the extension, e.g. 'img0'$"):
+        MaskFolderDataset(images, masks, names=["img0.png"], image_size=32)[0]
