@@ -207,13 +207,13 @@ def read_label_map(path: str | Path) -> np.ndarray:
         ``[H, W]`` integer or bool array, turned as its EXIF orientation says (as :func:`read_image`).
 
     Grey + alpha and RGBA label images (R = G = B) are read from their grey values when the alpha channel is the
-    same everywhere (e.g. fully opaque); 16-bit colour / grey + alpha PNGs keep all 16 bits (Pillow would cut
+    same everywhere (e.g. fully opaque) or only background (0) pixels are transparent; 16-bit colour / grey + alpha PNGs keep all 16 bits (Pillow would cut
     them to 8).
 
     Raises:
         SampleError: missing, undecodable, stored with lossy compression (JPEG, lossy WebP, JPEG-compressed TIFF:
             it changes label values and adds noisy edges, which would become invented instances), a colour image
-            whose channels differ, or one whose alpha channel varies (what transparent pixels hold is undefined).
+            whose channels differ, or one with transparent pixels that hold labels other than 0 (undefined).
     """
     path = Path(path)
     if not path.is_file():
@@ -269,15 +269,16 @@ def _single_channel_labels(array: np.ndarray, path: Path, has_alpha: bool) -> np
     if channels in (2, 4):
         alpha = array[..., -1]
         low, high = int(alpha.min()), int(alpha.max())
-        if low != high:
+        # transparency over background (grey 0) only, as cut-out masks have it, leaves the labels unambiguous
+        labelled = np.count_nonzero((alpha < high) & (array[..., 0] != 0))
+        if low != high and labelled:
             kind = "grey + alpha" if channels == 2 else "RGBA"
             raise SampleError(
                 path,
-                f"{kind} label image whose alpha channel varies (values {low}..{high}, {np.count_nonzero(alpha < high)}"
-                f" of {alpha.size} pixels below {high}): labels are read from the grey values, "
-                "and what transparent pixels hold there is undefined. Save the mask without an alpha channel, "
-                "first setting transparent pixels to the background label if they are background (e.g. with "
-                "NumPy: labels = np.where(alpha > 0, grey, 0))",
+                f"{kind} label image whose alpha channel varies (values {low}..{high}) and whose {labelled} "
+                f"pixels below alpha {high} hold labels other than 0: whether those are labelled is undefined. "
+                "Save the mask without an alpha channel, first setting transparent pixels to the background label "
+                "if they are background (e.g. with NumPy: labels = np.where(alpha > 0, grey, 0))",
             )
     return np.ascontiguousarray(array[..., 0])
 

@@ -261,14 +261,21 @@ def test_label_images_with_alpha_read_their_grey_values_when_the_alpha_is_unifor
                                           r"\(6, 8, 2\)"):
         read_label_map(tmp_path / "two_bands.tif")
 
-    # varying transparency: what transparent pixels hold is undefined, so the file is refused with a way out
+    # transparent background (grey 0 under alpha 0), as cut-out masks have it: the labels are unambiguous
     transparent = np.where(labels > 0, 255, 0).astype(np.uint8)
     Image.fromarray(np.stack([labels, transparent], -1), mode="LA").save(tmp_path / "cutout.png")
     Image.fromarray(np.stack([labels] * 3 + [transparent], -1), mode="RGBA").save(tmp_path / "cutout_rgba.png")
-    for name, kind in (("cutout.png", "grey \\+ alpha"), ("cutout_rgba.png", "RGBA")):
+    for name in ("cutout.png", "cutout_rgba.png"):
+        np.testing.assert_array_equal(read_label_map(tmp_path / name), labels, err_msg=name)
+    # a label under transparency: whether it counts is undefined, so the file is refused with a way out
+    hidden = transparent.copy()
+    hidden[4, 1:3] = 0  # two pixels of label 9 made transparent
+    Image.fromarray(np.stack([labels, hidden], -1), mode="LA").save(tmp_path / "hidden.png")
+    Image.fromarray(np.stack([labels] * 3 + [hidden], -1), mode="RGBA").save(tmp_path / "hidden_rgba.png")
+    for name, kind in (("hidden.png", "grey \\+ alpha"), ("hidden_rgba.png", "RGBA")):
         with pytest.raises(SampleError, match=rf"{name}: {kind} label image whose alpha channel varies "
-                                              r"\(values 0..255, 36 of 48 pixels below 255\): labels are read "
-                                              r"from the grey values, .*Save the mask without an alpha channel"):
+                                              r"\(values 0..255\) and whose 2 pixels below alpha 255 hold labels "
+                                              r"other than 0: .*Save the mask without an alpha channel"):
             read_label_map(tmp_path / name)
 
 
