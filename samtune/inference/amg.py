@@ -126,7 +126,8 @@ class AutomaticMaskGenerator:
 
     Args:
         model_or_predictor: a :class:`~samtune.modeling.Sam` (wrapped in a :class:`Predictor` at ``precision``)
-            or a :class:`Predictor` (its precision is used).
+            or a :class:`Predictor` (its precision is used; :meth:`generate` embeds its crops in it and then
+            restores the image the predictor had, so its user can go on prompting that image).
         points_per_side: clicks per side of the grid (``points_per_side**2`` in all); None when ``point_grids``
             is given.
         points_per_batch: clicks whose masks are filtered together; bounds the memory of the low-res logits
@@ -234,14 +235,20 @@ class AutomaticMaskGenerator:
         h, w = image.shape[:2]
         crop_boxes, layers = generate_crop_boxes((h, w), self.crop_n_layers, self.crop_overlap_ratio)
         parts = _Masks()
-        for index, (box, layer) in enumerate(zip(crop_boxes, layers)):
-            crop = self._process_crop(image, box, layer, index, (h, w))
-            parts.bits.append(crop.bits)
-            parts.boxes.append(crop.boxes)
-            parts.iou.append(crop.iou)
-            parts.stability.append(crop.stability)
-            parts.points.append(crop.points)
-            parts.crop.append(crop.crop)
+        # The crops are embedded in the predictor, which may be the caller's with an image of its own: give it
+        # back as it was (embedding and sizes), also when generation fails.
+        saved = self.predictor._image_state()
+        try:
+            for index, (box, layer) in enumerate(zip(crop_boxes, layers)):
+                crop = self._process_crop(image, box, layer, index, (h, w))
+                parts.bits.append(crop.bits)
+                parts.boxes.append(crop.boxes)
+                parts.iou.append(crop.iou)
+                parts.stability.append(crop.stability)
+                parts.points.append(crop.points)
+                parts.crop.append(crop.crop)
+        finally:
+            self.predictor._restore_image_state(saved)
         data = parts.cat()
         if len(crop_boxes) > 1 and len(data):
             areas = torch.tensor([(b[2] - b[0]) * (b[3] - b[1]) for b in crop_boxes], dtype=torch.float32)

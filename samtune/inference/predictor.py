@@ -367,6 +367,17 @@ class Predictor:
     def device(self) -> torch.device:
         return self.model.device
 
+    _IMAGE_STATE = ("is_image_set", "features", "original_size", "input_size", "orig_h", "orig_w", "input_h", "input_w")
+
+    def _image_state(self) -> dict[str, Any]:
+        """The current image's state (embedding and sizes), for :meth:`_restore_image_state`."""
+        return {name: getattr(self, name) for name in self._IMAGE_STATE}
+
+    def _restore_image_state(self, state: dict[str, Any]) -> None:
+        """Bring back a state from :meth:`_image_state` (e.g. after the mask generator embedded its crops)."""
+        for name in self._IMAGE_STATE:
+            setattr(self, name, state[name])
+
     def reset_image(self) -> None:
         """Forget the current image."""
         self.is_image_set = False

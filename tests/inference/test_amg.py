@@ -261,3 +261,35 @@ def test_writers(sam, image, tmp_path):
     evaluation.summarize()
     assert evaluation.stats[0] == pytest.approx(1.0)
     assert to_coco_results(records, 7, score="product")[0]["score"] == pytest.approx(records[0]["predicted_iou"] * records[0]["stability_score"])
+
+
+def test_generate_keeps_the_predictors_image(sam, image):
+    """A Predictor passed in keeps the image its user set: generate() embeds its crops in the same predictor,
+    which used to leave it with no image (predict raised "An image must be set") and its embedding lost."""
+    predictor = Predictor(sam, precision="fp32")
+    mine = make_image(120, 90, seed=5)
+    predictor.set_image(mine)
+    embedding, input_size = predictor.get_image_embedding().clone(), predictor.input_size
+    box = np.array([10.0, 20.0, 80.0, 100.0])
+    before = predictor.predict(box=box, multimask_output=False, return_logits=True)
+    gen = AutomaticMaskGenerator(predictor, points_per_side=4, crop_n_layers=1, pred_iou_thresh=0.0,
+                                 stability_score_thresh=0.5)
+    assert gen.generate(image)
+    assert predictor.is_image_set and predictor.original_size == (120, 90) and predictor.input_size == input_size
+    assert torch.equal(predictor.get_image_embedding(), embedding)
+    after = predictor.predict(box=box, multimask_output=False, return_logits=True)
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    # A predictor without an image stays without one, also when generate() fails half-way.
+    fresh = Predictor(sam, precision="fp32")
+    AutomaticMaskGenerator(fresh, points_per_side=2).generate(image)
+    assert not fresh.is_image_set and fresh.features is None
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    gen._process_batch = boom
+    with pytest.raises(RuntimeError, match="boom"):
+        gen.generate(image)
+    assert predictor.is_image_set and torch.equal(predictor.get_image_embedding(), embedding)
+    assert predictor.original_size == (120, 90) and predictor.input_size == input_size
