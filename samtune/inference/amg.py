@@ -31,6 +31,8 @@ results list for ``pycocotools.cocoeval``).
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -62,6 +64,27 @@ _CHUNK_BYTES = 8 << 20  # bound on one decoder call's per-click intermediates (s
 
 OutputMode = Literal["binary_mask", "uncompressed_rle", "coco_rle"]
 _OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+
+
+def _show(value: Any) -> str:
+    return str(value) if isinstance(value, numbers.Real) else repr(value)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer (not a bool) ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {_show(value)}")
+
+
+def _check_number(name: str, value: Any, low: float, high: float | None = None, high_open: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite number in ``[low, high]`` (``[low, high)``
+    with ``high_open``; no upper bound when ``high`` is None)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        where = f">= {low:g}" if high is None else f"in [{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a number {where}, got {_show(value)}")
 
 
 @dataclass
@@ -132,18 +155,21 @@ class AutomaticMaskGenerator:
             is given.
         points_per_batch: clicks whose masks are filtered together; bounds the memory of the low-res logits
             held at once (the decoder itself runs on a few clicks at a time).
-        pred_iou_thresh: keep masks with predicted IoU above this (0 disables the filter).
-        stability_score_thresh: keep masks with stability score at least this (0 disables the filter).
-        stability_score_offset: logit offset around the mask threshold for the stability score.
-        box_nms_thresh: box IoU of the NMS between masks of one crop.
-        crop_n_layers: number of crop layers (layer ``i`` has ``(2**i)**2`` crops).
-        crop_nms_thresh: box IoU of the NMS between masks of different crops.
-        crop_overlap_ratio: overlap of neighbouring crops in layer 1, as a fraction of the short side.
+        pred_iou_thresh: keep masks with predicted IoU above this, in [0, 1] (0 disables the filter).
+        stability_score_thresh: keep masks with stability score at least this, in [0, 1] (0 disables the filter).
+        stability_score_offset: logit offset (>= 0) around the mask threshold for the stability score.
+        box_nms_thresh: box IoU of the NMS between masks of one crop, in [0, 1].
+        crop_n_layers: number of crop layers (layer ``i`` has ``(2**i)**2`` crops), >= 0.
+        crop_nms_thresh: box IoU of the NMS between masks of different crops, in [0, 1].
+        crop_overlap_ratio: overlap of neighbouring crops in layer 1, as a fraction of the short side, in [0, 1).
         crop_n_points_downscale_factor: layer ``i`` uses ``points_per_side / factor**i`` points per side.
         point_grids: explicit grids ``[N_i, 2]`` in [0, 1] (x, y), one per layer (``crop_n_layers + 1``).
-        min_mask_region_area: if > 0, fill holes and remove islands smaller than this many pixels.
+        min_mask_region_area: if > 0, fill holes and remove islands smaller than this many pixels (>= 0).
         output_mode: ``"binary_mask"`` (``[H, W]`` bool array), ``"uncompressed_rle"`` or ``"coco_rle"``.
         precision: ``"auto"``, ``"fp32"`` or ``"bf16"`` for a model (ignored when a Predictor is passed).
+
+    Raises:
+        ValueError: an argument out of its range (named in the message).
     """
 
     def __init__(
@@ -166,11 +192,18 @@ class AutomaticMaskGenerator:
     ) -> None:
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("give exactly one of points_per_side and point_grids")
-        if crop_n_layers < 0:
-            raise ValueError(f"crop_n_layers must be >= 0, got {crop_n_layers}")
         if points_per_side is not None:
-            if crop_n_points_downscale_factor < 1:
-                raise ValueError(f"crop_n_points_downscale_factor must be >= 1, got {crop_n_points_downscale_factor}")
+            _check_int("points_per_side", points_per_side, 1)
+        _check_int("points_per_batch", points_per_batch, 1)
+        _check_int("crop_n_layers", crop_n_layers, 0)
+        _check_int("crop_n_points_downscale_factor", crop_n_points_downscale_factor, 1)
+        for name, value in (("pred_iou_thresh", pred_iou_thresh), ("stability_score_thresh", stability_score_thresh),
+                            ("box_nms_thresh", box_nms_thresh), ("crop_nms_thresh", crop_nms_thresh)):
+            _check_number(name, value, 0.0, 1.0)
+        _check_number("stability_score_offset", stability_score_offset, 0.0)
+        _check_number("crop_overlap_ratio", crop_overlap_ratio, 0.0, 1.0, high_open=True)
+        _check_number("min_mask_region_area", min_mask_region_area, 0.0)
+        if points_per_side is not None:
             if int(points_per_side / crop_n_points_downscale_factor**crop_n_layers) < 1:
                 raise ValueError(
                     f"points_per_side={points_per_side} / crop_n_points_downscale_factor="
@@ -186,8 +219,6 @@ class AutomaticMaskGenerator:
                     raise ValueError(f"point_grids[{i}] must be a non-empty [N, 2] array of (x, y) in [0, 1], got shape {g.shape}")
         if output_mode not in _OUTPUT_MODES:
             raise ValueError(f"output_mode must be one of {_OUTPUT_MODES}, got {output_mode!r}")
-        if points_per_batch < 1:
-            raise ValueError(f"points_per_batch must be >= 1, got {points_per_batch}")
         if isinstance(model_or_predictor, Predictor):
             self.predictor = model_or_predictor
         elif isinstance(model_or_predictor, Sam):

@@ -159,8 +159,7 @@ def test_greyscale_and_nothing_found(sam, image):
     gen = AutomaticMaskGenerator(sam, points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.5, precision="fp32")
     masks = gen.generate(grey)
     assert masks and masks[0]["segmentation"].shape == (H, W)
-    assert AutomaticMaskGenerator(sam, points_per_side=4, pred_iou_thresh=5.0, precision="fp32").generate(image) == []
-    assert AutomaticMaskGenerator(sam, points_per_side=4, stability_score_thresh=1.01, precision="fp32").generate(image) == []
+    assert AutomaticMaskGenerator(sam, points_per_side=4, pred_iou_thresh=1.0, precision="fp32").generate(image) == []
 
 
 @pytest.mark.parametrize("hw, layers", [((60, 1), 1), ((2, 60), 2)])
@@ -207,6 +206,21 @@ def test_two_stage_decoder_equals_decode(sam):
         (dict(points_per_batch=0), "points_per_batch"),
         (dict(crop_n_layers=-1), "crop_n_layers"),
         (dict(points_per_side=2, crop_n_layers=1, crop_n_points_downscale_factor=4), "leaves no points"),
+        # Out of range: they used to be accepted silently (a negative area ran as 0, a threshold above 1 kept
+        # nothing, a negative offset made every stability score exceed 1).
+        (dict(points_per_side=0), r"points_per_side must be an integer >= 1, got 0"),
+        (dict(points_per_side=2.5), r"points_per_side must be an integer >= 1, got 2.5"),
+        (dict(points_per_batch=True), r"points_per_batch must be an integer >= 1, got True"),
+        (dict(min_mask_region_area=-3), r"min_mask_region_area must be a number >= 0, got -3"),
+        (dict(pred_iou_thresh=1.5), r"pred_iou_thresh must be a number in \[0, 1\], got 1.5"),
+        (dict(pred_iou_thresh=-0.2), r"pred_iou_thresh must be a number in \[0, 1\], got -0.2"),
+        (dict(stability_score_thresh=float("nan")), r"stability_score_thresh must be a number in \[0, 1\], got nan"),
+        (dict(stability_score_offset=-1.0), r"stability_score_offset must be a number >= 0, got -1.0"),
+        (dict(box_nms_thresh=1.2), r"box_nms_thresh must be a number in \[0, 1\], got 1.2"),
+        (dict(crop_nms_thresh=-0.1), r"crop_nms_thresh must be a number in \[0, 1\], got -0.1"),
+        (dict(crop_overlap_ratio=1.0), r"crop_overlap_ratio must be a number in \[0, 1\), got 1.0"),
+        (dict(crop_n_layers=1.5), r"crop_n_layers must be an integer >= 0, got 1.5"),
+        (dict(crop_n_points_downscale_factor=0), r"crop_n_points_downscale_factor must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_arguments(sam, kwargs, match):

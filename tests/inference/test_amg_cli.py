@@ -219,3 +219,59 @@ def test_base_checkpoint_flag_and_traceback(setup, tmp_path, monkeypatch, capsys
     with pytest.raises(SystemExit) as exit_:
         samtune_main(["amg", *args])
     assert exit_.value.code == 1
+
+
+@pytest.mark.parametrize(
+    "option, value, expected",
+    [
+        ("--min-mask-region-area", "-3", "an integer >= 0"),
+        ("--points-per-side", "0", "an integer >= 1"),
+        ("--points-per-side", "2.5", "an integer >= 1"),
+        ("--points-per-batch", "-1", "an integer >= 1"),
+        ("--crop-n-layers", "-1", "an integer >= 0"),
+        ("--crop-n-points-downscale-factor", "0", "an integer >= 1"),
+        ("--pred-iou-thresh", "1.5", "a number in [0, 1]"),
+        ("--pred-iou-thresh", "-0.1", "a number in [0, 1]"),
+        ("--stability-score-thresh", "nan", "a number in [0, 1]"),
+        ("--stability-score-thresh", "1.01", "a number in [0, 1]"),
+        ("--stability-score-offset", "-1", "a number >= 0"),
+        ("--box-nms-thresh", "2", "a number in [0, 1]"),
+        ("--crop-nms-thresh", "-0.5", "a number in [0, 1]"),
+        ("--crop-overlap-ratio", "1", "a number in [0, 1)"),
+        ("--crop-overlap-ratio", "x", "a number in [0, 1)"),
+    ],
+)
+def test_out_of_range_options_are_usage_errors(tmp_path, capsys, option, value, expected):
+    """Negative areas, thresholds outside [0, 1], empty grids...: an argparse error naming the option and what it
+    takes (exit code 2), before any file is touched; they used to be accepted silently (``--min-mask-region-area
+    -3`` ran as 0, ``--pred-iou-thresh 1.5`` wrote no masks at all)."""
+    out = tmp_path / "o"
+    args = ["--checkpoint", str(tmp_path / "none.pth"), "--input", str(tmp_path), "--output", str(out), option, value]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: expected {expected}, got {value!r}" in err, err
+    assert not out.exists()
+
+
+def test_boundary_option_values_are_accepted():
+    from samtune.inference.amg_cli import build_parser
+
+    args = build_parser().parse_args([
+        "--checkpoint", "c", "--input", "i", "--output", "o", "--min-mask-region-area", "0", "--points-per-side", "1",
+        "--pred-iou-thresh", "0", "--stability-score-thresh", "1", "--stability-score-offset", "0",
+        "--box-nms-thresh", "1", "--crop-nms-thresh", "0", "--crop-overlap-ratio", "0", "--crop-n-layers", "0",
+    ])
+    assert (args.min_mask_region_area, args.points_per_side, args.pred_iou_thresh, args.stability_score_thresh) == (0, 1, 0.0, 1.0)
+    assert (args.box_nms_thresh, args.crop_nms_thresh, args.crop_overlap_ratio, args.crop_n_layers) == (1.0, 0.0, 0.0, 0)
+
+
+def test_settings_the_generator_rejects_create_no_output(setup, tmp_path, capsys):
+    """Options valid one by one but not together (no grid points left in crop layer 1): one error line, exit 1,
+    and no output folder left behind."""
+    checkpoint, images, _ = setup
+    out = tmp_path / "o"
+    assert main(["--checkpoint", str(checkpoint), "--input", str(images), "--output", str(out), "--quiet",
+                 "--points-per-side", "2", "--crop-n-layers", "1", "--crop-n-points-downscale-factor", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "samtune amg: error: points_per_side=2" in err and "leaves no points" in err
+    assert not out.exists()
