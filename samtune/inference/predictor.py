@@ -8,6 +8,7 @@ something meaningless:
 * ``predict`` / ``predict_torch`` with no prompt at all raise ``ValueError`` (the official predictor returns a
   mask decoded from the output tokens alone).
 * Points or boxes outside the image, or not finite, raise ``ValueError`` naming them (usually swapped x/y); so do
+  boxes with ``x1 < x0`` or ``y1 < y0`` (usually XYWH passed as XYXY),
   ``point_labels`` without ``point_coords`` (the official predictor ignores them), prompts of the wrong shape,
   batch sizes that differ between prompts, labels outside {-1, 0, 1, 2, 3} and a ``mask_input`` that is not one
   low-res logit map per prompt.
@@ -46,6 +47,17 @@ def _require_point_pair(point_coords: Any, point_labels: Any) -> None:
         raise ValueError("point_labels must be supplied with point_coords")
     if point_coords is None and point_labels is not None:
         raise ValueError("point_coords must be supplied with point_labels")
+
+
+def _check_box_order(boxes: np.ndarray, what: str) -> None:
+    """Boxes ``[..., 4]`` must be xyxy with ``x0 <= x1`` and ``y0 <= y1`` (an inverted box is usually XYWH)."""
+    boxes = boxes.reshape(-1, 4)
+    bad = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+    if bad.any():
+        raise ValueError(
+            f"{what} must be [x0, y0, x1, y1] with x0 <= x1 and y0 <= y1, got {boxes[bad][:5].tolist()}; "
+            "convert XYWH boxes to XYXY first (x1 = x0 + w, y1 = y0 + h)"
+        )
 
 
 class Predictor:
@@ -253,6 +265,7 @@ class Predictor:
             if box.size != 4:
                 raise ValueError(f"box must be [4] xyxy, got shape {box.shape}")
             self._check_inside(box, "box")
+            _check_box_order(box, "box")
             box_t = torch.as_tensor(self.transform.apply_boxes(box, self.original_size), dtype=torch.float, device=self.device)
         if mask_input is not None:
             low = self.model.low_res_size
@@ -354,6 +367,8 @@ class Predictor:
                 raise ValueError(f"{what} must be finite, got NaN or inf")
             if ((value < 0) | (value > size)).any():
                 raise ValueError(f"{what} outside the model input frame [0, {size}]; transform them with predictor.transform first")
+        if boxes is not None:
+            _check_box_order(boxes.detach().float().cpu().numpy(), "boxes")
         return boxes
 
     # ----------------------------------------------------------------- state

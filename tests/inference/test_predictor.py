@@ -341,3 +341,18 @@ def test_predict_torch_with_no_prompts_in_the_batch(model, predictor, multimask_
     masks, iou, _ = predictor.predict_torch(torch.zeros(0, 2, 2), torch.zeros(0, 2, dtype=torch.int),
                                             multimask_output=multimask_output)
     assert masks.shape == (0, channels, H, W) and iou.shape == (0, channels)
+
+
+def test_inverted_boxes_are_an_error(predictor):
+    """A box with x1 < x0 or y1 < y0 (often XYWH passed as XYXY) used to be decoded silently as another box."""
+    with pytest.raises(ValueError, match=r"box must be \[x0, y0, x1, y1\] with x0 <= x1 and y0 <= y1, got "
+                                         r"\[\[150\.0, 60\.0, 40\.0, 100\.0\]\].*XYWH"):
+        predictor.predict(box=np.array([150.0, 60.0, 40.0, 100.0]))
+    with pytest.raises(ValueError, match=r"x0 <= x1 and y0 <= y1.*\[\[10\.0, 200\.0, 40\.0, 100\.0\]\]"):
+        predictor.predict(box=np.array([10.0, 200.0, 40.0, 100.0]))
+    good = torch.tensor([[10.0, 10.0, 50.0, 50.0]])
+    with pytest.raises(ValueError, match=r"boxes must be \[x0, y0, x1, y1\] .* got \[\[100\.0, 10\.0, 20\.0, 50\.0\]\]"):
+        predictor.predict_torch(None, None, boxes=torch.cat([good, torch.tensor([[100.0, 10.0, 20.0, 50.0]])]))
+    # A degenerate (zero-width) box is still a box.
+    masks, _, _ = predictor.predict(box=np.array([40.0, 50.0, 40.0, 120.0]), multimask_output=False)
+    assert masks.shape == (1, H, W)
