@@ -10,8 +10,8 @@ something meaningless:
 * Points or boxes outside the image, or not finite, raise ``ValueError`` naming them (usually swapped x/y); so do
   boxes with ``x1 < x0`` or ``y1 < y0`` (usually XYWH passed as XYXY),
   ``point_labels`` without ``point_coords`` (the official predictor ignores them), prompts of the wrong shape,
-  batch sizes that differ between prompts, labels outside {-1, 0, 1, 2, 3} and a ``mask_input`` that is not one
-  low-res logit map per prompt.
+  batch sizes that differ between prompts, labels outside {-1, 0, 1, 2, 3} (or not whole numbers) and a
+  ``mask_input`` that is not one finite low-res logit map per prompt. Zero points and nothing else is no prompt.
 * ``predict_torch`` also takes boxes as ``[B, 1, 4]`` (what ``predict`` passes internally in the official code),
   returns empty outputs for ``B = 0`` prompts (the official one fails inside the decoder) and raises
   ``TypeError`` for prompts that are not tensors.
@@ -47,6 +47,14 @@ def _require_point_pair(point_coords: Any, point_labels: Any) -> None:
         raise ValueError("point_labels must be supplied with point_coords")
     if point_coords is None and point_labels is not None:
         raise ValueError("point_coords must be supplied with point_labels")
+
+
+def _check_whole(labels: np.ndarray) -> None:
+    """Float point labels must be whole numbers (they are class ids; 0.5 used to be truncated to 0 silently)."""
+    labels = np.asarray(labels, dtype=np.float64).ravel()
+    bad = labels[~(np.isfinite(labels) & (labels == np.round(labels)))]
+    if bad.size:
+        raise ValueError(f"point_labels must be whole numbers (-1, 0, 1, 2 or 3), got {bad[:5].tolist()}")
 
 
 def _check_box_order(boxes: np.ndarray, what: str) -> None:
@@ -258,6 +266,8 @@ class Predictor:
                     f"point_coords must be [N, 2] and point_labels [N], got {point_coords.shape} and {point_labels.shape}"
                 )
             self._check_inside(point_coords, "point_coords")
+            if np.issubdtype(point_labels.dtype, np.number) and not np.issubdtype(point_labels.dtype, np.integer):
+                _check_whole(point_labels)
             coords_t = torch.as_tensor(self.transform.apply_coords(point_coords, self.original_size), dtype=torch.float, device=self.device)[None]
             labels_t = torch.as_tensor(point_labels, dtype=torch.int, device=self.device)[None]
         if box is not None:
@@ -304,10 +314,13 @@ class Predictor:
         """
         if not self.is_image_set:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
-        if point_coords is None and boxes is None and mask_input is None:
-            raise ValueError("no prompt given: pass point_coords/point_labels, a box or a mask_input")
         _require_point_pair(point_coords, point_labels)
         boxes = self._check_prompts(point_coords, point_labels, boxes, mask_input)
+        # [B, 0, 2] points are no points (B = 0 is an empty batch of prompts, answered with empty outputs).
+        no_points = point_coords is None or (point_coords.shape[1] == 0 and point_coords.shape[0] > 0)
+        if no_points and boxes is None and mask_input is None:
+            raise ValueError("no prompt given: pass point_coords/point_labels (at least one point), a box or a "
+                             "mask_input")
         with autocast(self.device, self.precision):
             low_res, iou = self.model.decode(
                 self.features,
@@ -342,6 +355,8 @@ class Predictor:
                 got = None if point_labels is None else tuple(point_labels.shape)
                 raise ValueError(f"point_labels must be [B, N] = {tuple(point_coords.shape[:2])} like point_coords, "
                                  f"got {got}")
+            if point_labels.is_floating_point():
+                _check_whole(point_labels.detach().cpu().numpy())
             bad = sorted({int(v) for v in point_labels.unique().tolist()} - {-1, 0, 1, 2, 3})
             if bad:
                 raise ValueError(f"point_labels must be -1 (padding), 0 (background), 1 (foreground) or 2 / 3 (box "
@@ -356,6 +371,8 @@ class Predictor:
             if mask_input.ndim != 4 or tuple(mask_input.shape[1:]) != (1, low, low):
                 raise ValueError(f"mask_input must be [B, 1, {low}, {low}] (low-res logits of earlier predictions), "
                                  f"got {tuple(mask_input.shape)}")
+            if not torch.isfinite(mask_input).all():
+                raise ValueError("mask_input must be finite (low-res logits), got NaN or inf")
             batch["mask_input"] = mask_input.shape[0]
         if len(set(batch.values())) > 1:
             raise ValueError(f"prompts must have the same batch size B, got {batch}")

@@ -356,3 +356,33 @@ def test_inverted_boxes_are_an_error(predictor):
     # A degenerate (zero-width) box is still a box.
     masks, _, _ = predictor.predict(box=np.array([40.0, 50.0, 40.0, 120.0]), multimask_output=False)
     assert masks.shape == (1, H, W)
+
+
+def test_empty_points_fractional_labels_and_nan_mask_input(predictor, model):
+    """Zero points and nothing else is no prompt; labels such as 0.5 were truncated to 0 (a background click)
+    silently; a non-finite mask_input gave NaN IoUs. All three now raise ValueError naming the argument."""
+    with pytest.raises(ValueError, match="no prompt"):
+        predictor.predict(point_coords=np.zeros((0, 2)), point_labels=np.zeros(0, dtype=int))
+    with pytest.raises(ValueError, match="no prompt"):
+        predictor.predict_torch(torch.zeros(2, 0, 2), torch.zeros(2, 0, dtype=torch.int))
+    # Zero points beside a box are the box alone.
+    box = np.array([40.0, 50.0, 180.0, 200.0])
+    alone = predictor.predict(box=box, multimask_output=False, return_logits=True)
+    with_none = predictor.predict(point_coords=np.zeros((0, 2)), point_labels=np.zeros(0, dtype=int), box=box,
+                                  multimask_output=False, return_logits=True)
+    for a, b in zip(alone, with_none):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match=r"point_labels must be whole numbers.*got \[0\.5\]"):
+        predictor.predict(point_coords=np.array([[10.0, 10.0]]), point_labels=np.array([0.5]))
+    with pytest.raises(ValueError, match=r"point_labels must be whole numbers.*got \[1\.5\]"):
+        predictor.predict_torch(torch.tensor([[[10.0, 10.0]]]), torch.tensor([[1.5]]))
+    # Whole-number float labels are fine (and the same as ints).
+    ints = predictor.predict(point_coords=np.array([[60.0, 70.0]]), point_labels=np.array([1]), return_logits=True)
+    floats = predictor.predict(point_coords=np.array([[60.0, 70.0]]), point_labels=np.array([1.0]), return_logits=True)
+    np.testing.assert_array_equal(ints[0], floats[0])
+    low = model.low_res_size
+    with pytest.raises(ValueError, match="mask_input must be finite"):
+        predictor.predict(box=box, mask_input=np.full((1, low, low), np.nan))
+    with pytest.raises(ValueError, match="mask_input must be finite"):
+        predictor.predict_torch(None, None, torch.tensor([[10.0, 10.0, 50.0, 50.0]]),
+                                mask_input=torch.full((1, 1, low, low), float("inf")))
