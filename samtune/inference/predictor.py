@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from samtune.inference.transforms import ResizeLongestSide
+from samtune.modeling.preprocessing import get_preprocess_shape
 from samtune.modeling.precision import Precision, autocast, resolve_precision
 from samtune.modeling.sam import Sam
 
@@ -201,7 +202,10 @@ class Predictor:
 
     @torch.no_grad()
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]) -> None:
-        """Compute the embedding of an already resized ``[1, 3, h, w]`` image (longest side = model input)."""
+        """Compute the embedding of an already resized ``[1, 3, h, w]`` image (longest side = model input).
+
+        ``original_image_size`` is the (H, W) of the image before resizing; it must resize to (h, w).
+        """
         size = self.model.image_size
         if (transformed_image.dim() != 4 or transformed_image.shape[:2] != (1, 3)
                 or max(transformed_image.shape[2:]) != size):
@@ -209,9 +213,19 @@ class Predictor:
                 f"set_torch_image expects [1, 3, h, w] with longest side {size}, got {tuple(transformed_image.shape)} "
                 "(one image at a time; Sam.encode_image / Sam.decode take batches)"
             )
+        original = tuple(int(s) for s in original_image_size)
+        input_size = tuple(int(s) for s in transformed_image.shape[-2:])
+        if len(original) != 2:
+            raise ValueError(f"original_image_size must be (H, W) of the image before the transform, got {original}")
+        expected = get_preprocess_shape(*original, size)
+        if expected != input_size:
+            raise ValueError(
+                f"original_image_size {original} resized to a longest side of {size} would be {expected}, but the "
+                f"transformed image is {input_size}: pass the (H, W) of the image given to transform.apply_image"
+            )
         self.reset_image()
-        self.original_size = tuple(int(s) for s in original_image_size)
-        self.input_size = tuple(int(s) for s in transformed_image.shape[-2:])
+        self.original_size = original
+        self.input_size = input_size
         images = self.model.preprocess(transformed_image.float())
         encoder = self._image_encoder()
         if self.precision == "bf16":

@@ -386,3 +386,19 @@ def test_empty_points_fractional_labels_and_nan_mask_input(predictor, model):
     with pytest.raises(ValueError, match="mask_input must be finite"):
         predictor.predict_torch(None, None, torch.tensor([[10.0, 10.0, 50.0, 50.0]]),
                                 mask_input=torch.full((1, 1, low, low), float("inf")))
+
+
+def test_set_torch_image_checks_the_original_size(model, image, predictor):
+    """original_image_size given as (W, H), or of another image, used to be taken as is: masks came back at the
+    wrong size and prompts were scaled wrongly. It must resize to the transformed image's (h, w)."""
+    pred = Predictor(model, precision="fp32")
+    tensor = torch.as_tensor(pred.transform.apply_image(image)).permute(2, 0, 1)[None]
+    with pytest.raises(ValueError, match=r"original_image_size \(220, 300\) resized to a longest side of 256 would be "
+                                         r"\(188, 256\), but the transformed image is \(256, 188\)"):
+        pred.set_torch_image(tensor, (W, H))
+    assert not pred.is_image_set
+    with pytest.raises(ValueError, match=r"original_image_size must be \(H, W\)"):
+        pred.set_torch_image(tensor, (H, W, 3))
+    pred.set_torch_image(tensor, (H, W))
+    assert torch.equal(pred.get_image_embedding(), predictor.get_image_embedding())
+    assert pred.original_size == (H, W)
