@@ -187,6 +187,9 @@ class Predictor:
             if not np.issubdtype(image.dtype, np.number):
                 raise ValueError(f"image must be numeric, got {image.dtype}")
             image = image.astype(np.float32)
+            bad = int(np.count_nonzero(~np.isfinite(image).all(axis=-1)))
+            if bad:
+                raise ValueError(f"image must be finite, got {bad} pixel{'s' if bad > 1 else ''} with NaN or inf")
             lo, hi = float(image.min()), float(image.max())
             image = (image - lo) * (255.0 / max(hi - lo, 1e-8))
         elif image.dtype != np.uint8:

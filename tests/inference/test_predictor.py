@@ -402,3 +402,18 @@ def test_set_torch_image_checks_the_original_size(model, image, predictor):
     pred.set_torch_image(tensor, (H, W))
     assert torch.equal(pred.get_image_embedding(), predictor.get_image_embedding())
     assert pred.original_size == (H, W)
+
+
+def test_min_max_model_rejects_non_finite_images():
+    """A float image with NaN or inf reached a min-max model (LiteMedSAM) as an all-NaN input: a NaN embedding
+    and empty masks, silently."""
+    pred = Predictor(build_sam("sam_tiny_vit_t").eval(), precision="fp32")
+    image = np.random.default_rng(0).random((40, 50), dtype=np.float32)
+    for value in (np.nan, np.inf):
+        bad = image.copy()
+        bad[3, 4] = value
+        with pytest.raises(ValueError, match=r"image must be finite, got 1 pixel with NaN or inf"):
+            pred.set_image(bad)
+        assert not pred.is_image_set
+    pred.set_image(image)
+    assert torch.isfinite(pred.get_image_embedding()).all()
