@@ -215,7 +215,7 @@ class AutomaticMaskGenerator:
             if len(grids) != crop_n_layers + 1:
                 raise ValueError(f"point_grids has {len(grids)} grids, expected crop_n_layers + 1 = {crop_n_layers + 1}")
             for i, g in enumerate(grids):
-                if g.ndim != 2 or g.shape[1] != 2 or len(g) == 0 or g.min() < 0 or g.max() > 1:
+                if g.ndim != 2 or g.shape[1] != 2 or len(g) == 0 or not ((g >= 0) & (g <= 1)).all():  # NaN fails
                     raise ValueError(f"point_grids[{i}] must be a non-empty [N, 2] array of (x, y) in [0, 1], got shape {g.shape}")
         if output_mode not in _OUTPUT_MODES:
             raise ValueError(f"output_mode must be one of {_OUTPUT_MODES}, got {output_mode!r}")

@@ -202,6 +202,8 @@ def test_two_stage_decoder_equals_decode(sam):
         (dict(point_grids=[np.zeros((4, 2))]), "exactly one of points_per_side and point_grids"),
         (dict(points_per_side=None, point_grids=[np.zeros((4, 2))], crop_n_layers=1), "expected crop_n_layers"),
         (dict(points_per_side=None, point_grids=[np.full((4, 2), 2.0)]), r"point_grids\[0\]"),
+        (dict(points_per_side=None, point_grids=[np.array([[0.5, np.nan]])]), r"point_grids\[0\]"),  # passed before
+        (dict(points_per_side=None, point_grids=[np.zeros((4, 2)), np.zeros((1, 2))]), "expected crop_n_layers"),
         (dict(output_mode="png"), "output_mode must be one of"),
         (dict(points_per_batch=0), "points_per_batch"),
         (dict(crop_n_layers=-1), "crop_n_layers"),
