@@ -149,6 +149,26 @@ def find_images(path: Path) -> list[Path]:
     return images
 
 
+def _check_device(text: str) -> Any:
+    """``--device`` as a ``torch.device`` that exists here, else an :class:`AmgError` naming it."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise AmgError(f"--device {text!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise AmgError(f"--device {text!r}: torch sees no CUDA GPU here (use --device cpu)")
+        if device.index is not None and device.index >= count:
+            raise AmgError(f"--device {text!r}: there {'is' if count == 1 else 'are'} only {count} CUDA GPU"
+                           f"{'' if count == 1 else 's'} (cuda:0{'' if count == 1 else f' to cuda:{count - 1}'})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise AmgError(f"--device {text!r}: MPS is not available here (use --device cpu)")
+    return device
+
+
 def _load_predictor(args: argparse.Namespace) -> Any:
     """The checkpoint's model (inferred from the file unless ``--model`` is given) in a Predictor."""
     from samtune.inference.predictor import Predictor
@@ -159,7 +179,8 @@ def _load_predictor(args: argparse.Namespace) -> Any:
     if args.base_checkpoint is not None and not Path(args.base_checkpoint).is_file():
         raise AmgError(f"--base-checkpoint {args.base_checkpoint}: file not found (expected the base weights the "
                        f"adapter checkpoint {checkpoint} was trained on)")
-    return Predictor.from_checkpoint(checkpoint, model=args.model, device=args.device, precision=args.precision,
+    device = _check_device(args.device)
+    return Predictor.from_checkpoint(checkpoint, model=args.model, device=device, precision=args.precision,
                                      base_checkpoint=args.base_checkpoint)
 
 

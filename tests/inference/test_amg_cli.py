@@ -275,3 +275,17 @@ def test_settings_the_generator_rejects_create_no_output(setup, tmp_path, capsys
     err = capsys.readouterr().err
     assert "samtune amg: error: points_per_side=2" in err and "leaves no points" in err
     assert not out.exists()
+
+
+def test_bad_device_is_named(setup, tmp_path, capsys):
+    """An unknown or absent --device failed with torch's RuntimeError ("Expected one of cpu, cuda, ... device
+    type at start of device string: gpu", "Found no NVIDIA driver") that did not say which option was wrong."""
+    checkpoint, images, _ = setup
+    base = ["--checkpoint", str(checkpoint), "--input", str(images), "--output", str(tmp_path / "o"), "--quiet"]
+    assert main([*base, "--device", "gpu"]) == 1
+    err = capsys.readouterr().err
+    assert "samtune amg: error: --device 'gpu' is not a torch device (cpu, cuda, cuda:1, mps, ...)" in err, err
+    assert main([*base, "--device", "cuda:99"]) == 1
+    err = capsys.readouterr().err
+    assert "samtune amg: error: --device 'cuda:99': " in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
