@@ -253,6 +253,8 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise AmgError(f"--output must be a folder, but {output} is a file")
+    if args.coco_results is not None and Path(args.coco_results).is_dir():
+        raise AmgError(f"--coco-results must be a file, but {args.coco_results} is a folder")
     predictor = _load_predictor(args)
     try:
         mapping = resolve_input_mapping(predictor.input_mapping, bands=args.bands, intensity=args.intensity,

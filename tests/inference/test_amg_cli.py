@@ -289,3 +289,17 @@ def test_bad_device_is_named(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "samtune amg: error: --device 'cuda:99': " in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_coco_results_on_a_folder_fails_before_the_run(setup, tmp_path, capsys):
+    """--coco-results naming a folder failed only after every image had been processed, with an
+    IsADirectoryError traceback from the final write; it is now checked first."""
+    checkpoint, images, _ = setup
+    folder = tmp_path / "results"
+    folder.mkdir()
+    out = tmp_path / "o"
+    assert main(["--checkpoint", str(checkpoint), "--input", str(images), "--output", str(out), "--quiet",
+                 "--coco-results", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert f"samtune amg: error: --coco-results must be a file, but {folder} is a folder" in err, err
+    assert not out.exists()
