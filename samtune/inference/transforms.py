@@ -43,12 +43,15 @@ class ResizeLongestSide:
         return self.apply_coords(np.asarray(boxes).reshape(-1, 2, 2), original_size).reshape(-1, 4)
 
     def apply_image_torch(self, image: torch.Tensor) -> torch.Tensor:
-        """``[B, C, H, W]`` float -> resized with antialiased bilinear interpolation (not bit-equal to PIL)."""
+        """``[B, C, H, W]`` float -> resized with antialiased bilinear interpolation (not bit-equal to PIL).
+
+        The size comes from ``H, W`` (the official method reads ``B, C`` there, a known bug, so the two differ).
+        """
         size = get_preprocess_shape(image.shape[2], image.shape[3], self.target_length)
         return F.interpolate(image, size, mode="bilinear", align_corners=False, antialias=True)
 
     def apply_coords_torch(self, coords: torch.Tensor, original_size: tuple[int, ...]) -> torch.Tensor:
-        """Tensor version of :meth:`apply_coords` (returns float32... as the input's float dtype)."""
+        """Tensor version of :meth:`apply_coords`; returns float32 whatever the input dtype, as the official one."""
         old_h, old_w = original_size
         new_h, new_w = get_preprocess_shape(old_h, old_w, self.target_length)
         scale = torch.tensor([new_w / old_w, new_h / old_h], device=coords.device)

@@ -417,3 +417,28 @@ def test_min_max_model_rejects_non_finite_images():
         assert not pred.is_image_set
     pred.set_image(image)
     assert torch.isfinite(pred.get_image_embedding()).all()
+
+
+def test_transform_matches_the_official_one():
+    """ResizeLongestSide: the same shapes and coordinates as segment_anything's, float32 from torch inputs of any
+    dtype; apply_image_torch sizes from H, W (the official one reads B, C: its output differs on purpose)."""
+    official = pytest.importorskip("segment_anything.utils.transforms").ResizeLongestSide(256)
+    from samtune.inference.transforms import ResizeLongestSide
+
+    ours = ResizeLongestSide(256)
+    rng = np.random.default_rng(0)
+    for hw in [(300, 220), (480, 640), (255, 257), (90, 140), (5, 3)]:
+        assert ours.get_preprocess_shape(*hw, 256) == official.get_preprocess_shape(*hw, 256)
+        coords = rng.random((7, 2)) * hw[::-1]
+        boxes = np.sort(rng.random((3, 2, 2)) * hw[::-1], axis=1).reshape(3, 4)
+        np.testing.assert_array_equal(ours.apply_coords(coords, hw), official.apply_coords(coords, hw))
+        np.testing.assert_array_equal(ours.apply_boxes(boxes, hw), official.apply_boxes(boxes, hw))
+        for dtype in (torch.float32, torch.float64, torch.int64):
+            c, b = torch.as_tensor(coords).to(dtype), torch.as_tensor(boxes).to(dtype)
+            got = ours.apply_coords_torch(c, hw)
+            assert got.dtype == torch.float32 and torch.equal(got, official.apply_coords_torch(c, hw))
+            assert torch.equal(ours.apply_boxes_torch(b, hw), official.apply_boxes_torch(b, hw))
+        image = (rng.random((*hw, 3)) * 255).astype(np.uint8)
+        np.testing.assert_array_equal(ours.apply_image(image), official.apply_image(image))
+        resized = ours.apply_image_torch(torch.rand(2, 3, *hw))
+        assert resized.shape == (2, 3, *ours.get_preprocess_shape(*hw, 256))
