@@ -7,7 +7,8 @@ something meaningless:
 
 * ``predict`` / ``predict_torch`` with no prompt at all raise ``ValueError`` (the official predictor returns a
   mask decoded from the output tokens alone).
-* Points or boxes outside the image, or not finite, raise ``ValueError`` naming them (usually swapped x/y); so do
+* Points or boxes outside the image, or not finite, raise ``ValueError`` naming them (usually swapped x/y; for
+  ``predict_torch`` the image is the resized ``input_size`` part of the model input, not its padding); so do
   boxes with ``x1 < x0`` or ``y1 < y0`` (usually XYWH passed as XYXY),
   ``point_labels`` without ``point_coords`` (the official predictor ignores them), prompts of the wrong shape,
   batch sizes that differ between prompts, labels outside {-1, 0, 1, 2, 3} (or not whole numbers) and a
@@ -394,6 +395,8 @@ class Predictor:
         if len(set(batch.values())) > 1:
             raise ValueError(f"prompts must have the same batch size B, got {batch}")
         size = self.model.image_size
+        h_in, w_in = self.input_size
+        tol = 1e-3  # an original image corner, scaled in float32, may land a hair beyond
         for value, what in ((point_coords, "point_coords"), (boxes, "boxes")):
             if value is None:
                 continue
@@ -401,6 +404,15 @@ class Predictor:
                 raise ValueError(f"{what} must be finite, got NaN or inf")
             if ((value < 0) | (value > size)).any():
                 raise ValueError(f"{what} outside the model input frame [0, {size}]; transform them with predictor.transform first")
+            xy = value if what == "point_coords" else value.reshape(-1, 2, 2)  # [B, N, 2] points or corners
+            bad = (xy[..., 0] > w_in + tol) | (xy[..., 1] > h_in + tol)
+            if what == "boxes":
+                bad = bad.any(dim=1)  # the boxes with a corner outside
+            if bad.any():
+                raise ValueError(
+                    f"{what} outside the image: x must be in [0, {w_in}] and y in [0, {h_in}] (model-input pixels; "
+                    f"the rest of the {size}x{size} input is padding), got {value[bad][:5].tolist()}"
+                )
         if boxes is not None:
             _check_box_order(boxes.detach().float().cpu().numpy(), "boxes")
         return boxes

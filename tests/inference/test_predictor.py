@@ -442,3 +442,19 @@ def test_transform_matches_the_official_one():
         np.testing.assert_array_equal(ours.apply_image(image), official.apply_image(image))
         resized = ours.apply_image_torch(torch.rand(2, 3, *hw))
         assert resized.shape == (2, 3, *ours.get_preprocess_shape(*hw, 256))
+
+
+def test_predict_torch_prompts_in_the_padding_are_outside_the_image(predictor):
+    """The 300x220 image fills 188 of the model input's 256 columns; the rest is padding. A point or box there is
+    outside the image (predict() says so in original pixels) but predict_torch used to decode it silently."""
+    h_in, w_in = predictor.input_size
+    assert (h_in, w_in) == (256, 188)
+    with pytest.raises(ValueError, match=r"point_coords outside the image: x must be in \[0, 188\] and y in "
+                                         r"\[0, 256\] .*got \[\[200\.0, 100\.0\]\]"):
+        predictor.predict_torch(torch.tensor([[[200.0, 100.0]]]), torch.ones(1, 1))
+    with pytest.raises(ValueError, match=r"boxes outside the image: .*got \[\[10\.0, 10\.0, 230\.0, 50\.0\]\]"):
+        predictor.predict_torch(None, None, boxes=torch.tensor([[10.0, 10.0, 30.0, 40.0], [10.0, 10.0, 230.0, 50.0]]))
+    # The image's own corners, transformed, are inside (to float rounding).
+    corners = predictor.transform.apply_coords_torch(torch.tensor([[[0.0, 0.0], [W, H]]]), predictor.original_size)
+    masks, _, _ = predictor.predict_torch(corners, torch.tensor([[2, 3]]))
+    assert masks.shape == (1, 3, H, W)
