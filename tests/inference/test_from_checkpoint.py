@@ -14,7 +14,10 @@ from samtune.build import MODEL_REGISTRY, build_sam_from_config, get_config, reg
 from samtune.checkpoints import CheckpointError, infer_model_name, save_checkpoint
 from samtune.export import export_checkpoint, load_sam, sidecar_path
 
-from ..export.fake_adapt import fake_adapt, lightning_like_checkpoint  # noqa: F401  (fake_adapt: a fixture)
+from ..export import fake_adapt as _fake_adapt_module
+from ..export.fake_adapt import lightning_like_checkpoint
+
+fake_adapt = _fake_adapt_module.fake_adapt  # a fixture: bound here so pytest finds it (pyflakes flagged the import)
 from ..modeling.reference import randomize_
 
 
