@@ -7,8 +7,10 @@ A standalone adapter file (``.pt`` / ``.pth`` via ``torch.save``, or ``.safetens
   ``mae_checkpoint`` (None unless the base encoder was MAE-initialised), ``base_checkpoint_absolute`` /
   ``mae_checkpoint_absolute`` (the same made absolute at save time; absent in older files; loading prefers them),
   ``adaptation`` (the plain-dict :class:`AdaptationConfig`), ``trainable_keys``, ``base_fingerprint`` (per frozen
-  tensor: float64 sum and absolute sum, and dtype, to recognise a wrong base) and ``complete`` (whether the tensors
-  cover every weight);
+  tensor: float64 sum and absolute sum, and dtype, to recognise a wrong base), ``complete`` (whether the tensors
+  cover every weight) and, when the training data's input mapping is known, ``input_mapping`` (the
+  ``samtune.data.io.prepare_image`` keyword arguments: bands, intensity, percentiles, window; absent in older
+  files);
 * tensors: :func:`samtune.adapt.trainable_state_dict` only (LoRA / adapter weights, plus whatever the freeze
   policy trains, e.g. the mask decoder).
 
@@ -16,7 +18,9 @@ A standalone adapter file (``.pt`` / ``.pth`` via ``torch.save``, or ``.safetens
 ``torch.load(weights_only=True)``); safetensors files keep the metadata as JSON under the ``samtune_adapter``
 header entry. Lightning checkpoints of an adapted :class:`samtune.tasks.PromptableSegmentationTask` carry the same
 metadata and, by default, only the trainable weights (``model.``-prefixed): :func:`load_adapter_checkpoint` and
-:func:`is_adapter_checkpoint` accept them too. All writes are atomic (temporary file + rename).
+:func:`is_adapter_checkpoint` accept them too. Their input mapping sits beside that metadata
+(:data:`samtune.checkpoints.INPUT_MAPPING_KEY`); :func:`read_adapter_checkpoint` returns it as the metadata's
+``input_mapping``, so that files extracted from them keep it. All writes are atomic (temporary file + rename).
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ from samtune.adapt.core import (
     frozen_keys,
     trainable_state_dict,
 )
-from samtune.checkpoints import CheckpointError, init_encoder_from_mae, load_checkpoint
+from samtune.checkpoints import INPUT_MAPPING_KEY, CheckpointError, init_encoder_from_mae, load_checkpoint
 from samtune.files import atomic_write
 from samtune.modeling.sam import Sam
 
@@ -91,6 +95,7 @@ def adapter_metadata(
     config: AdaptationConfig | dict | None = None,
     mae_checkpoint: str | os.PathLike | None = None,
     complete: bool = False,
+    input_mapping: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The metadata block of an adapter checkpoint (plain values only).
 
@@ -101,6 +106,9 @@ def adapter_metadata(
         config: the applied adaptation (None: the one recorded on the model; a different one is an error).
         mae_checkpoint: MAE weights that initialised the base encoder after ``base_checkpoint``, if any.
         complete: the tensors stored with it cover every weight (no base needed to rebuild).
+        input_mapping: how the training data turned image files into the model's input (``bands``,
+            ``intensity``, ``percentiles``, ``window``: :attr:`samtune.tasks.PromptableSegmentationTask.input_mapping`);
+            recorded under ``input_mapping`` when given.
 
     Paths are recorded as given and, under ``*_absolute``, resolved against the working directory at save time
     (the directory a training run was launched from), so that loading finds them from any directory.
@@ -109,7 +117,7 @@ def adapter_metadata(
 
     config = _applied_config(model, config, "adapter checkpoint")
     get_config(model_name)  # a clear error for an unknown name
-    return {
+    meta = {
         "format": ADAPTER_FORMAT,
         "format_version": ADAPTER_FORMAT_VERSION,
         "samtune_version": _samtune_version(),
@@ -123,6 +131,24 @@ def adapter_metadata(
         "base_fingerprint": base_fingerprint(model),
         "complete": bool(complete),
     }
+    if input_mapping is not None:
+        meta["input_mapping"] = _plain_mapping(input_mapping)
+    return meta
+
+
+def _plain_mapping(mapping: Any) -> dict[str, Any]:
+    """An input mapping as plain JSON values (tuples become lists), the same in ``.pt`` and safetensors files.
+
+    Raises:
+        TypeError: not a dict with string keys and JSON values.
+    """
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) for k in mapping):
+        raise TypeError(f"input_mapping must be a dict of prepare_image settings (bands, intensity, percentiles, "
+                        f"window), got {type(mapping).__name__}: {mapping!r}")
+    try:
+        return json.loads(json.dumps(mapping))
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"input_mapping must hold plain values (numbers, strings, lists, None): {err}") from err
 
 
 def _absolute(path: str | os.PathLike | None) -> str | None:
@@ -163,6 +189,7 @@ def save_adapter_checkpoint(
     base_checkpoint: str | os.PathLike | None,
     config: AdaptationConfig | dict | None = None,
     mae_checkpoint: str | os.PathLike | None = None,
+    input_mapping: dict[str, Any] | None = None,
 ) -> Path:
     """Write the trainable weights of an adapted model and the metadata to rebuild it (small: MBs).
 
@@ -174,12 +201,15 @@ def save_adapter_checkpoint(
             randomly initialised base, which then cannot be rebuilt: pass the base when loading).
         config: the applied :class:`AdaptationConfig` (None: the one recorded on the model).
         mae_checkpoint: MAE weights applied to the base encoder after ``base_checkpoint``, if any.
+        input_mapping: how the training data turned image files into the model's input (bands, intensity,
+            percentiles, window), recorded for inference (``LoadedCheckpoint.input_mapping``,
+            ``Predictor.input_mapping``); None: not recorded.
 
     Returns:
         The path written (atomically).
     """
     metadata = adapter_metadata(model, model_name=model_name, base_checkpoint=base_checkpoint, config=config,
-                                mae_checkpoint=mae_checkpoint)
+                                mae_checkpoint=mae_checkpoint, input_mapping=input_mapping)
     return _write(Path(path), metadata, trainable_state_dict(model))
 
 
@@ -205,13 +235,19 @@ def _check_metadata(meta: Any, source: str) -> dict[str, Any]:
             f"checkpoint {source}: adapter format version {meta['format_version']} is newer than this samtune "
             f"reads ({ADAPTER_FORMAT_VERSION}; written by samtune {meta.get('samtune_version')}): upgrade samtune"
         )
+    mapping = meta.get("input_mapping")
+    if mapping is not None and not isinstance(mapping, dict):
+        raise CheckpointError(f"checkpoint {source}: adapter metadata 'input_mapping' must be a dict or null, got "
+                              f"{type(mapping).__name__}")
     return meta
 
 
 def read_adapter_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Metadata and tensors of an adapter file or of a Lightning checkpoint of an adapted task.
 
-    Lightning state-dict keys lose their ``model.`` prefix; other task entries are dropped.
+    Lightning state-dict keys lose their ``model.`` prefix; other task entries are dropped, except the input
+    mapping they record beside the metadata (:data:`samtune.checkpoints.INPUT_MAPPING_KEY`), returned as the
+    metadata's ``input_mapping`` (where the metadata lacks one).
 
     Raises:
         CheckpointError: missing / unreadable file, or a file without adapter metadata.
@@ -248,6 +284,9 @@ def read_adapter_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], di
         raise CheckpointError(f"checkpoint {path}: no samtune adapter metadata ('{METADATA_KEY}'); it is not an "
                               "adapter checkpoint (plain weights load with samtune.build_sam(name, path))")
     meta = _check_metadata(obj[METADATA_KEY], str(path))
+    mapping = obj.get(INPUT_MAPPING_KEY)
+    if meta.get("input_mapping") is None and isinstance(mapping, dict):
+        meta = {**meta, "input_mapping": dict(mapping)}
     state = obj.get("state_dict")
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path}: adapter checkpoint without a 'state_dict' of tensors")

@@ -122,9 +122,9 @@ def _read_container(path: Path) -> dict[str, Any] | None:
 
 
 def _adapter_metadata(path: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None, dict[str, Any] | None]:
-    """The ``samtune_adapter`` metadata of an adapter checkpoint and, for a Lightning checkpoint, its
-    hyper-parameters and input mapping; None for what the file lacks or when it cannot be read (the adapter loader
-    then says why)."""
+    """The ``samtune_adapter`` metadata of an adapter checkpoint, the hyper-parameters of a Lightning checkpoint, and
+    the input mapping (beside the metadata in a Lightning checkpoint, in it in a standalone adapter file); None for
+    what the file lacks or when it cannot be read (the adapter loader then says why)."""
     try:
         container = _read_container(path)
         if container is None:
@@ -138,6 +138,8 @@ def _adapter_metadata(path: Path) -> tuple[dict[str, Any] | None, dict[str, Any]
             mapping = _input_mapping(container)
     except Exception:  # noqa: BLE001  (unreadable here: load_adapter_checkpoint reports it)
         return None, None, None
+    if mapping is None and isinstance(meta, dict):  # a standalone adapter file keeps it in its metadata
+        mapping = _input_mapping(None, meta)
     return (dict(meta) if isinstance(meta, dict) else None), (dict(hp) if isinstance(hp, dict) else None), mapping
 
 

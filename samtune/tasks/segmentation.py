@@ -582,5 +582,5 @@ class PromptableSegmentationTask(L.LightningModule):
             raise ValueError("save_adapter_checkpoint: this task has no adaptation (set adaptation=...)")
         return save_adapter_checkpoint(
             self.model, path, model_name=self.hparams["model"], base_checkpoint=self.hparams["checkpoint"],
-            config=self.adaptation, mae_checkpoint=self.hparams["mae_checkpoint"],
+            config=self.adaptation, mae_checkpoint=self.hparams["mae_checkpoint"], input_mapping=self.input_mapping,
         )

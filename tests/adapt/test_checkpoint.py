@@ -398,3 +398,71 @@ def test_bad_format_version_is_a_checkpoint_error(tmp_path, version):
     torch.save({METADATA_KEY: meta, "state_dict": dict(model.state_dict())}, path)
     with pytest.raises(CheckpointError, match=r"bad\.pt: adapter metadata 'format_version' must be"):
         load_adapter_checkpoint(path)
+
+
+MAPPING = {"bands": [2], "intensity": "percentile", "percentiles": [1.0, 99.0], "window": None}
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_adapter_files_carry_the_input_mapping(tmp_path, trained, suffix):
+    """The training data's input mapping (bands, intensity) that a task's Lightning checkpoint records travels into
+    the standalone adapter files written from it (extracted, or saved by the task or save_adapter_checkpoint), and
+    the loaders of those files (load_sam, Predictor.from_checkpoint, samtune export) expose it as they do for the
+    Lightning checkpoint."""
+    from samtune import Predictor
+    from samtune.checkpoints import INPUT_MAPPING_KEY
+    from samtune.export import export_checkpoint, load_sam, read_export_metadata
+    from samtune.tasks import PromptableSegmentationTask
+
+    model, base = trained["lora"]
+    task = PromptableSegmentationTask("sam_tiny", str(base), adaptation=LORA.to_dict())
+    task.model.load_state_dict(model.state_dict())
+    task.input_mapping = dict(MAPPING)
+    ckpt = {"state_dict": task.state_dict()}
+    task.on_save_checkpoint(ckpt)
+    assert ckpt[INPUT_MAPPING_KEY] == MAPPING
+    run = tmp_path / "run.ckpt"
+    torch.save(ckpt, run)
+    assert load_sam(run).input_mapping == MAPPING  # the Lightning checkpoint itself
+
+    from samtune.adapt import extract_adapter_checkpoint
+
+    inputs = make_inputs(model)
+    expected = eval_outputs(model, inputs)
+
+    def check(path, what):
+        meta, _ = read_adapter_checkpoint(path)
+        loaded = load_sam(path, base_checkpoint=base)
+        assert loaded.input_mapping == MAPPING, what
+        assert meta.get("input_mapping") == MAPPING, what
+        for got, want in zip(eval_outputs(loaded.model, inputs), expected):  # LoRA merged: rounding differs
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert Predictor.from_checkpoint(path, base_checkpoint=base).input_mapping == MAPPING, what
+
+    extracted = extract_adapter_checkpoint(run, tmp_path / f"extracted{suffix}")
+    check(extracted, "extracted from the Lightning checkpoint")
+    check(extract_adapter_checkpoint(extracted, tmp_path / f"again{suffix}"), "extracted from an adapter file")
+    check(task.save_adapter_checkpoint(tmp_path / f"task{suffix}"), "saved by the task")
+    check(save_adapter_checkpoint(model, tmp_path / f"saved{suffix}", model_name="sam_tiny", base_checkpoint=base,
+                                  input_mapping=MAPPING), "save_adapter_checkpoint(input_mapping=)")
+    exported = export_checkpoint(extracted, tmp_path / "exported.pth", "pth", merge=True)
+    assert read_export_metadata(exported.output)["input_mapping"] == MAPPING
+    # a file saved without a mapping records none, and its loaders say so (None), as for official weights
+    plain = save_adapter_checkpoint(model, tmp_path / f"plain{suffix}", model_name="sam_tiny", base_checkpoint=base)
+    assert read_adapter_checkpoint(plain)[0].get("input_mapping") is None
+    assert load_sam(plain).input_mapping is None
+    with pytest.raises(TypeError, match="input_mapping must be a dict"):
+        save_adapter_checkpoint(model, tmp_path / f"bad{suffix}", model_name="sam_tiny", base_checkpoint=base,
+                                input_mapping=["bands", 2])
+
+
+def test_corrupt_input_mapping_metadata_is_a_checkpoint_error(tmp_path):
+    from samtune.adapt.checkpoint import METADATA_KEY, adapter_metadata
+
+    model = apply_adaptation(build_sam("sam_tiny"), LORA)
+    meta = adapter_metadata(model, model_name="sam_tiny", base_checkpoint=None, complete=True) | {
+        "input_mapping": "band 2"}
+    path = tmp_path / "bad.pt"
+    torch.save({METADATA_KEY: meta, "state_dict": dict(model.state_dict())}, path)
+    with pytest.raises(CheckpointError, match=r"bad\.pt: adapter metadata 'input_mapping' must be a dict or null"):
+        read_adapter_checkpoint(path)
