@@ -31,6 +31,8 @@ __all__ = [
     "load_checkpoint",
     "load_into",
     "save_checkpoint",
+    "cpu_state",
+    "check_has_data",
     "init_encoder_from_mae",
     "MaeInitReport",
     "download_checkpoint",
@@ -259,6 +261,31 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True, 
     load_into(model, read_state_dict(path), strict=strict, source=str(path), resize_positions=resize_positions)
 
 
+def check_has_data(state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise ValueError naming the tensors of ``state`` on the meta device (shapes only, no data), if any.
+
+    ``what`` starts the message (e.g. ``"cannot write model.pth"``).
+    """
+    meta = [k for k, v in state.items() if v.is_meta]
+    if meta:
+        raise ValueError(
+            f"{what}: {len(meta)} of {len(state)} tensors are on the meta device, which holds shapes but no data "
+            f"({_list(meta, 6)}); load or initialise the weights first (e.g. model.to_empty(device='cpu') then "
+            "load_state_dict)"
+        )
+
+
+def cpu_state(state: dict[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:
+    """``state``'s tensors detached, on the CPU and contiguous, ready to be written to ``path``.
+
+    Raises:
+        ValueError: tensors on the meta device (a model built under ``torch.device("meta")``), which hold no data
+            to write; the message names them.
+    """
+    check_has_data(state, f"cannot write {path}")
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
 def save_checkpoint(model: nn.Module, path: str | Path) -> Path:
     """Write ``model``'s weights in the official SAM key layout (``.pth``) or as safetensors.
 
@@ -270,9 +297,12 @@ def save_checkpoint(model: nn.Module, path: str | Path) -> Path:
 
     Returns:
         The path written.
+
+    Raises:
+        ValueError: weights on the meta device (no data; see :func:`cpu_state`).
     """
     path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = cpu_state(model.state_dict(), path)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 

@@ -41,7 +41,14 @@ from samtune.adapt.core import (
     frozen_keys,
     trainable_state_dict,
 )
-from samtune.checkpoints import INPUT_MAPPING_KEY, CheckpointError, init_encoder_from_mae, load_checkpoint
+from samtune.checkpoints import (
+    INPUT_MAPPING_KEY,
+    CheckpointError,
+    check_has_data,
+    cpu_state,
+    init_encoder_from_mae,
+    load_checkpoint,
+)
 from samtune.files import atomic_write
 from samtune.modeling.sam import Sam
 
@@ -117,6 +124,7 @@ def adapter_metadata(
 
     config = _applied_config(model, config, "adapter checkpoint")
     get_config(model_name)  # a clear error for an unknown name
+    check_has_data(model.state_dict(), "adapter checkpoint")  # the fingerprint reads every frozen tensor
     meta = {
         "format": ADAPTER_FORMAT,
         "format_version": ADAPTER_FORMAT_VERSION,
@@ -173,7 +181,7 @@ def _recorded_path(meta: dict[str, Any], key: str) -> str | None:
 
 
 def _write(path: Path, metadata: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    tensors = cpu_state(tensors, path)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 

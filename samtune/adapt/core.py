@@ -248,8 +248,13 @@ def merge_adaptation(model: Sam, *, inplace: bool = False) -> Sam:
     Returns:
         The merged model (``model`` itself when ``inplace``).
 
+    A model on the meta device (shapes only) merges by shape: the result has the official layout, still on the meta
+    device (writing it is an error until its weights are loaded).
+
     Raises:
         AdapterMergeError: the model has bottleneck adapters.
+        ValueError: a LoRA layer with its weights on several devices (move the model to one first), or non-finite
+            merged weights.
     """
     if _has_adapter_modules(model):
         raise AdapterMergeError(

@@ -75,15 +75,36 @@ def lora_layers(model: nn.Module) -> list[tuple[str, Any]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, tuners.BaseTunerLayer)]
 
 
+def _devices(layer: nn.Module) -> list[str]:
+    """The devices of a layer's tensors (base weights and LoRA weights), sorted."""
+    return sorted({str(t.device) for t in (*layer.parameters(), *layer.buffers())})
+
+
 def merge_lora(model: nn.Module) -> int:
     """Fold every LoRA update into its base weight and put the plain base module back (in place).
 
+    A layer on the meta device (no data: a model built under ``torch.device("meta")`` or moved there) is merged
+    by shape only. Every layer is checked before any is merged.
+
     Returns:
         The number of merged layers.
+
+    Raises:
+        ValueError: a LoRA layer whose tensors lie on several devices (``cpu += meta`` or ``cuda += cpu`` would
+            give garbage or fail half-way); non-finite merged weights.
     """
     layers = lora_layers(model)
     for name, layer in layers:
-        layer.merge(safe_merge=True)  # raises on a non-finite merged weight
+        devices = _devices(layer)
+        if len(devices) > 1:
+            raise ValueError(
+                f"merge_adaptation: the LoRA layer {name} has its weights on several devices ({', '.join(devices)}); "
+                "move the whole model to one device first (e.g. model.cpu()), after loading any weights left on the "
+                "meta device"
+            )
+    for name, layer in layers:
+        # peft's safe merge checks finiteness with .item(), which meta tensors (shapes only) do not support
+        layer.merge(safe_merge=not layer.get_base_layer().weight.is_meta)  # raises on a non-finite merged weight
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer.get_base_layer())

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import torch
 
-from samtune.checkpoints import save_checkpoint, sha256sum
+from samtune.checkpoints import cpu_state, save_checkpoint, sha256sum
 from samtune.export.loading import LoadedCheckpoint, load_sam
 from samtune.files import atomic_write
 from samtune.export.metadata import FORMAT, FORMAT_VERSION, SAFETENSORS_KEY, preprocessing_info, write_sidecar
@@ -59,7 +59,7 @@ def export_safetensors(model: Sam, path: str | Path, metadata: dict[str, Any] | 
     """Write the weights (official key layout) as safetensors, with ``metadata`` as JSON in the header."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = cpu_state(model.state_dict(), path)
     header = {"format": "pt"}
     if metadata is not None:
         header[SAFETENSORS_KEY] = json.dumps(metadata, default=str)

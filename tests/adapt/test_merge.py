@@ -156,3 +156,53 @@ def test_export_merged_removes_the_replaced_files_export_metadata(tmp_path):
     with pytest.warns(UserWarning, match=r"removed .*model\.pth\.json"):
         export_merged(apply_adaptation(build_sam("sam_tiny"), dict(method="lora", lora_rank=2)), path)
     assert not sidecar_path(path).exists() and read_export_metadata(path) is None
+
+
+LORA_ALL = dict(method="lora", lora_rank=4, lora_include_decoder=True, freeze_policy="frozen")
+
+
+def test_merge_on_the_meta_device_gives_the_official_layout_without_data(tmp_path):
+    """A model on the meta device (built under ``torch.device("meta")`` or moved there) holds shapes only: merging
+    it is a shape-only merge that gives the official layout (on the meta device), and writing it is a clear error
+    (no data) that leaves no file."""
+    from samtune.build import build_sam_from_config, get_config
+
+    def built_again():
+        with torch.device("meta"):
+            return build_sam_from_config(get_config("sam_tiny"))
+
+    reference = build_sam("sam_tiny").state_dict()
+    built = built_again()
+    moved = apply_adaptation(build_sam("sam_tiny"), LORA_ALL).to("meta")
+    for model in (apply_adaptation(built, LORA_ALL), moved):
+        assert any(isinstance(m, BaseTunerLayer) for m in model.modules())
+        merged = merge_adaptation(model)
+        assert not is_adapted(merged) and is_adapted(model)
+        state = merged.state_dict()
+        assert list(state) == list(reference)
+        assert all(v.is_meta and v.shape == reference[k].shape for k, v in state.items())
+        assert merge_adaptation(model, inplace=True) is model and not is_adapted(model)
+        for path in (tmp_path / "m.pth", tmp_path / "m.safetensors"):
+            with pytest.raises(ValueError, match=r"meta device.*no data.*image_encoder\."):
+                export_merged(merged, path, format="safetensors" if path.suffix == ".safetensors" else "pth")
+        assert not any(tmp_path.iterdir())
+    from samtune.adapt import save_adapter_checkpoint
+
+    with pytest.raises(ValueError, match=r"adapter checkpoint: \d+ of \d+ tensors are on the meta device.*no data"):
+        save_adapter_checkpoint(apply_adaptation(built_again(), LORA_ALL), tmp_path / "a.pt", model_name="sam_tiny",
+                                base_checkpoint=None)
+    assert not any(tmp_path.iterdir())
+
+
+def test_merge_of_a_lora_layer_split_over_devices_names_the_layer():
+    """A LoRA layer whose weights lie on different devices (here the meta device, on a GPU machine cuda + cpu) is
+    a clear error naming the layer and the devices, raised before anything is merged (in place too)."""
+    torch.manual_seed(0)
+    model = apply_adaptation(build_sam("sam_tiny"), LORA_ALL)
+    layer = model.get_submodule("image_encoder.blocks.2.attn.qkv")
+    layer.lora_A["default"].to("meta")
+    before = {k: v.clone() for k, v in model.state_dict().items() if not v.is_meta}
+    with pytest.raises(ValueError, match=r"image_encoder\.blocks\.2\.attn\.qkv .*on several devices.*cpu.*meta"):
+        merge_adaptation(model, inplace=True)
+    assert is_adapted(model) and sum(isinstance(m, BaseTunerLayer) for m in model.modules()) > 1
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if not v.is_meta)
