@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import torch
 from torch import nn
 
 from samtune.modeling.mask_decoder import Attention as DecoderAttention
@@ -102,9 +103,20 @@ def merge_lora(model: nn.Module) -> int:
                 "move the whole model to one device first (e.g. model.cpu()), after loading any weights left on the "
                 "meta device"
             )
+    with torch.no_grad():  # every merged weight is finite before any layer changes (an in-place merge stays whole)
+        for name, layer in layers:
+            base = layer.get_base_layer()
+            if base.weight.is_meta:
+                continue
+            weight = base.weight.detach().clone()
+            for adapter in layer.active_adapters:
+                if adapter in layer.lora_A:
+                    weight += layer.get_delta_weight(adapter).to(weight.dtype)
+            if not torch.isfinite(weight).all():
+                raise ValueError(f"merge_adaptation: merging the LoRA layer {name} gives non-finite weights (NaN or "
+                                 "inf in its trained LoRA weights?); nothing was merged")
     for name, layer in layers:
-        # peft's safe merge checks finiteness with .item(), which meta tensors (shapes only) do not support
-        layer.merge(safe_merge=not layer.get_base_layer().weight.is_meta)  # raises on a non-finite merged weight
+        layer.merge(safe_merge=False)  # checked above (peft's own check calls .item(), which meta tensors lack)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer.get_base_layer())

@@ -206,3 +206,21 @@ def test_merge_of_a_lora_layer_split_over_devices_names_the_layer():
         merge_adaptation(model, inplace=True)
     assert is_adapted(model) and sum(isinstance(m, BaseTunerLayer) for m in model.modules()) > 1
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if not v.is_meta)
+
+
+def test_failed_in_place_merge_leaves_the_model_adapted_and_unchanged():
+    """Non-finite LoRA weights in one layer: merging in place fails naming that layer, before any other layer is
+    merged (the model stays a consistent adapted model instead of half merged)."""
+    torch.manual_seed(0)
+    model = apply_adaptation(build_sam("sam_tiny"), LORA_ALL)
+    layers = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    broken = layers[-1]
+    with torch.no_grad():
+        model.get_submodule(broken).lora_B["default"].weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"{broken}.*non-finite"):
+        merge_adaptation(model, inplace=True)
+    assert [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)] == layers
+    state = model.state_dict()
+    assert list(state) == list(before)
+    assert all(torch.allclose(state[k], v, rtol=0, atol=0, equal_nan=True) for k, v in before.items())
