@@ -375,12 +375,18 @@ def _check_keys(model: Sam, tensors: dict[str, torch.Tensor], meta: dict[str, An
     unexpected = sorted(set(tensors) - set(state))
     misshaped = sorted(f"{k} (file {tuple(tensors[k].shape)} vs model {tuple(state[k].shape)})"
                        for k in set(tensors) & set(state) if tensors[k].shape != state[k].shape)
-    if missing or unexpected or misshaped:
+    # A file of trainable weights only: the frozen base comes from the base checkpoint (checked against the
+    # fingerprint); a frozen tensor in the file would silently replace that verified base.
+    frozen = [] if meta.get("complete") else sorted(set(tensors) & set(state) - trainable)
+    if missing or unexpected or misshaped or frozen:
         parts = []
         if missing:
             parts.append(f"{len(missing)} trainable weights missing: {missing[:8]}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys: {unexpected[:8]}")
+        if frozen:
+            parts.append(f"{len(frozen)} frozen base weights, which a file of trainable weights (not marked "
+                         f"complete) must not hold (the base checkpoint provides them): {frozen[:8]}")
         if misshaped:
             parts.append(f"{len(misshaped)} mis-shaped: {misshaped[:8]}")
         raise CheckpointError(f"adapter checkpoint {source} does not fit model {meta['model_name']!r} adapted with "

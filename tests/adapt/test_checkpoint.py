@@ -466,3 +466,28 @@ def test_corrupt_input_mapping_metadata_is_a_checkpoint_error(tmp_path):
     torch.save({METADATA_KEY: meta, "state_dict": dict(model.state_dict())}, path)
     with pytest.raises(CheckpointError, match=r"bad\.pt: adapter metadata 'input_mapping' must be a dict or null"):
         read_adapter_checkpoint(path)
+
+
+def test_adapter_file_that_does_not_fit_names_the_keys(tmp_path, trained):
+    """A trainable-weights-only file is validated against the adapted model it records: a missing trainable weight,
+    a mis-shaped or unknown tensor, or a frozen base weight (which must come from the verified base checkpoint,
+    not silently replace it) is a CheckpointError naming the key."""
+    model, base = trained["lora"]
+    path = save_adapter_checkpoint(model, tmp_path / "a.pt", model_name="sam_tiny", base_checkpoint=base)
+    trainable = sorted(trainable_state_dict(model))
+    key = trainable[0]
+    pos = model.state_dict()["image_encoder.pos_embed"]
+    cases = {
+        "missing": (lambda sd: sd.pop(key), rf"1 trainable weights missing: \['{key}'\]"),
+        "misshaped": (lambda sd: sd.__setitem__(key, torch.zeros(3)), rf"mis-shaped: \['{key} \(file \(3,\) vs model"),
+        "unexpected": (lambda sd: sd.__setitem__("image_encoder.foo.weight", torch.zeros(3)),
+                       r"unexpected keys: \['image_encoder\.foo\.weight'\]"),
+        "frozen": (lambda sd: sd.__setitem__("image_encoder.pos_embed", torch.zeros_like(pos)),
+                   r"frozen base weights.*\['image_encoder\.pos_embed'\]"),
+    }
+    for name, (mutate, message) in cases.items():
+        raw = torch.load(path, weights_only=True)
+        mutate(raw["state_dict"])
+        torch.save(raw, tmp_path / f"{name}.pt")
+        with pytest.raises(CheckpointError, match=rf"{name}\.pt does not fit model 'sam_tiny'.*{message}"):
+            load_adapter_checkpoint(tmp_path / f"{name}.pt")
