@@ -5,8 +5,8 @@ opens the destination for writing: a crash (OOM kill, pre-emption, full disk) du
 truncated ``last.ckpt`` and the previous good one is already gone. :class:`AtomicCheckpointIO` writes to a
 temporary file in the same folder (with the mode ``torch.save`` would give, ``0o666 & ~umask``), flushes and
 fsyncs it, and moves it over the destination with :func:`os.replace` (atomic on POSIX and Windows within one
-file system). A reader sees the old file or the new one, never a partial one. ``samtune`` sets it as the
-Trainer's checkpoint IO by default.
+file system). A reader sees the old file or the new one, never a partial one. It reads checkpoints (resuming)
+with ``weights_only=True`` unless told otherwise. ``samtune`` sets it as the Trainer's checkpoint IO by default.
 """
 from __future__ import annotations
 
@@ -39,10 +39,19 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """:class:`TorchCheckpointIO` whose ``save_checkpoint`` never leaves a partial file (local paths).
+    """:class:`TorchCheckpointIO` whose ``save_checkpoint`` never leaves a partial file (local paths), and whose
+    ``load_checkpoint`` reads with ``weights_only=True`` unless the caller explicitly passes False.
 
     Remote paths (``s3://``, ``gs://``, ...) fall back to Lightning's fsspec writer.
     """
+
+    def load_checkpoint(self, path: str | Path, map_location: Any | None = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's loader with ``weights_only=True`` where it is not given (Lightning passes None when resuming,
+        which leaves it to torch's default; the environment variable ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` turns
+        that default off, and an untrusted checkpoint could then execute code)."""
+        return super().load_checkpoint(path, map_location=map_location,
+                                       weights_only=True if weights_only is None else weights_only)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
         if storage_options is not None:

@@ -127,6 +127,25 @@ def test_atomic_save_keeps_previous_file_on_crash(tmp_path, monkeypatch):
     assert torch.load(path, weights_only=True)["step"] == 3
 
 
+def test_checkpoint_io_loads_weights_only_even_when_torch_is_told_otherwise(tmp_path, monkeypatch):
+    """Resuming (``ckpt_path``) reads through the CheckpointIO with ``weights_only=None``; torch's default for None
+    can be switched off by an environment variable, so the CheckpointIO asks for weights_only itself: a checkpoint
+    holding an arbitrary Python object is refused, a plain one loads, and an explicit False is still honoured."""
+    import argparse
+    import pickle
+
+    path = tmp_path / "x.ckpt"
+    torch.save({"step": 1, "hook": argparse.Namespace(code="anything")}, path)
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"step": 1, "w": torch.arange(3)}, plain)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    io = AtomicCheckpointIO()
+    with pytest.raises(pickle.UnpicklingError, match="argparse.Namespace"):
+        io.load_checkpoint(path)
+    assert torch.equal(io.load_checkpoint(plain)["w"], torch.arange(3))
+    assert io.load_checkpoint(path, weights_only=False)["hook"].code == "anything"  # the caller's explicit choice
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077], ids=lambda m: f"umask{m:03o}")
 def test_atomic_save_gives_the_mode_torch_save_gives(tmp_path, umask):
     """Not mkstemp's private 0o600: on a shared cluster others read and resume from the checkpoint."""
