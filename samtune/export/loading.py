@@ -84,14 +84,15 @@ def _adapt_function(name: str, path: Path, why: str) -> Callable[..., Any]:
 
 
 def _merge(sam: Sam, path: Path, why: str, how: bool | Literal["auto"]) -> tuple[Sam, bool]:
-    """``samtune.adapt.merge_adaptation(sam)`` and whether it merged. An adaptation that cannot be merged
-    (bottleneck adapters) stays unmerged with ``how="auto"``, else it is a CheckpointError naming the file and how
-    to load it unmerged."""
+    """``samtune.adapt.merge_adaptation(sam)`` and whether it merged. An adaptation that cannot be merged by its
+    kind (bottleneck adapters: ``AdapterMergeError``) stays unmerged with ``how="auto"``; that and any other failed
+    merge (e.g. LoRA weights that merge to NaN) is a CheckpointError naming the file and how to load it unmerged."""
     merge = _adapt_function("merge_adaptation", path, why)
     try:
         return merge(sam), True
-    except ValueError as err:  # samtune.adapt.AdapterMergeError
-        if how == "auto":
+    except ValueError as err:
+        # only the kind of adaptation excuses the merge; broken weights must not pass silently as "unmergeable"
+        if how == "auto" and type(err).__name__ == "AdapterMergeError":
             return sam, False
         raise CheckpointError(
             f"checkpoint {path}: its adaptation cannot be merged into plain SAM weights ({err}); load it unmerged "

@@ -318,6 +318,19 @@ def test_bottleneck_adapters_run_unmerged_in_the_predictor_and_evaluate(tmp_path
     lora_path = save_adapter_checkpoint(lora, tmp_path / "l.pt", model_name="sam_tiny", base_checkpoint=lora_base,
                                         config=LORA)
     assert load_sam(lora_path, merge_adapters="auto").merged
+    # LoRA weights that merge to NaN are broken, not unmergeable: "auto" used to keep them unmerged without a word
+    weight = next(p for n, p in lora.named_parameters() if "lora_B" in n)
+    kept = weight.detach().clone()
+    with torch.no_grad():
+        weight[0, 0] = float("nan")
+    try:
+        nan_path = save_adapter_checkpoint(lora, tmp_path / "nan.pt", model_name="sam_tiny",
+                                           base_checkpoint=lora_base, config=LORA)
+    finally:  # the fixture is shared by the module's tests
+        with torch.no_grad():
+            weight.copy_(kept)
+    with pytest.raises(CheckpointError, match=r"nan\.pt: its adaptation cannot be merged .*non-finite"):
+        load_sam(nan_path, merge_adapters="auto")
 
 
 def test_complete_checkpoint_needs_no_recorded_files(tmp_path):
