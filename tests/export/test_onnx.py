@@ -188,6 +188,22 @@ def test_number_of_points_is_dynamic(tiny_case: Case) -> None:
         np.testing.assert_allclose(iou, ref_iou.numpy(), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("labels", [[4.0, 1.0, -1.0], [1.0, -2.0, 2.0, 3.0], [0.5, 1.0, -1.0], [-1.0, 1.0, 0.0, -1.0]],
+                         ids=["label_4", "label_-2", "fractional", "padding_first_and_last"])
+def test_unusual_labels_match_official(tiny_case: Case, labels: list[float]) -> None:
+    """Labels are compared as in the official graph: one outside {-1, 0, 1, 2, 3} (or fractional) gets only its
+    positional encoding (it was cast and clamped to the nearest table row: label 4 became a box corner, -2 a
+    padding point that kept its position, 0.5 a negative click); padding points anywhere add not_a_point only."""
+    size = tiny_case.model.image_size
+    gen = torch.Generator().manual_seed(1)
+    feed = _feed(tiny_case.embeddings, _prompt("points", size), None, tiny_case.model.low_res_size)
+    feed["point_coords"] = torch.rand(1, len(labels), 2, generator=gen) * size * 0.7
+    feed["point_labels"] = torch.tensor([labels])
+    got, want = run(tiny_case.ours, feed), run(tiny_case.official, feed)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("orig_hw", [(220, 300), (256, 256), (999, 401)])
 def test_any_image_size_is_cropped_exactly(tiny_case: Case, orig_hw: tuple[int, int]) -> None:
     """The padding crop follows orig_im_size at run time (the official 1.0 export bakes one aspect ratio)."""
