@@ -15,7 +15,8 @@ input               shape (float32)           meaning
 =================== ========================= =====================================================================
 
 A box is two points labelled 2 and 3 after the clicks; without a box the caller appends a (0, 0) point
-labelled -1 (as the official prompt encoder does). Outputs: ``masks`` ``[1, K, H, W]`` logits upscaled to
+labelled -1 (as the official prompt encoder does). Labels are compared with -1..3 as in the official graph: a
+point with any other label (4, -2, 0.5...) gets only its positional encoding. Outputs: ``masks`` ``[1, K, H, W]`` logits upscaled to
 ``orig_im_size`` (threshold at 0), ``iou_predictions`` ``[1, K]``, ``low_res_masks`` ``[1, K, 4g, 4g]``
 logits; ``K`` is 4 (token 0, the single-mask output, then the 3 multimask outputs) or 1 with
 ``return_single_mask``.
