@@ -139,6 +139,8 @@ class PromptEncoder(nn.Module):
         # {-1, 0, 1, 2, 3} (or a fractional one, ONNX labels are float) gets no learned embedding, only its
         # positional encoding. The one-hot sum is elementwise (exact, untouched by autocast) and free of
         # data-dependent indexing.
+        if labels.dtype == torch.bool:  # True / False: positive / negative clicks
+            labels = labels.long()
         values = torch.arange(LABEL_PAD, LABEL_PAD + 1 + self.num_point_embeddings, device=labels.device)
         one_hot = (labels[..., None] == values.to(labels.dtype)).to(table.dtype)  # [M, P, 5]
         pe = torch.where((labels == LABEL_PAD)[..., None], torch.zeros_like(pe), pe)
