@@ -1,10 +1,10 @@
 """SAM's prompt encoder: points, boxes and mask logits -> sparse tokens and a dense embedding.
 
 Points and boxes share one code path: a box is two points labelled 2 (top-left) and 3 (bottom-right), the
-convention of SAM's ONNX decoder. Each label is compared with -1..3 (a one-hot row over the table
-``[not-a-point, negative, positive, box top-left, box bottom-right]``), so embedding a batch never uses
-data-dependent boolean indexing (no host synchronisation on GPU), mixed prompt types batch together, and a label
-outside -1..3 gets only its positional encoding, as in the official ONNX decoder.
+convention of SAM's ONNX decoder. Labels are looked up in one table ``[not-a-point, negative, positive,
+box top-left, box bottom-right]`` indexed by ``label + 1``, so embedding a batch never uses data-dependent
+boolean indexing (no host synchronisation on GPU) and mixed prompt types batch together; a label outside -1..3
+gets only its positional encoding, as in the official ONNX decoder.
 
 Text prompts: the paper feeds CLIP text embeddings as sparse tokens. :meth:`PromptEncoder.forward` accepts
 ``extra_tokens`` ``[M, T, embed_dim]`` (e.g. projected CLIP features) that are appended to the sparse tokens;
@@ -135,16 +135,17 @@ class PromptEncoder(nn.Module):
         """
         pe = self.pe_layer.forward_with_coords(coords + 0.5, self.input_image_size)
         table = torch.cat([self.not_a_point_embed.weight] + [e.weight for e in self.point_embeddings], dim=0)
-        # Labels are compared, not cast and used as indices, as the official ONNX decoder does: a label outside
-        # {-1, 0, 1, 2, 3} (or a fractional one, ONNX labels are float) gets no learned embedding, only its
-        # positional encoding. The one-hot sum is elementwise (exact, untouched by autocast) and free of
-        # data-dependent indexing.
         if labels.dtype == torch.bool:  # True / False: positive / negative clicks
             labels = labels.long()
+        # A label outside {-1, 0, 1, 2, 3} (or a fractional one: ONNX labels are float) gets no learned embedding,
+        # only its positional encoding, as in the official ONNX decoder, which compares each label with -1..3.
+        # The valid labels are looked up by index (the rows and their gradients are exactly those of an embedding
+        # lookup), and the others' rows multiplied by 0: no data-dependent indexing, one code path for all.
         values = torch.arange(LABEL_PAD, LABEL_PAD + 1 + self.num_point_embeddings, device=labels.device)
-        one_hot = (labels[..., None] == values.to(labels.dtype)).to(table.dtype)  # [M, P, 5]
+        known = (labels[..., None] == values.to(labels.dtype)).any(-1)  # [M, P]
+        rows = table[(labels.long() - LABEL_PAD).clamp(0, self.num_point_embeddings)]
         pe = torch.where((labels == LABEL_PAD)[..., None], torch.zeros_like(pe), pe)
-        return pe + (one_hot[..., None] * table).sum(-2)
+        return pe + rows * known[..., None].to(rows.dtype)
 
     def embed_masks(self, masks: torch.Tensor) -> torch.Tensor:
         """``[M, 1, 4h, 4w]`` mask logits -> ``[M, embed_dim, h, w]`` (outside autocast, in the weights' dtype)."""
