@@ -207,8 +207,8 @@ def read_label_map(path: str | Path) -> np.ndarray:
         ``[H, W]`` integer or bool array, turned as its EXIF orientation says (as :func:`read_image`).
 
     Grey + alpha and RGBA label images (R = G = B) are read from their grey values when the alpha channel is the
-    same everywhere (e.g. fully opaque) or only background (0) pixels are transparent; 16-bit colour / grey + alpha PNGs keep all 16 bits (Pillow would cut
-    them to 8).
+    same everywhere (e.g. fully opaque) or only background (0) pixels are transparent; 16-bit colour / grey +
+    alpha PNGs keep all 16 bits (Pillow would cut them to 8).
 
     Raises:
         SampleError: missing, undecodable, stored with lossy compression (JPEG, lossy WebP, JPEG-compressed TIFF:
@@ -258,7 +258,7 @@ def read_label_map(path: str | Path) -> np.ndarray:
 def _single_channel_labels(array: np.ndarray, path: Path, has_alpha: bool) -> np.ndarray:
     """The labels of a ``[H, W, C]`` label image: grey + alpha (C = 2) or RGB(A) (C = 3, 4) with equal colour
     channels and, where there is one (``has_alpha``: the file's last channel is alpha), an alpha channel that is
-    the same everywhere; else :class:`SampleError`."""
+    the same everywhere or below its maximum only over background (0) pixels; else :class:`SampleError`."""
     channels = array.shape[2]
     if channels not in ((2, 4) if has_alpha else (3,)):
         raise SampleError(path, f"expected a single-channel label image, got shape {array.shape}")
