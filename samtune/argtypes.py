@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any, Callable
 
 
@@ -18,4 +19,46 @@ def comma_separated(kind: Callable[[str], Any], count: int | None = None) -> Cal
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
 
     parse.__name__ = f"list of {kind.__name__}"
+    return parse
+
+
+def integer(minimum: int, expected: str | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer ``>= minimum``; errors say ``expected <expected>, got ...`` (by default
+    ``an integer >= minimum``), quoting text that is not an integer and giving the value that is out of range."""
+    expected = expected or f"an integer >= {minimum}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    parse.__name__ = expected
+    return parse
+
+
+def number(low: float, high: float | None = None, high_open: bool = False,
+           expected: str | None = None) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number in ``[low, high]`` (``[low, high)`` with ``high_open``; no upper bound
+    when ``high`` is None); NaN and infinities are refused. Errors say ``expected <expected>, got ...``."""
+    if expected is None:
+        where = f">= {low:g}" if high is None else f"in [{low:g}, {high:g}{')' if high_open else ']'}"
+        expected = f"a number {where}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        ok = math.isfinite(value) and value >= low
+        if ok and high is not None:
+            ok = value < high if high_open else value <= high
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    parse.__name__ = expected
     return parse

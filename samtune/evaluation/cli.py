@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from samtune.argtypes import comma_separated
+from samtune.argtypes import comma_separated, integer, number
 from samtune.bundled import resolve_config_path
 from samtune.evaluation.protocols import PROTOCOLS, ProtocolConfig
 from samtune.evaluation.report import format_table, safe_name, write_report
@@ -82,34 +82,9 @@ def _protocols(text: str) -> list[str]:
     return items
 
 
-def _int_at_least(minimum: int, expected: str) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum``; errors say ``expected <expected>, got ...``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_at_least(1, "a positive integer")
-_non_negative_int = _int_at_least(0, "a non-negative integer")
-
-
-def _non_negative_float(text: str) -> float:
-    """An argparse type: a number >= 0 (NaN refused); errors say ``expected a non-negative number, got ...``."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {value}")
-    return value
+_positive_int = integer(1, "a positive integer")
+_non_negative_int = integer(0, "a non-negative integer")
+_non_negative_float = number(0, expected="a non-negative number")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from samtune.argtypes import comma_separated
+from samtune.argtypes import comma_separated, integer, number
 from samtune.files import atomic_write, new_dir_mode
 
 __all__ = ["main", "build_parser", "find_images", "image_ids"]
@@ -75,61 +74,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     amg = parser.add_argument_group("generator (defaults as the official SamAutomaticMaskGenerator)")
-    amg.add_argument("--points-per-side", type=_integer(1), default=32, help="grid clicks per side (default: 32)")
-    amg.add_argument("--points-per-batch", type=_integer(1), default=64, help="clicks filtered together (default: 64)")
-    amg.add_argument("--pred-iou-thresh", type=_number(0, 1), default=0.88,
+    amg.add_argument("--points-per-side", type=integer(1), default=32, help="grid clicks per side (default: 32)")
+    amg.add_argument("--points-per-batch", type=integer(1), default=64, help="clicks filtered together (default: 64)")
+    amg.add_argument("--pred-iou-thresh", type=number(0, 1), default=0.88,
                      help="keep masks with predicted IoU above this, 0 to disable (default: 0.88)")
-    amg.add_argument("--stability-score-thresh", type=_number(0, 1), default=0.95,
+    amg.add_argument("--stability-score-thresh", type=number(0, 1), default=0.95,
                      help="keep masks with stability score at least this, 0 to disable (default: 0.95)")
-    amg.add_argument("--stability-score-offset", type=_number(0), default=1.0,
+    amg.add_argument("--stability-score-offset", type=number(0), default=1.0,
                      help="logit offset of the stability score (default: 1.0)")
-    amg.add_argument("--box-nms-thresh", type=_number(0, 1), default=0.7, help="box IoU of the NMS in a crop (default: 0.7)")
-    amg.add_argument("--crop-n-layers", type=_integer(0), default=0, help="crop layers after the whole image (default: 0)")
-    amg.add_argument("--crop-nms-thresh", type=_number(0, 1), default=0.7,
+    amg.add_argument("--box-nms-thresh", type=number(0, 1), default=0.7, help="box IoU of the NMS in a crop (default: 0.7)")
+    amg.add_argument("--crop-n-layers", type=integer(0), default=0, help="crop layers after the whole image (default: 0)")
+    amg.add_argument("--crop-nms-thresh", type=number(0, 1), default=0.7,
                      help="box IoU of the NMS between crops (default: 0.7)")
-    amg.add_argument("--crop-overlap-ratio", type=_number(0, 1, high_open=True), default=512 / 1500,
+    amg.add_argument("--crop-overlap-ratio", type=number(0, 1, high_open=True), default=512 / 1500,
                      help="overlap of layer-1 crops as a fraction of the short side (default: 512/1500)")
-    amg.add_argument("--crop-n-points-downscale-factor", type=_integer(1), default=1,
+    amg.add_argument("--crop-n-points-downscale-factor", type=integer(1), default=1,
                      help="layer i has points-per-side / factor**i clicks per side (default: 1)")
-    amg.add_argument("--min-mask-region-area", type=_integer(0), default=0,
+    amg.add_argument("--min-mask-region-area", type=integer(0), default=0,
                      help="fill holes and remove islands smaller than this many pixels, 0 to skip (default: 0)")
     return parser
-
-
-def _integer(minimum: int) -> Any:
-    """An argparse ``type``: an integer ``>= minimum`` (else an error naming the range and quoting the text)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-        return value
-
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
-
-
-def _number(low: float, high: float | None = None, high_open: bool = False) -> Any:
-    """An argparse ``type``: a finite number in ``[low, high]`` (``[low, high)`` with ``high_open``; no upper
-    bound when ``high`` is None)."""
-    where = f">= {low:g}" if high is None else f"in [{low:g}, {high:g}{')' if high_open else ']'}"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        ok = math.isfinite(value) and value >= low
-        if ok and high is not None:
-            ok = value < high if high_open else value <= high
-        if not ok:
-            raise argparse.ArgumentTypeError(f"expected a number {where}, got {text!r}")
-        return value
-
-    parse.__name__ = f"number {where}"
-    return parse
 
 
 def find_images(path: Path) -> list[Path]:
