@@ -104,8 +104,9 @@ class ResumableSampler(DistributedSampler):
 class ResumableDataLoader(DataLoader):
     """DataLoader over a :class:`ResumableSampler` that remembers how many batches of the epoch were trained.
 
-    ``state_dict()`` -> ``{"epoch", "batches", "seed", "num_replicas"}``; ``load_state_dict`` makes the next pass
-    resume after those batches (or at the start of the next epoch when the epoch was complete), in the checkpoint's
+    ``state_dict()`` -> ``{"epoch", "batches", "samples", "seed", "num_replicas"}``; ``load_state_dict`` makes the
+    next pass resume after those ``samples`` (whatever the resumed run's batch size), or at the start of the next
+    epoch when the epoch was complete, in the checkpoint's
     order: its ``seed`` replaces the sampler's (a run resumed with another ``seed_everything`` continues the order
     and the sample seeds of the run it resumes).
 
@@ -126,12 +127,18 @@ class ResumableDataLoader(DataLoader):
             raise TypeError(f"ResumableDataLoader needs a ResumableSampler, got {type(self.sampler).__name__}")
         self.trained_batches: Callable[[], int] | None = None
         self._pass_epoch: int | None = None  # epoch of the pass that began last; None: none since (re)loading
-        self._handed_out = 0  # batches of that pass handed out, skipped ones included
+        self._handed_out = 0  # batches of that pass handed out (the skipped samples not included)
+        self._pass_start = 0  # samples that pass skipped
+        self._pass_offset = 0  # Lightning's batch count when that pass began
+        self._restored_batches = 0  # the restored position in batches (Lightning's count), with start_index
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
         self._pass_epoch = int(sampler.epoch)
-        self._handed_out = sampler.start_index // (self.batch_size or 1)
+        self._pass_start = int(sampler.start_index)  # samples skipped by this pass
+        # Lightning's count of this epoch starts at the restored batches (in the checkpoint's batch size)
+        self._pass_offset = self._restored_batches if sampler.start_index else 0
+        self._handed_out = 0
         self.generator = torch.Generator().manual_seed(_epoch_seed(int(sampler.seed), int(sampler.epoch)))
         for batch in super().__iter__():
             self._handed_out += 1
@@ -140,12 +147,15 @@ class ResumableDataLoader(DataLoader):
     def state_dict(self) -> dict[str, int]:
         sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
         if self._pass_epoch is None or self._pass_epoch != sampler.epoch:
-            epoch, batches = int(sampler.epoch), sampler.start_index // (self.batch_size or 1)
+            epoch, samples = int(sampler.epoch), int(sampler.start_index)
+            batches = self._restored_batches if samples else 0
         else:
-            epoch, batches = self._pass_epoch, self._handed_out
+            trained = self._handed_out
             if self.trained_batches is not None:
-                batches = max(0, min(batches, int(self.trained_batches())))
-        return {"epoch": epoch, "batches": int(batches), "seed": int(sampler.seed),
+                trained = max(0, min(trained, int(self.trained_batches()) - self._pass_offset))
+            epoch, batches = self._pass_epoch, self._pass_offset + trained
+            samples = self._pass_start + trained * (self.batch_size or 1)
+        return {"epoch": epoch, "batches": int(batches), "samples": int(samples), "seed": int(sampler.seed),
                 "num_replicas": int(sampler.num_replicas)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -162,10 +172,15 @@ class ResumableDataLoader(DataLoader):
                            sampler.seed)
             sampler.seed = seed
         epoch, batches = int(state["epoch"]), int(state["batches"])
-        if batches >= len(self):  # the epoch was complete: the next pass is the next epoch
-            epoch, batches = epoch + 1, 0
+        # The position in samples: a run resumed with another batch size skips what the checkpoint's run trained
+        # (checkpoints without "samples" were written with batches of this run's size, as far as can be known).
+        samples = int(state.get("samples", batches * (self.batch_size or 1)))
+        remaining = sampler.num_samples - samples
+        if remaining <= 0 or (self.drop_last and remaining < (self.batch_size or 1)):
+            epoch, batches, samples = epoch + 1, 0, 0  # the epoch was complete: the next pass is the next epoch
         sampler.set_epoch(epoch)
-        sampler.start_index = batches * (self.batch_size or 1)
+        sampler.start_index = samples
+        self._restored_batches = batches
         self._pass_epoch = None
 
 

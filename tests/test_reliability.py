@@ -560,3 +560,31 @@ def test_resumable_loader_with_workers_resumes_the_samples_exactly(tmp_path, mon
     single = build(0)
     single.sampler.set_epoch(1)
     assert _sample_draws(single) == epochs[1]
+
+
+def test_resumable_loader_resumed_with_another_batch_size_continues_at_the_same_sample():
+    """The checkpoint's position is in samples: a run resumed with another batch size (e.g. smaller after an
+    out-of-memory error) skips the images the interrupted run trained, not ``batches * new batch size`` of them;
+    and a position saved by the resumed run (Lightning's count includes the restored batches) stays in samples."""
+    from samtune.resumable import make_resumable
+
+    def build(batch_size: int):
+        return make_resumable(DataLoader(list(range(24)), batch_size=batch_size, shuffle=True), seed=3)
+
+    order = [i for b in _batches(build(4)) for i in b]
+    interrupted = build(4)
+    iterator = iter(interrupted)
+    for _ in range(3):
+        next(iterator)
+    state = interrupted.state_dict()  # 12 samples trained
+    resumed = build(3)
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(0)
+    iterator = iter(resumed)
+    first = next(iterator).tolist()
+    assert first == order[12:15]
+    resumed.trained_batches = lambda: state["batches"] + 1  # Lightning: the 3 restored batches and 1 new one
+    again = build(2)
+    again.load_state_dict(resumed.state_dict())  # 15 samples trained
+    again.sampler.set_epoch(0)
+    assert [i for b in _batches(again) for i in b] == order[15:]
