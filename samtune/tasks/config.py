@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -34,8 +35,8 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         for name in ("focal_weight", "dice_weight", "iou_weight", "focal_gamma"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"LossConfig.{name} must be >= 0, got {getattr(self, name)}")
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"LossConfig.{name} must be a finite number >= 0, got {getattr(self, name)}")
         if self.focal_alpha is not None and not 0.0 <= self.focal_alpha <= 1.0:
             raise ValueError(f"LossConfig.focal_alpha must be in [0, 1] or null, got {self.focal_alpha}")
         if self.resolution not in ("low", "gt"):
@@ -76,16 +77,18 @@ class OptimizerConfig:
         # YAML / checkpoints give lists: store tuples.
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         object.__setattr__(self, "step_milestones", tuple(float(m) for m in self.step_milestones))
-        if self.lr <= 0:
-            raise ValueError(f"OptimizerConfig.lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"OptimizerConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"OptimizerConfig.lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"OptimizerConfig.weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"OptimizerConfig.betas must be two values in [0, 1), got {self.betas}")
         if not 0.0 < self.layer_decay <= 1.0:
             raise ValueError(f"OptimizerConfig.layer_decay must be in (0, 1], got {self.layer_decay}")
-        if self.encoder_lr_scale < 0:
-            raise ValueError(f"OptimizerConfig.encoder_lr_scale must be >= 0, got {self.encoder_lr_scale}")
+        if not (math.isfinite(self.encoder_lr_scale) and self.encoder_lr_scale >= 0):
+            raise ValueError(
+                f"OptimizerConfig.encoder_lr_scale must be a finite number >= 0, got {self.encoder_lr_scale}"
+            )
         if self.warmup_steps < 0:
             raise ValueError(f"OptimizerConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.schedule not in ("step", "cosine", "constant"):

@@ -212,3 +212,19 @@ def test_config_validation_errors() -> None:
     with pytest.raises(ValueError, match="step_milestones"):
         OptimizerConfig(step_milestones=(0.9, 0.5))
     assert OptimizerConfig(betas=[0.8, 0.9]).betas == (0.8, 0.9)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("field", ["lr", "weight_decay", "encoder_lr_scale"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_optimizer_config_rejects_non_finite_values(field, value) -> None:
+    """NaN passes ``lr <= 0`` style checks: the run would train with NaN weights after its first step."""
+    with pytest.raises(ValueError, match=f"OptimizerConfig.{field} must be a finite"):
+        OptimizerConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field", ["focal_weight", "dice_weight", "iou_weight", "focal_gamma"])
+def test_loss_config_rejects_non_finite_values(field) -> None:
+    from samtune.tasks.config import LossConfig
+
+    with pytest.raises(ValueError, match=f"LossConfig.{field} must be a finite"):
+        LossConfig(**{field: float("nan")})
