@@ -159,6 +159,12 @@ class WarmupSchedule:
                 "trainer.max_epochs (or use optimizer.schedule: constant)"
             )
         total = int(total_steps) if math.isfinite(total_steps) else 0
+        if math.isfinite(total_steps) and config.warmup_steps >= total > 0:
+            logger.warning(
+                "optimizer.warmup_steps (%d) is not below the run's %d optimizer steps: the learning rate never "
+                "reaches optimizer.lr (at most %.0f%% of it); lower optimizer.warmup_steps or raise trainer.max_steps",
+                config.warmup_steps, total, 100.0 * total / config.warmup_steps,
+            )
         return cls(total, config.warmup_steps, config.schedule, tuple(config.step_milestones), config.step_gamma,
                    config.min_lr_ratio)
 

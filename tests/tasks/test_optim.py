@@ -228,3 +228,17 @@ def test_loss_config_rejects_non_finite_values(field) -> None:
 
     with pytest.raises(ValueError, match=f"LossConfig.{field} must be a finite"):
         LossConfig(**{field: float("nan")})
+
+
+def test_a_warmup_longer_than_the_run_is_reported(caplog) -> None:
+    """warmup_steps >= the run's optimizer steps: the base learning rate is never reached (the default warmup of
+    250 with trainer.max_steps 100 trains at most at 40% of optimizer.lr); a warning names both settings."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="samtune.tasks.optim"):
+        WarmupSchedule.from_config(OptimizerConfig(warmup_steps=250, schedule="cosine"), 100)
+    assert "optimizer.warmup_steps (250)" in caplog.text and "100 optimizer steps" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="samtune.tasks.optim"):
+        WarmupSchedule.from_config(OptimizerConfig(warmup_steps=10, schedule="cosine"), 100)
+    assert "warmup_steps" not in caplog.text
