@@ -1,4 +1,5 @@
-"""argparse value types shared by samtune's command-line tools."""
+"""argparse value types shared by samtune's command-line tools, and the number ranges they check (which the APIs
+behind the tools check with the same words: :func:`in_range`, :func:`range_text`)."""
 from __future__ import annotations
 
 import argparse
@@ -40,23 +41,30 @@ def integer(minimum: int, expected: str | None = None) -> Callable[[str], int]:
     return parse
 
 
+def range_text(low: float, high: float | None = None, high_open: bool = False) -> str:
+    """``">= low"``, ``"in [low, high]"`` or ``"in [low, high)"`` (``high_open``): the range of :func:`in_range`."""
+    return f">= {low:g}" if high is None else f"in [{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def in_range(value: float, low: float, high: float | None = None, high_open: bool = False) -> bool:
+    """Whether ``value`` is a finite number in :func:`range_text`'s range (NaN and infinities are not)."""
+    if not (math.isfinite(value) and value >= low):
+        return False
+    return high is None or (value < high if high_open else value <= high)
+
+
 def number(low: float, high: float | None = None, high_open: bool = False,
            expected: str | None = None) -> Callable[[str], float]:
     """An argparse ``type``: a finite number in ``[low, high]`` (``[low, high)`` with ``high_open``; no upper bound
     when ``high`` is None); NaN and infinities are refused. Errors say ``expected <expected>, got ...``."""
-    if expected is None:
-        where = f">= {low:g}" if high is None else f"in [{low:g}, {high:g}{')' if high_open else ']'}"
-        expected = f"a number {where}"
+    expected = expected or f"a number {range_text(low, high, high_open)}"
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        ok = math.isfinite(value) and value >= low
-        if ok and high is not None:
-            ok = value < high if high_open else value <= high
-        if not ok:
+        if not in_range(value, low, high, high_open):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
         return value
 

@@ -60,8 +60,7 @@ TOOL_COMMANDS = {
     "evaluate": ("samtune.evaluation.cli", "IoU per click / NoC of a checkpoint on a dataset"),
     "amg": ("samtune.inference.amg_cli", "automatic mask generation (point grid, IoU/stability filtering, NMS) over images"),
 }
-_RECIPES = bundled_folder("recipes")
-QUICKSTART = (_RECIPES or Path(__file__).resolve().parents[1] / "recipes") / "quickstart.yaml"
+QUICKSTART = (bundled_folder("recipes") or Path(__file__).resolve().parents[1] / "recipes") / "quickstart.yaml"
 
 
 class UsageError(Exception):

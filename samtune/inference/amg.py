@@ -31,7 +31,6 @@ results list for ``pycocotools.cocoeval``).
 """
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 from torchvision.ops import batched_nms
 
+from samtune.argtypes import in_range, range_text
 from samtune.inference.amg_utils import (
     MaskUpsampler,
     boxes_near_crop_edge,
@@ -79,12 +79,8 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 def _check_number(name: str, value: Any, low: float, high: float | None = None, high_open: bool = False) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite number in ``[low, high]`` (``[low, high)``
     with ``high_open``; no upper bound when ``high`` is None)."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        where = f">= {low:g}" if high is None else f"in [{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be a number {where}, got {_show(value)}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not in_range(value, low, high, high_open):
+        raise ValueError(f"{name} must be a number {range_text(low, high, high_open)}, got {_show(value)}")
 
 
 @dataclass

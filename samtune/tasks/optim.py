@@ -159,7 +159,7 @@ class WarmupSchedule:
                 "trainer.max_epochs (or use optimizer.schedule: constant)"
             )
         total = int(total_steps) if math.isfinite(total_steps) else 0
-        if math.isfinite(total_steps) and config.warmup_steps >= total > 0:
+        if config.warmup_steps >= total > 0:  # total is 0 for an open-ended run
             logger.warning(
                 "optimizer.warmup_steps (%d) is not below the run's %d optimizer steps: the learning rate never "
                 "reaches optimizer.lr (at most %.0f%% of it); lower optimizer.warmup_steps or raise trainer.max_steps",
