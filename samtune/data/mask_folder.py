@@ -24,33 +24,26 @@ from samtune.data.io import IMAGE_SUFFIXES, read_image, read_label_map
 from samtune.data.masks import Connectivity, MaskSource, MaskType, label_map_to_source
 
 
-def _files_by_stem(folder: Path) -> dict[str, Path]:
-    """The image files of ``folder`` by stem (the first in sorted order where several share a stem, see
-    :func:`_files_sharing_stems`)."""
-    files: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-            files.setdefault(path.stem, path)
-    return files
-
-
-def _files_sharing_stems(folder: Path) -> dict[str, list[Path]]:
-    """The stems that several image files of ``folder`` share (``a.png`` and ``a.tif``), with those files: which
-    of them pairs with the other folder's file is ambiguous."""
+def _files_by_stem(folder: Path) -> dict[str, list[Path]]:
+    """The image files of ``folder`` by stem, in sorted order: several files where they share a stem (``a.png``
+    and ``a.tif``; which of them pairs with the other folder's file is ambiguous)."""
     files: dict[str, list[Path]] = {}
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
             files.setdefault(path.stem, []).append(path)
-    return {stem: paths for stem, paths in files.items() if len(paths) > 1}
+    return files
 
 
-def image_files(image_dir: Path, mask_dir: Path, mask_suffix: str) -> dict[str, Path]:
-    """The image files of ``image_dir`` by stem, without the masks when they share the folder.
+def image_files(image_dir: Path, mask_dir: Path, mask_suffix: str,
+                listing: dict[str, list[Path]] | None = None) -> dict[str, Path]:
+    """The image files of ``image_dir`` by stem (the first in sorted order where several share one), without the
+    masks when they share the folder. ``listing``: ``image_dir``'s :func:`_files_by_stem`, if already made.
 
     Raises:
         ValueError: the folders are the same and ``mask_suffix`` is empty (every image would be its own mask).
     """
-    files = _files_by_stem(image_dir)
+    listing = _files_by_stem(image_dir) if listing is None else listing
+    files = {stem: paths[0] for stem, paths in listing.items()}
     if image_dir.resolve() != mask_dir.resolve():
         return files
     if not mask_suffix:
@@ -112,9 +105,11 @@ class MaskFolderDataset(SegmentationDataset):
         self.ignore_values = tuple(ignore_values)
         self.min_area = min_area
         self.connectivity = connectivity
-        self._images = image_files(self.image_dir, self.mask_dir, mask_suffix)
-        self._masks = _files_by_stem(self.mask_dir)
-        self._shared_stems = {folder: _files_sharing_stems(folder) for folder in {self.image_dir, self.mask_dir}}
+        listings = {folder: _files_by_stem(folder) for folder in {self.image_dir, self.mask_dir}}  # one pass each
+        self._images = image_files(self.image_dir, self.mask_dir, mask_suffix, listings[self.image_dir])
+        self._masks = {stem: paths[0] for stem, paths in listings[self.mask_dir].items()}
+        self._shared_stems = {folder: {stem: paths for stem, paths in listing.items() if len(paths) > 1}
+                              for folder, listing in listings.items()}
         if split_file is not None:
             names = read_name_list(split_file)
         self.names = list(names) if names is not None else sorted(self._images)
