@@ -106,9 +106,8 @@ class ResumableDataLoader(DataLoader):
 
     ``state_dict()`` -> ``{"epoch", "batches", "samples", "seed", "num_replicas"}``; ``load_state_dict`` makes the
     next pass resume after those ``samples`` (whatever the resumed run's batch size), or at the start of the next
-    epoch when the epoch was complete, in the checkpoint's
-    order: its ``seed`` replaces the sampler's (a run resumed with another ``seed_everything`` continues the order
-    and the sample seeds of the run it resumes).
+    epoch when the epoch was complete, in the checkpoint's order: its ``seed`` replaces the sampler's (a run
+    resumed with another ``seed_everything`` continues the order and the sample seeds of the run it resumes).
 
     ``batches`` counts the batches of the current pass whose training step completed: ``trained_batches()`` when
     set (:func:`track_trained_batches` sets it to Lightning's count), capped by the batches handed out; without
