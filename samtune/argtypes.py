@@ -23,22 +23,26 @@ def comma_separated(kind: Callable[[str], Any], count: int | None = None) -> Cal
     return parse
 
 
-def integer(minimum: int, expected: str | None = None) -> Callable[[str], int]:
-    """An argparse ``type``: an integer ``>= minimum``; errors say ``expected <expected>, got ...`` (by default
-    ``an integer >= minimum``), quoting text that is not an integer and giving the value that is out of range."""
-    expected = expected or f"an integer >= {minimum}"
-
-    def parse(text: str) -> int:
+def _checked(kind: Callable[[str], Any], expected: str, ok: Callable[[Any], bool]) -> Callable[[str], Any]:
+    """An argparse ``type``: ``kind(text)`` when ``ok`` accepts it; errors say ``expected <expected>, got ...``,
+    quoting text that does not parse and giving the value that ``ok`` refuses."""
+    def parse(text: str) -> Any:
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if value < minimum:
+        if not ok(value):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
         return value
 
     parse.__name__ = expected
     return parse
+
+
+def integer(minimum: int, expected: str | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer ``>= minimum``; errors say ``expected <expected>, got ...`` (by default
+    ``an integer >= minimum``)."""
+    return _checked(int, expected or f"an integer >= {minimum}", lambda value: value >= minimum)
 
 
 def range_text(low: float, high: float | None = None, high_open: bool = False) -> str:
@@ -57,16 +61,5 @@ def number(low: float, high: float | None = None, high_open: bool = False,
            expected: str | None = None) -> Callable[[str], float]:
     """An argparse ``type``: a finite number in ``[low, high]`` (``[low, high)`` with ``high_open``; no upper bound
     when ``high`` is None); NaN and infinities are refused. Errors say ``expected <expected>, got ...``."""
-    expected = expected or f"a number {range_text(low, high, high_open)}"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not in_range(value, low, high, high_open):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
-        return value
-
-    parse.__name__ = expected
-    return parse
+    return _checked(float, expected or f"a number {range_text(low, high, high_open)}",
+                    lambda value: in_range(value, low, high, high_open))
